@@ -1,0 +1,254 @@
+"""Gain matrix G_ij (first-order change of the objective from an (i, j) feature mixup) and the pair distribution."""
+
+from __future__ import annotations
+
+import torch
+
+from .metrics import check_labels, check_prior
+from .objectives import CONFUSION_CLIP, Objective
+
+ESTIMATORS = ("selmix", "exact")
+_CHUNK_ELEMENTS = 1 << 24  # rows x K temporaries of the pair reduction stay near 16M elements
+
+
+def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean feature of each class (K x d); every class must be present."""
+    _check_features(features, "features")
+    labels = labels.reshape(-1)
+    if labels.numel() != features.shape[0]:
+        raise ValueError(f"{features.shape[0]} feature rows but {labels.numel()} labels")
+    check_labels(labels, num_classes)
+    counts = torch.bincount(labels.long(), minlength=num_classes)
+    _check_all_present(counts)
+    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype, device=features.device)
+    sums.index_add_(0, labels.long(), features)
+    return sums / counts.to(features.dtype).unsqueeze(1)
+
+
+def logit_gradient(objective: Objective, confusion: torch.Tensor, class_prior: torch.Tensor) -> torch.Tensor:
+    """D[q, l] = dpsi/dA_ql through C_q. = pi_q softmax(A_q), at the clipped empirical C."""
+    clipped = confusion.clamp_min(CONFUSION_CLIP)
+    grad = objective.gradient(clipped)
+    row_term = (clipped * grad).sum(dim=1, keepdim=True) / class_prior.unsqueeze(1)
+    return clipped * (grad - row_term)
+
+
+def gain_matrix(
+    objective: Objective,
+    confusion: torch.Tensor | None,
+    prototypes: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    mix_lambda_min: float = 0.6,
+    estimator: str = "selmix",
+    class_prior: torch.Tensor | None = None,
+    features: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """K x K gain matrix G: G_ij estimates the change of the objective from one SGD step on (i, j) mixups.
+
+    ``estimator="selmix"`` is the published estimator: it uses the (normalised) validation ``confusion``
+    and the class ``prototypes``. ``estimator="exact"`` is the per-sample first-order gain including the
+    bias: it needs the validation ``features`` (N x d) and ``labels`` (N,), builds its own soft confusion
+    matrix from them and does not use ``confusion`` (pass None). ``weight`` (K x d) and ``bias`` (K) are
+    the classifier head; computation runs in the dtype and on the device of ``prototypes``.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown gain estimator {estimator!r}; valid estimators are: {', '.join(ESTIMATORS)}")
+    if not 0.0 <= mix_lambda_min <= 1.0:
+        raise ValueError(f"mix_lambda_min must lie in [0, 1], got {mix_lambda_min}")
+    num_classes = objective.num_classes
+    _check_features(prototypes, "prototypes")
+    dtype, device = prototypes.dtype, prototypes.device
+    if prototypes.shape[0] != num_classes:
+        raise ValueError(f"prototypes has {prototypes.shape[0]} rows, the objective has {num_classes} classes")
+    if tuple(weight.shape) != tuple(prototypes.shape):
+        raise ValueError(f"head weight has shape {tuple(weight.shape)}, expected {tuple(prototypes.shape)} (K x d)")
+    weight = weight.detach().to(dtype=dtype, device=device)
+    _check_features(weight, "weight")
+    if bias is None:
+        bias = torch.zeros(num_classes, dtype=dtype, device=device)
+    elif tuple(bias.shape) != (num_classes,):
+        raise ValueError(f"head bias has shape {tuple(bias.shape)}, expected ({num_classes},)")
+    bias = bias.detach().to(dtype=dtype, device=device)
+    prior = objective.class_prior if class_prior is None else torch.as_tensor(class_prior, dtype=torch.float64)
+    prior = check_prior(prior.detach().cpu().to(torch.float64), num_classes).to(dtype=dtype, device=device)
+    lam_bar = (mix_lambda_min + 1.0) / 2.0
+    prototypes = prototypes.detach()
+    logits = torch.addmm(bias, prototypes, weight.T)  # A_q = W z_q + b
+
+    if estimator == "selmix":
+        if confusion is None:
+            raise ValueError("estimator='selmix' needs the normalised validation confusion matrix")
+        confusion = _checked_confusion(confusion, num_classes).to(dtype=dtype, device=device)
+        value = prototypes @ prototypes.T  # S = Z Z^T (prototype Gram)
+        value = value @ logit_gradient(objective, confusion, prior)  # H = S D
+        gains = torch.diagonal(value).unsqueeze(1).expand(-1, num_classes).clone()
+    else:
+        if features is None or labels is None:
+            raise ValueError("estimator='exact' needs the per-sample validation features=(N x d) and labels=(N,)")
+        value = _exact_sensitivity(objective, features, labels, prototypes, weight, bias, prior)  # Q
+        gains = lam_bar * torch.diagonal(value).unsqueeze(1) + (1.0 - lam_bar) * value.T
+    gains -= _mixed_expectation(logits, value, lam_bar)
+    return gains
+
+
+def _mixed_expectation(logits: torch.Tensor, value: torch.Tensor, lam_bar: float) -> torch.Tensor:
+    """E_ij = p_ij . (lam_bar V_i. + (1 - lam_bar) V_j.), p_ij = softmax(lam_bar A_i + (1 - lam_bar) A_j).
+
+    The pair softmax factorises, p_ij,l = a_il c_jl / (a c^T)_ij, so each reduction is a matrix product;
+    rows whose denominators underflow are redone in float64 and, failing that, in log space.
+    """
+    num_classes = logits.shape[0]
+    shifted = logits - logits.max(dim=1, keepdim=True).values
+    c = torch.exp((1.0 - lam_bar) * shifted)
+    c_value_t = (c * value).T.contiguous()
+    c_t = c.T.contiguous()
+    out = torch.empty_like(value)
+    tiny = torch.finfo(logits.dtype).tiny ** 0.5
+    rows = max(1, min(num_classes, _CHUNK_ELEMENTS // num_classes))
+    for start in range(0, num_classes, rows):
+        sl = slice(start, start + rows)
+        a = torch.exp(lam_bar * shifted[sl])
+        denominator = a @ c_t
+        numerator = torch.addmm(a @ c_value_t, a * value[sl], c_t, beta=1.0 - lam_bar, alpha=lam_bar)
+        out[sl] = numerator / denominator
+        bad = (denominator < tiny).any(dim=1) | ~torch.isfinite(out[sl]).all(dim=1)
+        if bad.any():
+            idx = torch.nonzero(bad).flatten() + start
+            out[idx] = _mixed_expectation_rows_stable(logits, value, lam_bar, idx)
+    return out
+
+
+def _mixed_expectation_rows_stable(
+    logits: torch.Tensor, value: torch.Tensor, lam_bar: float, rows: torch.Tensor
+) -> torch.Tensor:
+    """The same reduction for the given rows, first factorised in float64, then per row in log space."""
+    wide_logits, wide_value = logits.double(), value.double()
+    shifted = wide_logits - wide_logits.max(dim=1, keepdim=True).values
+    a = torch.exp(lam_bar * shifted[rows])
+    c = torch.exp((1.0 - lam_bar) * shifted)
+    denominator = a @ c.T
+    numerator = lam_bar * (a * wide_value[rows]) @ c.T + (1.0 - lam_bar) * a @ (c * wide_value).T
+    result = numerator / denominator
+    still_bad = (denominator < torch.finfo(torch.float64).tiny ** 0.5).any(dim=1) | ~torch.isfinite(result).all(dim=1)
+    for k in torch.nonzero(still_bad).flatten().tolist():
+        i = int(rows[k])
+        pair_logits = lam_bar * wide_logits[i].unsqueeze(0) + (1.0 - lam_bar) * wide_logits  # row j: pair (i, j)
+        p = torch.softmax(pair_logits, dim=1)
+        result[k] = lam_bar * (p @ wide_value[i]) + (1.0 - lam_bar) * (p * wide_value).sum(dim=1)
+    return result.to(logits.dtype)
+
+
+def _exact_sensitivity(
+    objective: Objective,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    prototypes: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    prior: torch.Tensor,
+) -> torch.Tensor:
+    """Q = Zbar_proto Zbar^T Gamma, Gamma_n = dpsi/dA_n on the per-sample soft confusion (bias included)."""
+    num_classes = objective.num_classes
+    dtype, device = prototypes.dtype, prototypes.device
+    _check_features(features, "features")
+    if features.shape[1] != prototypes.shape[1]:
+        raise ValueError(f"features have dimension {features.shape[1]}, prototypes {prototypes.shape[1]}")
+    features = features.detach().to(dtype=dtype, device=device)
+    labels = labels.reshape(-1).to(device=device)
+    if labels.numel() != features.shape[0]:
+        raise ValueError(f"{features.shape[0]} feature rows but {labels.numel()} labels")
+    check_labels(labels, num_classes)
+    labels = labels.long()
+    counts = torch.bincount(labels, minlength=num_classes)
+    _check_all_present(counts)
+    sample_scale = (prior / counts.to(dtype))[labels]  # pi_k / N_k for each sample
+    rows = max(1, _CHUNK_ELEMENTS // max(num_classes, features.shape[1]))
+
+    soft_confusion = torch.zeros(num_classes, num_classes, dtype=dtype, device=device)
+    for start in range(0, features.shape[0], rows):
+        sl = slice(start, start + rows)
+        probs = torch.softmax(torch.addmm(bias, features[sl], weight.T), dim=1)
+        soft_confusion.index_add_(0, labels[sl], probs * sample_scale[sl].unsqueeze(1))
+    grad = objective.gradient(soft_confusion)
+
+    sensitivity = torch.zeros(features.shape[1] + 1, num_classes, dtype=dtype, device=device)  # M = Zbar^T Gamma
+    for start in range(0, features.shape[0], rows):
+        sl = slice(start, start + rows)
+        probs = torch.softmax(torch.addmm(bias, features[sl], weight.T), dim=1)
+        grad_rows = grad[labels[sl]]
+        gamma = sample_scale[sl].unsqueeze(1) * probs * (grad_rows - (probs * grad_rows).sum(dim=1, keepdim=True))
+        sensitivity[:-1] += features[sl].T @ gamma
+        sensitivity[-1] += gamma.sum(dim=0)
+    return prototypes @ sensitivity[:-1] + sensitivity[-1]
+
+
+def gain_matrix_reference(
+    objective: Objective,
+    confusion: torch.Tensor,
+    prototypes: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    mix_lambda_min: float = 0.6,
+    class_prior: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The published formula evaluated literally through the K^4 tensor LCR[i, j, q, l]: for checks, small K only."""
+    num_classes = objective.num_classes
+    dtype = prototypes.dtype
+    prior = objective.class_prior if class_prior is None else torch.as_tensor(class_prior)
+    prior = prior.to(dtype)
+    bias = torch.zeros(num_classes, dtype=dtype) if bias is None else bias.to(dtype)
+    lam_bar = (mix_lambda_min + 1.0) / 2.0
+    d_matrix = logit_gradient(objective, confusion.to(dtype), prior)
+    logits = prototypes @ weight.T + bias
+    mixed = lam_bar * prototypes[:, None, :] + (1.0 - lam_bar) * prototypes[None, :, :]  # z~_ij
+    p = torch.softmax(lam_bar * logits[:, None, :] + (1.0 - lam_bar) * logits[None, :, :], dim=-1)  # p_ij,l
+    gram = prototypes @ prototypes.T  # z_i . z_q
+    mixed_dot = torch.einsum("ijd,qd->ijq", mixed, prototypes)  # z~_ij . z_q
+    eye = torch.eye(num_classes, dtype=dtype)
+    lcr = eye[:, None, None, :] * gram[:, None, :, None] - p[:, :, None, :] * mixed_dot[:, :, :, None]
+    return torch.einsum("ijql,ql->ij", lcr, d_matrix)
+
+
+def sampling_distribution(gains: torch.Tensor, temperature: float = 0.1, epsilon: float = 1e-8) -> torch.Tensor:
+    """P = softmax(G / T) over all K^2 pairs, kept only where G > 0, plus epsilon everywhere, normalised."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if gains.ndim != 2 or gains.shape[0] != gains.shape[1]:
+        raise ValueError(f"gains must be a square K x K matrix, got shape {tuple(gains.shape)}")
+    if not torch.isfinite(gains).all():
+        raise ValueError("gain matrix contains NaN or inf; check the validation features and the head weights")
+    probs = torch.softmax((gains / temperature).reshape(-1), dim=0).reshape(gains.shape)
+    probs = probs * (gains > 0) + epsilon
+    return probs / probs.sum()
+
+
+def _check_features(tensor: torch.Tensor, what: str) -> None:
+    if tensor.ndim != 2:
+        raise ValueError(f"{what} must be a 2-D tensor, got shape {tuple(tensor.shape)}")
+    if not tensor.dtype.is_floating_point:
+        raise ValueError(f"{what} must be floating point, got {tensor.dtype}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{what} contain NaN or inf")
+
+
+def _checked_confusion(confusion: torch.Tensor, num_classes: int) -> torch.Tensor:
+    if tuple(confusion.shape) != (num_classes, num_classes):
+        raise ValueError(f"confusion has shape {tuple(confusion.shape)}, expected ({num_classes}, {num_classes})")
+    if not torch.isfinite(confusion).all():
+        raise ValueError("confusion matrix contains NaN or inf")
+    if (confusion < 0).any():
+        raise ValueError("confusion matrix has negative entries; pass the normalised confusion, not logits")
+    return confusion.detach()
+
+
+def _check_all_present(counts: torch.Tensor) -> None:
+    missing = torch.nonzero(counts == 0).flatten().tolist()
+    if missing:
+        raise ValueError(
+            f"classes {missing[:20]} have no validation sample; the gains need every class's prototype. "
+            "Use a validation split with every class (selmix_hf.data.balanced_split)."
+        )

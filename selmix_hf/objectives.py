@@ -1,0 +1,424 @@
+"""Non-decomposable objectives psi(C) of a confusion matrix: reported value, surrogate, multipliers."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from . import metrics
+from .metrics import HeadTailSplit
+
+CONFUSION_CLIP = 1e-7  # C is clipped to at least this before any derivative (selmix-math.md)
+
+
+class Objective:
+    """A metric of the normalised confusion matrix C (rows sum to the class prior), to be maximised.
+
+    ``value`` is what gets reported (on a hard confusion matrix), ``surrogate`` is the differentiable
+    torch function the gains are taken of, and ``update`` moves the objective's multipliers (Lagrange
+    or min-max weights) from a fresh validation confusion matrix.
+    """
+
+    name: ClassVar[str] = "objective"
+
+    def __init__(self, num_classes: int, *, class_prior: Sequence[float] | torch.Tensor | None = None) -> None:
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        self.num_classes = num_classes
+        prior = metrics.uniform_prior(num_classes) if class_prior is None else torch.as_tensor(class_prior, dtype=torch.float64)
+        self.class_prior = metrics.check_prior(prior.detach().cpu().to(torch.float64), num_classes)
+
+    # -- what subclasses define -------------------------------------------------------------
+    def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
+        """Differentiable psi(C) as a scalar tensor."""
+        raise NotImplementedError
+
+    def value(self, confusion: torch.Tensor) -> float:
+        """The reported value of the objective on a (hard) confusion matrix."""
+        raise NotImplementedError
+
+    def update(self, confusion: torch.Tensor) -> None:
+        """Update the multipliers from a validation confusion matrix (no-op for fixed objectives)."""
+
+    def multipliers(self) -> dict[str, torch.Tensor]:
+        """The objective's current multipliers, by name (empty for fixed objectives)."""
+        return {}
+
+    # -- shared machinery -------------------------------------------------------------------
+    def report(self, confusion: torch.Tensor) -> dict[str, float]:
+        """Reported value, plus whatever the objective reports beside it (e.g. min coverage)."""
+        return {self.name: self.value(confusion)}
+
+    def gradient(self, confusion: torch.Tensor) -> torch.Tensor:
+        """g = dpsi/dC by autograd, at C clipped to >= 1e-7."""
+        self._check_confusion(confusion)
+        clipped = confusion.detach().clamp_min(CONFUSION_CLIP).clone().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(self.surrogate(clipped), clipped)
+        return grad
+
+    def state_dict(self) -> dict[str, Any]:
+        """Name and multipliers, so a checkpoint can restore the objective exactly."""
+        return {"name": self.name, "multipliers": {k: v.detach().cpu().clone() for k, v in self.multipliers().items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"state is for objective {state.get('name')!r}, not {self.name!r}")
+        current = self.multipliers()
+        saved = state.get("multipliers", {})
+        if set(saved) != set(current):
+            raise ValueError(f"multipliers {sorted(saved)} do not match {self.name}'s {sorted(current)}")
+        for key, tensor in saved.items():
+            if tensor.shape != current[key].shape:
+                raise ValueError(f"multiplier {key!r} has shape {tuple(tensor.shape)}, expected {tuple(current[key].shape)}")
+            setattr(self, key, tensor.to(torch.float64).clone())
+
+    def _check_confusion(self, confusion: torch.Tensor) -> None:
+        expected = (self.num_classes, self.num_classes)
+        if tuple(confusion.shape) != expected:
+            raise ValueError(f"{self.name}: confusion matrix has shape {tuple(confusion.shape)}, expected {expected}")
+        if not torch.isfinite(confusion).all():
+            raise ValueError(f"{self.name}: confusion matrix contains NaN or inf")
+
+    def _prior(self, like: torch.Tensor) -> torch.Tensor:
+        return self.class_prior.to(dtype=like.dtype, device=like.device)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_classes={self.num_classes})"
+
+
+def _diag_recall(confusion: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """C_ii / pi_i: recall through the fixed prior (equals C_ii / R_i on a normalised C)."""
+    return torch.diagonal(confusion) / prior
+
+
+class MeanRecall(Objective):
+    """Mean of per-class recalls; with a uniform prior the surrogate is trace(C)."""
+
+    name = "mean_recall"
+
+    def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
+        return _diag_recall(confusion, self._prior(confusion)).mean()
+
+    def value(self, confusion: torch.Tensor) -> float:
+        return metrics.mean_recall(confusion)
+
+
+class Accuracy(Objective):
+    """Accuracy under the class prior (trace of C): the decomposable baseline."""
+
+    name = "accuracy"
+
+    def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
+        return torch.trace(confusion)
+
+    def value(self, confusion: torch.Tensor) -> float:
+        return metrics.accuracy(confusion)
+
+
+class GMean(Objective):
+    """Geometric mean of recalls, (prod_i C_ii / R_i)^(1/K)."""
+
+    name = "g_mean"
+
+    def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
+        row = confusion.sum(dim=1)
+        return torch.exp(torch.log(torch.diagonal(confusion) / row).mean())
+
+    def value(self, confusion: torch.Tensor) -> float:
+        return metrics.g_mean(confusion)
+
+
+class HMean(Objective):
+    """Harmonic mean of recalls, K / sum_i (R_i / C_ii)."""
+
+    name = "h_mean"
+
+    def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
+        row = confusion.sum(dim=1)
+        return self.num_classes / (row / torch.diagonal(confusion)).sum()
+
+    def value(self, confusion: torch.Tensor) -> float:
+        return metrics.h_mean(confusion)
+
+
+class MinRecall(Objective):
+    """Worst-class recall through its min-max surrogate sum_i lam_i recall_i.
+
+    Multipliers: lam <- normalise(lam^beta * exp(-omega * recall)), started at 1/K (SelMix defaults).
+    """
+
+    name = "min_recall"
+
+    def __init__(self, num_classes: int, *, omega: float = 50.0, beta: float = 0.0, class_prior: Any = None) -> None:
+        super().__init__(num_classes, class_prior=class_prior)
+        self.omega, self.beta = float(omega), float(beta)
+        self.lam = torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
+
+    def _class_weights(self) -> torch.Tensor:
+        return self.lam
+
+    def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
+        weights = self._class_weights().to(confusion)
+        return (weights * _diag_recall(confusion, self._prior(confusion))).sum()
+
+    def value(self, confusion: torch.Tensor) -> float:
+        return metrics.min_recall(confusion)
+
+    def update(self, confusion: torch.Tensor) -> None:
+        self._check_confusion(confusion)
+        recall = metrics.recalls(confusion.detach().cpu().to(torch.float64))
+        self.lam = torch.softmax(self.beta * torch.log(self.lam) - self.omega * recall, dim=0)
+
+    def multipliers(self) -> dict[str, torch.Tensor]:
+        return {"lam": self.lam}
+
+
+class _HeadTailMixin:
+    """Shared handling of the head/tail class split for head-tail objectives."""
+
+    split: HeadTailSplit
+
+    def _set_split(
+        self,
+        num_classes: int,
+        class_counts: Any,
+        tail_fraction: float,
+        head: Sequence[int] | None,
+        tail: Sequence[int] | None,
+    ) -> None:
+        if class_counts is None and head is None and tail is None:
+            raise ValueError(
+                f"objective {self.name!r} needs the head/tail split: pass class_counts=<training counts per class> "  # type: ignore[attr-defined]
+                "(tail = the 10% rarest classes, see tail_fraction) or explicit head=[...] / tail=[...]"
+            )
+        if class_counts is not None and len(class_counts) != num_classes:
+            raise ValueError(f"class_counts has {len(class_counts)} entries for {num_classes} classes")
+        self.split = metrics.head_tail_split(
+            class_counts, tail_fraction, head=head, tail=tail, num_classes=num_classes
+        ).check(num_classes)
+
+    def _spread(self, head_value: torch.Tensor, tail_value: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """Per-class vector: head_value / |head| on head classes, tail_value / |tail| on tail classes."""
+        out = torch.zeros(num_classes, dtype=torch.float64)
+        out[list(self.split.head)] = head_value / len(self.split.head)
+        out[list(self.split.tail)] = tail_value / len(self.split.tail)
+        return out
+
+
+class MinHeadTailRecall(_HeadTailMixin, MinRecall):
+    """min(mean head recall, mean tail recall) with (lam_h, lam_t) = softmax(-omega [head, tail recall])."""
+
+    name = "min_head_tail_recall"
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        class_counts: Any = None,
+        tail_fraction: float = 0.1,
+        head: Sequence[int] | None = None,
+        tail: Sequence[int] | None = None,
+        omega: float = 50.0,
+        class_prior: Any = None,
+    ) -> None:
+        super().__init__(num_classes, omega=omega, class_prior=class_prior)
+        self._set_split(num_classes, class_counts, tail_fraction, head, tail)
+        del self.lam
+        self.lam_head_tail = torch.full((2,), 0.5, dtype=torch.float64)
+
+    def _class_weights(self) -> torch.Tensor:
+        return self._spread(self.lam_head_tail[0], self.lam_head_tail[1], self.num_classes)
+
+    def value(self, confusion: torch.Tensor) -> float:
+        return metrics.min_head_tail_recall(confusion, self.split)
+
+    def update(self, confusion: torch.Tensor) -> None:
+        self._check_confusion(confusion)
+        head, tail = metrics.head_tail_recall(confusion.detach().cpu().to(torch.float64), self.split)
+        self.lam_head_tail = torch.softmax(-self.omega * torch.tensor([head, tail], dtype=torch.float64), dim=0)
+
+    def multipliers(self) -> dict[str, torch.Tensor]:
+        return {"lam_head_tail": self.lam_head_tail}
+
+
+def coverage_multiplier(coverage: torch.Tensor, target: torch.Tensor, mu_max: float, tau: float) -> torch.Tensor:
+    """mu = max(0, mu_max (1 - exp((coverage - target) / tau))): zero once the target is met."""
+    return (mu_max * (1.0 - torch.exp((coverage - target) / tau))).clamp_min(0.0)
+
+
+class _CoverageConstrained(Objective):
+    """psi = (psi_base + sum_l mu_l cov_l) / (max mu + 1): a base objective under per-class coverage >= alpha pi_l."""
+
+    base_class: ClassVar[type[Objective]]
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        alpha: float = 0.95,
+        tau: float = 0.01,
+        mu_max: float = 100.0,
+        class_prior: Any = None,
+    ) -> None:
+        super().__init__(num_classes, class_prior=class_prior)
+        if not 0.0 < alpha <= 1.0:
+            raise ValueError(f"alpha (the coverage target as a fraction of the prior) must lie in (0, 1], got {alpha}")
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        self.alpha, self.tau, self.mu_max = float(alpha), float(tau), float(mu_max)
+        self.base = self.base_class(num_classes, class_prior=self.class_prior)
+        self.mu = torch.zeros(num_classes, dtype=torch.float64)
+
+    def _class_mu(self) -> torch.Tensor:
+        return self.mu
+
+    def _normaliser(self) -> float:
+        return float(self.mu.max()) + 1.0
+
+    def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
+        penalty = (self._class_mu().to(confusion) * metrics.coverages(confusion)).sum()
+        return (self.base.surrogate(confusion) + penalty) / self._normaliser()
+
+    def value(self, confusion: torch.Tensor) -> float:
+        return self.base.value(confusion)
+
+    def report(self, confusion: torch.Tensor) -> dict[str, float]:
+        return {self.name: self.value(confusion), "min_coverage": metrics.min_coverage(confusion)}
+
+    def update(self, confusion: torch.Tensor) -> None:
+        self._check_confusion(confusion)
+        coverage = metrics.coverages(confusion.detach().cpu().to(torch.float64))
+        self.mu = coverage_multiplier(coverage, self.alpha * self.class_prior, self.mu_max, self.tau)
+
+    def multipliers(self) -> dict[str, torch.Tensor]:
+        return {"mu": self.mu}
+
+
+class MeanRecallMinCoverage(_CoverageConstrained):
+    name = "mean_recall_min_coverage"
+    base_class = MeanRecall
+
+
+class HMeanMinCoverage(_CoverageConstrained):
+    name = "h_mean_min_coverage"
+    base_class = HMean
+
+
+class _HeadTailCoverageConstrained(_HeadTailMixin, _CoverageConstrained):
+    """Coverage constraint on the mean head coverage and the mean tail coverage (mu_h, mu_t)."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        class_counts: Any = None,
+        tail_fraction: float = 0.1,
+        head: Sequence[int] | None = None,
+        tail: Sequence[int] | None = None,
+        alpha: float = 0.95,
+        tau: float = 0.01,
+        mu_max: float = 100.0,
+        class_prior: Any = None,
+    ) -> None:
+        super().__init__(num_classes, alpha=alpha, tau=tau, mu_max=mu_max, class_prior=class_prior)
+        self._set_split(num_classes, class_counts, tail_fraction, head, tail)
+        del self.mu
+        self.mu_head_tail = torch.zeros(2, dtype=torch.float64)
+
+    def _class_mu(self) -> torch.Tensor:
+        return self._spread(self.mu_head_tail[0], self.mu_head_tail[1], self.num_classes)
+
+    def _normaliser(self) -> float:
+        return float(self.mu_head_tail.max()) + 1.0
+
+    def _group_means(self, per_class: torch.Tensor) -> torch.Tensor:
+        return torch.stack([per_class[list(self.split.head)].mean(), per_class[list(self.split.tail)].mean()])
+
+    def report(self, confusion: torch.Tensor) -> dict[str, float]:
+        head_cov, tail_cov = self._group_means(metrics.coverages(confusion.detach().cpu().to(torch.float64))).tolist()
+        return {self.name: self.value(confusion), "min_head_tail_coverage": min(head_cov, tail_cov)}
+
+    def update(self, confusion: torch.Tensor) -> None:
+        self._check_confusion(confusion)
+        coverage = self._group_means(metrics.coverages(confusion.detach().cpu().to(torch.float64)))
+        target = self.alpha * self._group_means(self.class_prior)
+        self.mu_head_tail = coverage_multiplier(coverage, target, self.mu_max, self.tau)
+
+    def multipliers(self) -> dict[str, torch.Tensor]:
+        return {"mu_head_tail": self.mu_head_tail}
+
+
+class MeanRecallMinHeadTailCoverage(_HeadTailCoverageConstrained):
+    name = "mean_recall_min_head_tail_coverage"
+    base_class = MeanRecall
+
+
+class HMeanMinHeadTailCoverage(_HeadTailCoverageConstrained):
+    name = "h_mean_min_head_tail_coverage"
+    base_class = HMean
+
+
+class CustomObjective(Objective):
+    """Any differentiable torch function of the normalised confusion matrix, to be maximised."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        name: str = "custom",
+        value_fn: Callable[[torch.Tensor], float] | None = None,
+        class_prior: Any = None,
+    ) -> None:
+        super().__init__(num_classes, class_prior=class_prior)
+        if not callable(fn):
+            raise TypeError("fn must be a callable mapping a K x K confusion tensor to a scalar tensor")
+        self.fn, self.value_fn, self.name = fn, value_fn, name  # type: ignore[misc]
+
+    def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
+        out = self.fn(confusion)
+        if not isinstance(out, torch.Tensor) or out.numel() != 1:
+            raise ValueError(f"custom objective {self.name!r} must return a scalar tensor, got {type(out).__name__}")
+        return out.reshape(())
+
+    def value(self, confusion: torch.Tensor) -> float:
+        if self.value_fn is not None:
+            return float(self.value_fn(confusion))
+        return float(self.surrogate(confusion.detach()))
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls
+    for cls in (
+        MeanRecall,
+        MinRecall,
+        MinHeadTailRecall,
+        GMean,
+        HMean,
+        MeanRecallMinCoverage,
+        HMeanMinCoverage,
+        MeanRecallMinHeadTailCoverage,
+        HMeanMinHeadTailCoverage,
+        Accuracy,
+    )
+}
+
+
+def get_objective(name: str | Objective, num_classes: int, **options: Any) -> Objective:
+    """Build an objective by registry name; unknown names and options are errors that list the valid ones."""
+    if isinstance(name, Objective):
+        if name.num_classes != num_classes:
+            raise ValueError(f"objective {name.name!r} was built for {name.num_classes} classes, not {num_classes}")
+        return name
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; valid objectives are: {', '.join(sorted(OBJECTIVES))}")
+    cls = OBJECTIVES[name]
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "num_classes")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"objective {name!r} does not take option(s) {unknown}; it accepts: {', '.join(accepted)}")
+    return cls(num_classes, **options)
