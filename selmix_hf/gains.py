@@ -82,8 +82,8 @@ def gain_matrix(
         if confusion is None:
             raise ValueError("estimator='selmix' needs the normalised validation confusion matrix")
         confusion = _checked_confusion(confusion, num_classes).to(dtype=dtype, device=device)
-        value = prototypes @ prototypes.T  # S = Z Z^T (prototype Gram)
-        value = value @ logit_gradient(objective, confusion, prior)  # H = S D
+        # H = S D with S = Z Z^T, the prototype Gram; as Z (Z^T D) it costs O(K^2 d) instead of O(K^3)
+        value = prototypes @ (prototypes.T @ logit_gradient(objective, confusion, prior))
         gains = torch.diagonal(value).unsqueeze(1).expand(-1, num_classes).clone()
     else:
         if features is None or labels is None:
@@ -105,6 +105,7 @@ def _mixed_expectation(logits: torch.Tensor, value: torch.Tensor, lam_bar: float
     c = torch.exp((1.0 - lam_bar) * shifted)
     c_value_t = (c * value).T.contiguous()
     c_t = c.T.contiguous()
+    del c
     out = torch.empty_like(value)
     tiny = torch.finfo(logits.dtype).tiny ** 0.5
     rows = max(1, min(num_classes, _CHUNK_ELEMENTS // num_classes))
