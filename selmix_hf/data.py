@@ -140,3 +140,22 @@ def long_tailed_splits(
         picked, _ = _select_per_class(labels, wanted.tolist(), np.random.default_rng(seed + 2), "the train cap")
         train = train.select(picked)
     return DatasetDict(train=train, validation=validation, test=test)
+
+
+def dataset_labels(dataset, label_names: Sequence[str] = ("labels", "label")) -> np.ndarray:
+    """The integer labels of a `datasets.Dataset` (by column) or of any map-style dataset of dicts."""
+    if isinstance(dataset, Dataset):
+        for name in label_names:
+            if name in dataset.column_names:
+                return _labels(dataset, name)[0]
+        raise ValueError(f"dataset has none of the label columns {list(label_names)}; its columns are {dataset.column_names}")
+    if not hasattr(dataset, "__len__"):
+        raise ValueError("SelMix needs map-style datasets (with __len__), not iterable ones")
+    out = []
+    for i in range(len(dataset)):
+        example = dataset[i]
+        name = next((n for n in label_names if n in example), None)
+        if name is None:
+            raise ValueError(f"example {i} has none of the label keys {list(label_names)}")
+        out.append(int(example[name]))
+    return np.asarray(out, dtype=np.int64)

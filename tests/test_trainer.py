@@ -1,0 +1,310 @@
+"""SelMixTrainer over tiny models: steps, learning rates, learning, gradient accumulation, resume, eval, errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from tiny import (
+    ARCHITECTURES,
+    NUM_LABELS,
+    TinyMLPConfig,
+    TinyMLPForClassification,
+    class_signal_dataset,
+    gaussian_problem,
+    per_class_recall,
+)
+from transformers import HfArgumentParser, TrainerCallback
+
+from selmix_hf import make_compute_metrics
+from selmix_hf.config import PUBLISHED_SETTINGS, SelMixConfig
+from selmix_hf.trainer import SelMixTrainer
+
+
+def config(tmp_path, **overrides) -> SelMixConfig:
+    base = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, save_strategy="no",
+                disable_tqdm=True, logging_strategy="no", per_device_train_batch_size=2, max_steps=1,
+                per_device_eval_batch_size=4)
+    return SelMixConfig(**{**base, **overrides})
+
+
+class GradientRecorder(TrainerCallback):
+    """Snapshots parameters and (clipped) gradients just before the optimiser step, and parameters after it."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        self.grads = {n: None if p.grad is None else p.grad.detach().clone() for n, p in model.named_parameters()}
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.after = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda a: a.name)
+def test_a_selmix_step_moves_head_and_backbone_at_their_rates(arch, tmp_path):
+    torch.manual_seed(0)
+    model = arch.build()
+    recorder = GradientRecorder()
+    args = config(tmp_path, optim="sgd", learning_rate=0.5, backbone_lr_ratio=0.1, lr_scheduler_type="constant",
+                  weight_decay=0.0, max_grad_norm=0.0)
+    trainer = SelMixTrainer(model=model, args=args, callbacks=[recorder],
+                            train_dataset=class_signal_dataset(arch.kind, [8, 6, 4]),
+                            eval_dataset=class_signal_dataset(arch.kind, [2, 2, 2], seed=1))
+    trainer.train()
+    head_prefix = arch.head + "."
+    moved = {"head": 0, "backbone": 0}
+    for name, grad in recorder.grads.items():
+        if grad is None or grad.abs().max() < 1e-6:
+            continue
+        part = "head" if name.startswith(head_prefix) else "backbone"
+        lr = 0.5 if part == "head" else 0.05
+        torch.testing.assert_close(recorder.after[name], recorder.before[name] - lr * grad, rtol=1e-4, atol=1e-6)
+        moved[part] += 1
+    assert moved["head"] == 2 and moved["backbone"] > 0
+
+
+def test_batchnorm_statistics_stay_frozen(tmp_path):
+    arch = next(a for a in ARCHITECTURES if a.name == "timm-resnet")
+    model = arch.build()
+    stats = {n: b.clone() for n, b in model.named_buffers() if "running_mean" in n}
+    trainer = SelMixTrainer(model=model, args=config(tmp_path, max_steps=2),
+                            train_dataset=class_signal_dataset("image", [8, 6, 4]),
+                            eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1))
+    trainer.train()
+    for name, buffer in model.named_buffers():
+        if name in stats:
+            torch.testing.assert_close(buffer, stats[name])
+    unfrozen = arch.build()
+    unfrozen.load_state_dict(model.state_dict())
+    SelMixTrainer(model=unfrozen, args=config(tmp_path, max_steps=2, freeze_batchnorm=False),
+                  train_dataset=class_signal_dataset("image", [8, 6, 4]),
+                  eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1)).train()
+    assert any(not torch.equal(b, stats[n]) for n, b in unfrozen.named_buffers() if n in stats)
+
+
+# -- learning ---------------------------------------------------------------------------------------
+
+K = 4
+LT_COUNTS = [400, 120, 30, 6]
+
+
+def ce_start(seed: int) -> tuple[TinyMLPForClassification, object]:
+    """A CE-trained MLP on long-tailed Gaussians: it never predicts the rarest class."""
+    torch.manual_seed(seed)
+    model = TinyMLPForClassification(TinyMLPConfig(num_labels=K))
+    train = gaussian_problem(LT_COUNTS, seed=seed + 10)
+    x = torch.stack([e["features"] for e in train.examples])
+    y = torch.tensor([e["labels"] for e in train.examples])
+    optimiser = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(300):
+        batch = torch.randint(0, len(y), (64,), generator=gen)
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(model(features=x[batch]).logits, y[batch]).backward()
+        optimiser.step()
+    return model, train
+
+
+def fine_tune(seed: int, pair_distribution: str, tmp_path) -> tuple[np.ndarray, np.ndarray]:
+    model, train = ce_start(seed)
+    test = gaussian_problem([300] * K, seed=seed + 30)
+    before = per_class_recall(model, test, K)
+    args = config(tmp_path, max_steps=600, per_device_train_batch_size=32, gain_refresh_steps=5, learning_rate=0.01,
+                  optim="sgd", lr_scheduler_type="constant", pair_distribution=pair_distribution, seed=seed)
+    SelMixTrainer(model=model, args=args, train_dataset=train,
+                  eval_dataset=gaussian_problem([25] * K, seed=seed + 20)).train()
+    return before, per_class_recall(model, test, K)
+
+
+@pytest.mark.slow
+def test_selmix_lifts_the_worst_class_and_beats_uniform_pairs(tmp_path):
+    selmix, uniform = [], []
+    for seed in range(3):
+        before, after = fine_tune(seed, "gain", tmp_path)
+        assert before.min() < 0.05  # the start neglects the tail
+        assert after.min() > before.min() + 0.3
+        selmix.append(after.min())
+        uniform.append(fine_tune(seed, "uniform", tmp_path)[1].min())
+    assert np.mean(selmix) > np.mean(uniform) + 0.05, (selmix, uniform)
+
+
+# -- gradient accumulation and resume -------------------------------------------------------------
+
+
+def mlp_run(tmp_path, name: str, **overrides):
+    torch.manual_seed(0)
+    model = TinyMLPForClassification(TinyMLPConfig(num_labels=K))
+    args = config(tmp_path / name, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant",
+                  gain_refresh_steps=2, logging_strategy="steps", logging_steps=1, **overrides)
+    return SelMixTrainer(model=model, args=args, train_dataset=gaussian_problem([40, 30, 20, 10], seed=1),
+                         eval_dataset=gaussian_problem([5] * K, seed=2))
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path):
+    whole = mlp_run(tmp_path, "whole", per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=5)
+    accumulated = mlp_run(tmp_path, "acc", per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=5)
+    whole.train()
+    accumulated.train()
+    losses = [[log["loss"] for log in t.state.log_history if "loss" in log] for t in (whole, accumulated)]
+    assert len(losses[0]) == 5
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    for (name, p), q in zip(whole.model.named_parameters(), accumulated.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(whole.distribution, accumulated.distribution)
+
+
+def selmix_state(trainer: SelMixTrainer) -> dict:
+    state = trainer.selmix_state_dict()
+    return {"multipliers": state["objective"]["multipliers"], "distribution": state["distribution"],
+            "gains": state["gains"], "history": state["max_gain_history"],
+            "sampler": state["sampler"]["generator"], "drawn": state["sampler"]["batches_drawn"],
+            "mix": state["mix_generator"]}
+
+
+@pytest.mark.parametrize("arch_name", ["bert", "tiny-mlp"])
+def test_resume_continues_exactly_where_it_stopped(arch_name, tmp_path):
+    def build(folder):
+        torch.manual_seed(0)
+        if arch_name == "tiny-mlp":
+            model = TinyMLPForClassification(TinyMLPConfig(num_labels=K))
+            data = gaussian_problem([40, 30, 20, 10], seed=1), gaussian_problem([5] * K, seed=2)
+        else:
+            model = next(a for a in ARCHITECTURES if a.name == arch_name).build()
+            data = class_signal_dataset("text", [30, 12, 6]), class_signal_dataset("text", [3, 3, 3], seed=1)
+        args = config(tmp_path / folder, max_steps=8, save_strategy="steps", save_steps=4, gain_refresh_steps=3,
+                      per_device_train_batch_size=4, objective="min_recall")
+        return SelMixTrainer(model=model, args=args, train_dataset=data[0], eval_dataset=data[1])
+
+    straight = build("straight")
+    straight.train()
+    checkpoint = tmp_path / "straight" / "out" / "checkpoint-4"
+    assert (checkpoint / "selmix_state_rank0.pt").exists()
+    resumed = build("resumed")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    a, b = selmix_state(straight), selmix_state(resumed)
+    for key in a:
+        if isinstance(a[key], dict):
+            for sub in a[key]:
+                torch.testing.assert_close(a[key][sub], b[key][sub])
+        elif isinstance(a[key], torch.Tensor):
+            torch.testing.assert_close(a[key], b[key], msg=key)
+        else:
+            assert a[key] == b[key], key
+
+
+def test_resume_from_a_checkpoint_without_selmix_state_is_a_clear_error(tmp_path):
+    trainer = mlp_run(tmp_path, "plain", max_steps=1)
+    (tmp_path / "empty-checkpoint").mkdir()
+    with pytest.raises(FileNotFoundError, match="no SelMix state"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "empty-checkpoint"))
+
+
+def test_checkpoint_holds_state_files_and_logs_refreshes(tmp_path):
+    trainer = mlp_run(tmp_path, "logs", max_steps=4, save_strategy="steps", save_steps=4)
+    trainer.train()
+    folder = tmp_path / "logs" / "out" / "checkpoint-4"
+    assert not [f for f in os.listdir(folder) if ".tmp" in f]
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    refreshes = [log for log in history if "selmix/max_gain" in log]
+    assert [log["step"] for log in refreshes] == [0, 2]
+    assert {"selmix/min_recall", "selmix/pair_entropy", "selmix/lam_0"} <= set(refreshes[0])
+
+
+# -- evaluation and prediction ----------------------------------------------------------------------
+
+
+def test_evaluate_and_predict_behave_like_the_wrapped_model(tmp_path):
+    trainer = mlp_run(tmp_path, "eval", max_steps=2)
+    trainer.compute_metrics = make_compute_metrics(K, class_counts=[40, 30, 20, 10])
+    trainer.train()
+    test = gaussian_problem([7] * K, seed=5)
+    output = trainer.predict(test)
+    x = torch.stack([e["features"] for e in test.examples])
+    trainer.model.eval()
+    with torch.no_grad():
+        direct = trainer.model(features=x).logits
+    np.testing.assert_allclose(output.predictions, direct.numpy(), rtol=1e-6)
+    assert output.predictions.shape == (28, K)
+    expected_loss = torch.nn.functional.cross_entropy(direct, torch.tensor(output.label_ids)).item()
+    assert output.metrics["test_loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert {"test_min_recall", "test_h_mean", "test_tail_recall"} <= set(output.metrics)
+    assert "eval_min_recall" in trainer.evaluate(test)
+
+
+# -- configuration --------------------------------------------------------------------------------
+
+
+def test_config_parses_from_the_command_line(tmp_path):
+    (args,) = HfArgumentParser(SelMixConfig).parse_args_into_dataclasses([
+        "--output_dir", str(tmp_path), "--objective", "mean_recall_min_coverage",
+        "--objective_options", '{"alpha": 0.9}', "--class_prior", "0.5", "0.3", "0.2",
+        "--gain_refresh_steps", "20", "--backbone_lr_ratio", "0.5", "--use_cpu", "--report_to", "none",
+    ])
+    assert args.objective == "mean_recall_min_coverage" and args.objective_options == {"alpha": 0.9}
+    assert args.class_prior == [0.5, 0.3, 0.2] and args.gain_refresh_steps == 20 and args.backbone_lr_ratio == 0.5
+    assert args.ignore_data_skip and args.learning_rate == 3e-4
+
+
+def test_published_preset(tmp_path):
+    args = SelMixConfig.published(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    for key, value in PUBLISHED_SETTINGS.items():
+        assert getattr(args, key) == value or str(getattr(args, key)).endswith(str(value)), key
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("objective", "worst_recall", "valid objectives are: .*min_recall"),
+    ("gain_estimator", "taylor", "selmix, exact"),
+    ("pair_distribution", "random", "gain, uniform"),
+    ("sampling_temperature", 0.0, "positive"),
+    ("ignore_data_skip", False, "ignore_data_skip=True"),
+    ("objective_options", "{alpha: 1", "not valid JSON"),
+])
+def test_bad_config_is_a_clear_error(field, value, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, **{field: value})
+
+
+def with_label(dataset, index: int, label: int):
+    dataset.examples[index] = {**dataset.examples[index], "labels": label}
+    return dataset
+
+
+@pytest.mark.parametrize("case, message", [
+    ("validation missing a class", r"classes \[3\] have no sample in the validation set"),
+    ("train label outside num_labels", r"training labels contain values outside \[0, 4\): \[7\]"),
+    ("validation label outside num_labels", r"validation labels contain values outside \[0, 4\): \[-2\]"),
+    ("empty validation set", "validation set is empty"),
+    ("no validation set", "needs a labelled validation set"),
+    ("model without head", "cannot find the classification head"),
+])
+def test_bad_input_fails_before_training(case, message, tmp_path):
+    model = TinyMLPForClassification(TinyMLPConfig(num_labels=K))
+    train, validation = gaussian_problem([10, 8, 6, 4], seed=1), gaussian_problem([3] * K, seed=2)
+    if case == "validation missing a class":
+        validation = gaussian_problem([3, 3, 3, 0], seed=2)
+    elif case == "train label outside num_labels":
+        train = with_label(train, 0, 7)
+    elif case == "validation label outside num_labels":
+        validation = with_label(validation, 1, -2)
+    elif case == "empty validation set":
+        validation = gaussian_problem([0] * K, seed=2)
+    elif case == "no validation set":
+        validation = None
+    elif case == "model without head":
+        model.classifier = torch.nn.Identity()
+    with pytest.raises(ValueError, match=message):
+        SelMixTrainer(model=model, args=config(tmp_path), train_dataset=train, eval_dataset=validation)
+
+
+def test_custom_objective_instance_is_used(tmp_path):
+    from selmix_hf import CustomObjective
+
+    objective = CustomObjective(K, lambda c: c[3, 3] / c[3].sum(), name="tail_recall")
+    model = TinyMLPForClassification(TinyMLPConfig(num_labels=K))
+    trainer = SelMixTrainer(model=model, args=config(tmp_path, max_steps=2, logging_strategy="steps", logging_steps=1),
+                            objective=objective, train_dataset=gaussian_problem([10, 8, 6, 4], seed=1),
+                            eval_dataset=gaussian_problem([3] * K, seed=2))
+    trainer.train()
+    assert any("selmix/tail_recall" in log for log in trainer.state.log_history)
