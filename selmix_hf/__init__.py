@@ -1,8 +1,11 @@
 """selmix-hf: fine-tune Hugging Face classifiers for non-decomposable metrics with SelMix."""
 
+from .config import SelMixConfig
+from .features import find_head, register_head
 from .gains import class_prototypes, gain_matrix, sampling_distribution
 from .metrics import classification_report, confusion_counts, make_compute_metrics, normalized_confusion
 from .objectives import OBJECTIVES, CustomObjective, Objective, get_objective
+from .trainer import SelMixTrainer
 
 __version__ = "0.1.0.dev0"
 
@@ -10,12 +13,16 @@ __all__ = [
     "OBJECTIVES",
     "CustomObjective",
     "Objective",
+    "SelMixConfig",
+    "SelMixTrainer",
     "class_prototypes",
     "classification_report",
     "confusion_counts",
+    "find_head",
     "gain_matrix",
     "get_objective",
     "make_compute_metrics",
     "normalized_confusion",
+    "register_head",
     "sampling_distribution",
 ]

@@ -17,7 +17,7 @@ from tiny import (
 )
 from transformers import HfArgumentParser, TrainerCallback
 
-from selmix_hf import make_compute_metrics
+from selmix_hf import make_compute_metrics, sampling_distribution
 from selmix_hf.config import PUBLISHED_SETTINGS, SelMixConfig
 from selmix_hf.trainer import SelMixTrainer
 
@@ -134,8 +134,9 @@ def test_selmix_lifts_the_worst_class_and_beats_uniform_pairs(tmp_path):
 def mlp_run(tmp_path, name: str, **overrides):
     torch.manual_seed(0)
     model = TinyMLPForClassification(TinyMLPConfig(num_labels=K))
-    args = config(tmp_path / name, optim="sgd", learning_rate=0.1, lr_scheduler_type="constant",
-                  gain_refresh_steps=2, logging_strategy="steps", logging_steps=1, **overrides)
+    settings = dict(optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", gain_refresh_steps=2,
+                    logging_strategy="steps", logging_steps=1)
+    args = config(tmp_path / name, **{**settings, **overrides})
     return SelMixTrainer(model=model, args=args, train_dataset=gaussian_problem([40, 30, 20, 10], seed=1),
                          eval_dataset=gaussian_problem([5] * K, seed=2))
 
@@ -308,3 +309,35 @@ def test_custom_objective_instance_is_used(tmp_path):
                             eval_dataset=gaussian_problem([3] * K, seed=2))
     trainer.train()
     assert any("selmix/tail_recall" in log for log in trainer.state.log_history)
+
+
+# -- early stop, estimators, mixed precision ------------------------------------------------------
+
+
+def test_early_stop_on_gain_plateau(tmp_path):
+    stopped = mlp_run(tmp_path, "stop", max_steps=20, gain_refresh_steps=1, early_stop_on_gain_plateau=True,
+                      plateau_window=3, plateau_tolerance=10.0)
+    stopped.train()
+    assert stopped.state.global_step == 2  # refreshes at steps 0, 1, 2: the window is full and within tolerance
+    running = mlp_run(tmp_path, "run", max_steps=6, gain_refresh_steps=1, early_stop_on_gain_plateau=True,
+                      plateau_window=3, plateau_tolerance=0.0)
+    running.train()
+    assert running.state.global_step == 6
+
+
+@pytest.mark.parametrize("estimator", ["selmix", "exact"])
+def test_both_estimators_drive_the_sampler(estimator, tmp_path):
+    model, train = ce_start(0)
+    args = config(tmp_path, max_steps=3, gain_refresh_steps=1, gain_estimator=estimator, per_device_train_batch_size=8)
+    trainer = SelMixTrainer(model=model, args=args, train_dataset=train, eval_dataset=gaussian_problem([10] * K, seed=2))
+    trainer.train()
+    assert torch.isfinite(trainer.gains).all() and trainer.gains.max() > 0
+    torch.testing.assert_close(trainer.sampler.probabilities, trainer.distribution.double())
+    torch.testing.assert_close(trainer.distribution, sampling_distribution(trainer.gains, 0.1))
+    assert (trainer.distribution[trainer.gains <= 0] < 1e-6).all()  # pairs without gain are not drawn
+
+
+def test_bf16_mixed_precision_runs(tmp_path):
+    trainer = mlp_run(tmp_path, "bf16", max_steps=3, bf16=True)
+    trainer.train()
+    assert trainer.state.global_step == 3 and torch.isfinite(trainer.gains).all()

@@ -1,0 +1,121 @@
+"""Step time and peak memory of SelMixTrainer (B pairs) against transformers.Trainer (2B samples), same model.
+
+    .venv/bin/python benchmarks/trainer_speed.py                     # MiniLM-sized BERT and a small ViT
+    .venv/bin/python benchmarks/trainer_speed.py --models bert --steps 100 --pairs 16
+
+Both forward 2B samples per step. SelMix's time includes its gain refreshes (every --refresh steps, a full
+pass over a validation set of --val-per-class x K samples), amortised over the run. Each run is a fresh
+process; peak memory is the growth of its maximum resident set during `train()`. Models are built from
+configs (random weights): speed does not depend on the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+K = 26
+
+
+def current_rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def build(model_name: str):
+    from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
+
+    if model_name == "bert":  # the shape of MiniLM-L6 (all-MiniLM-L6-v2)
+        model = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
+                                                         num_attention_heads=12, intermediate_size=1536, num_labels=K))
+        make = lambda g: {"input_ids": torch.randint(1000, 30000, (32,), generator=g), "attention_mask": torch.ones(32, dtype=torch.long)}
+    else:  # a small ViT on 32 px images
+        model = ViTForImageClassification(ViTConfig(image_size=32, patch_size=4, hidden_size=192, num_hidden_layers=6,
+                                                    num_attention_heads=3, intermediate_size=768, num_labels=K))
+        make = lambda g: {"pixel_values": torch.randn(3, 32, 32, generator=g)}
+    return model, make
+
+
+def dataset(make, per_class: list[int], seed: int):
+    from torch.utils.data import Dataset
+
+    gen = torch.Generator().manual_seed(seed)
+    examples = [{**make(gen), "labels": k} for k, n in enumerate(per_class) for _ in range(n)]
+
+    class Examples(Dataset):
+        def __len__(self):
+            return len(examples)
+
+        def __getitem__(self, i):
+            return examples[i]
+
+    return Examples()
+
+
+def run(model_name: str, method: str, pairs: int, steps: int, refresh: int, val_per_class: int) -> dict:
+    from transformers import Trainer, TrainingArguments
+
+    from selmix_hf import SelMixConfig, SelMixTrainer
+
+    torch.manual_seed(0)
+    model, make = build(model_name)
+    train = dataset(make, [max(4, 200 // (k + 1)) for k in range(K)], seed=1)
+    common = dict(output_dir=tempfile.mkdtemp(), max_steps=steps, report_to=[], use_cpu=True, save_strategy="no",
+                  disable_tqdm=True, logging_strategy="no", per_device_eval_batch_size=64)
+    if method == "trainer":
+        trainer = Trainer(model=model, args=TrainingArguments(per_device_train_batch_size=2 * pairs, **common),
+                          train_dataset=train)
+    else:
+        args = SelMixConfig(per_device_train_batch_size=pairs, gain_refresh_steps=refresh, **common)
+        trainer = SelMixTrainer(model=model, args=args, train_dataset=train,
+                                eval_dataset=dataset(make, [val_per_class] * K, seed=2))
+    baseline = current_rss_kib()
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"model": model_name, "method": method, "pairs": pairs, "steps": steps, "seconds_per_step": seconds / steps,
+            "peak_mib": (peak - baseline) / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["bert", "vit"], choices=["bert", "vit"])
+    parser.add_argument("--pairs", type=int, default=16, help="B: pairs per SelMix step (Trainer gets 2B samples)")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--refresh", type=int, default=50)
+    parser.add_argument("--val-per-class", type=int, default=10)
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run(*args.child, args.pairs, args.steps, args.refresh, args.val_per_class)))
+        return
+    print(f"{args.steps} steps, B = {args.pairs} pairs (Trainer: {2 * args.pairs} samples), refresh every "
+          f"{args.refresh} steps over {args.val_per_class * K} validation samples, torch threads {torch.get_num_threads()}\n")
+    print("| model | Trainer s/step | SelMixTrainer s/step | time ratio | Trainer peak MiB | SelMix peak MiB | memory ratio |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for model_name in args.models:
+        rows = {}
+        for method in ("trainer", "selmix"):
+            cmd = [sys.executable, __file__, "--child", model_name, method, "--pairs", str(args.pairs), "--steps",
+                   str(args.steps), "--refresh", str(args.refresh), "--val-per-class", str(args.val_per_class)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            rows[method] = json.loads(out.strip().splitlines()[-1])
+        t, s = rows["trainer"], rows["selmix"]
+        print(f"| {model_name} | {t['seconds_per_step']:.3f} | {s['seconds_per_step']:.3f} | "
+              f"{s['seconds_per_step'] / t['seconds_per_step']:.2f}x | {t['peak_mib']:.0f} | {s['peak_mib']:.0f} | "
+              f"{s['peak_mib'] / t['peak_mib']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
