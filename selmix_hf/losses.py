@@ -1,0 +1,351 @@
+"""Long-tailed classification losses on logits: each takes the training class counts and is a plain nn.Module.
+
+Every loss returns the mean over the batch of a per-sample loss, so micro-batches of equal size accumulate
+exactly (class weights multiply each sample's term; they are normalised to sum to K, not per batch).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .objectives import Objective, get_objective
+
+Counts = Sequence[int] | torch.Tensor
+
+
+def counts_tensor(class_counts: Counts, what: str = "this loss") -> torch.Tensor:
+    """Class counts as float64, with every class present: the losses take logs and powers of them."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64).reshape(-1)
+    if counts.numel() < 2:
+        raise ValueError(f"{what} needs the training counts of at least two classes, got {counts.numel()}")
+    if (counts < 0).any() or not torch.isfinite(counts).all():
+        raise ValueError("class counts must be finite and non-negative")
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"classes {empty[:20]} have zero training samples, and {what} needs every class's count "
+            "(it takes the log or a power of it); drop those classes from num_labels, or use loss_type='ce'"
+        )
+    return counts
+
+
+def class_balanced_weights(class_counts: Counts, beta: float = 0.9999) -> torch.Tensor:
+    """Effective-number weights w_k = (1 - beta) / (1 - beta^n_k), normalised to sum to K (Cui et al., 2019)."""
+    counts = counts_tensor(class_counts, "class-balanced weighting")
+    if not 0.0 <= beta < 1.0:
+        raise ValueError(f"beta must lie in [0, 1), got {beta}")
+    weights = (1.0 - beta) / (1.0 - beta**counts) if beta > 0 else torch.ones_like(counts)
+    return (weights * counts.numel() / weights.sum()).float()
+
+
+def inverse_frequency_weights(class_counts: Counts) -> torch.Tensor:
+    """w_k proportional to 1 / n_k, normalised to sum to K."""
+    inverse = 1.0 / counts_tensor(class_counts, "inverse-frequency weighting")
+    return (inverse * inverse.numel() / inverse.sum()).float()
+
+
+def log_prior(class_counts: Counts) -> torch.Tensor:
+    """log pi_k of the training label distribution."""
+    counts = counts_tensor(class_counts, "logit adjustment")
+    return torch.log(counts / counts.sum()).float()
+
+
+def _weighted_mean(per_sample: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    if weight is not None:
+        per_sample = per_sample * weight.to(per_sample)[labels]
+    return per_sample.mean()
+
+
+class CrossEntropy(nn.Module):
+    """-log softmax(f)_y, optionally weighted per class: the baseline."""
+
+    def __init__(self, weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return _weighted_mean(F.cross_entropy(logits.float(), labels, reduction="none"), labels, self.weight)
+
+
+class WeightedCrossEntropy(CrossEntropy):
+    """w_y CE(f, y) with class-balanced (effective number, beta) or inverse-frequency weights summing to K."""
+
+    def __init__(self, class_counts: Counts, weighting: str = "class_balanced", beta: float = 0.9999) -> None:
+        if weighting == "class_balanced":
+            weight = class_balanced_weights(class_counts, beta)
+        elif weighting == "inverse":
+            weight = inverse_frequency_weights(class_counts)
+        else:
+            raise ValueError(f"unknown weighting {weighting!r}; valid: class_balanced, inverse")
+        super().__init__(weight)
+
+
+class FocalLoss(nn.Module):
+    """-(1 - p_y)^gamma log p_y (Lin et al., 2017): down-weights examples the model already gets right."""
+
+    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.gamma = float(gamma)
+        self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        log_p = F.log_softmax(logits.float(), dim=1).gather(1, labels.unsqueeze(1)).squeeze(1)
+        return _weighted_mean(-((1.0 - log_p.exp()) ** self.gamma) * log_p, labels, self.weight)
+
+
+class LogitAdjustedLoss(nn.Module):
+    """CE(f + tau log pi_train, y) (Menon et al., ICLR 2021); tau = 1 is the balanced softmax."""
+
+    def __init__(self, class_counts: Counts, tau: float = 1.0) -> None:
+        super().__init__()
+        self.tau = float(tau)
+        self.register_buffer("log_prior", log_prior(class_counts))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float() + self.tau * self.log_prior, labels)
+
+
+class BalancedSoftmaxLoss(LogitAdjustedLoss):
+    """Balanced softmax (Ren et al., NeurIPS 2020): logit adjustment with tau = 1."""
+
+    def __init__(self, class_counts: Counts) -> None:
+        super().__init__(class_counts, tau=1.0)
+
+
+def ldam_margins(class_counts: Counts, max_margin: float = 0.5) -> torch.Tensor:
+    """m_k proportional to n_k^(-1/4), scaled so the rarest class gets max_margin."""
+    margins = counts_tensor(class_counts, "LDAM") ** -0.25
+    return (margins * (max_margin / margins.max())).float()
+
+
+class LDAMLoss(nn.Module):
+    """CE(s (f - m_y e_y), y), m_k ~ n_k^(-1/4) (Cao et al., NeurIPS 2019), with deferred re-weighting (DRW).
+
+    The published scale s = 30 is meant for cosine-normalised logits; an ordinary linear head gives raw logits,
+    for which a scale near 1 is the sensible choice. ``set_reweighting(True)`` switches on the class-balanced
+    weights (the DRW stage); the trainer does it at ``drw_start_epoch``.
+    """
+
+    def __init__(self, class_counts: Counts, max_margin: float = 0.5, scale: float = 30.0, drw_beta: float = 0.9999) -> None:
+        super().__init__()
+        self.scale = float(scale)
+        self.register_buffer("margins", ldam_margins(class_counts, max_margin))
+        self.register_buffer("drw_weight", class_balanced_weights(class_counts, drw_beta))
+        self.reweighting = False
+
+    def set_reweighting(self, enabled: bool) -> None:
+        self.reweighting = bool(enabled)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        shifted = logits.float() - F.one_hot(labels, logits.shape[1]) * self.margins[labels].unsqueeze(1)
+        per_sample = F.cross_entropy(self.scale * shifted, labels, reduction="none")
+        return _weighted_mean(per_sample, labels, self.drw_weight if self.reweighting else None)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"reweighting": self.reweighting}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.reweighting = bool(state["reweighting"])
+
+
+class VSLoss(nn.Module):
+    """Vector-scaling loss CE(Delta * f + iota, y), Delta_k = (n_k / n_max)^gamma, iota_k = tau log pi_k (Kini et al., 2021)."""
+
+    def __init__(self, class_counts: Counts, gamma: float = 0.2, tau: float = 1.0) -> None:
+        super().__init__()
+        counts = counts_tensor(class_counts, "the VS loss")
+        self.register_buffer("delta", ((counts / counts.max()) ** gamma).float())
+        self.register_buffer("iota", (tau * torch.log(counts / counts.sum())).float())
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.delta * logits.float() + self.iota, labels)
+
+
+DELTA_ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "exp": (torch.exp, torch.log),
+    "sigmoid": (torch.sigmoid, torch.logit),
+    "identity": (lambda x: x, lambda x: x),
+}
+PARAMETRIC_INITS = ("ones", "la", "cdt")
+
+
+def frequency_groups(class_counts: Counts, num_groups: int | None) -> torch.Tensor:
+    """Group index of each class: classes sorted by training count (most first), cut into num_groups equal runs."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64).reshape(-1)
+    num_classes = counts.numel()
+    if num_groups is None or num_groups >= num_classes:
+        return torch.arange(num_classes)
+    if num_groups < 1:
+        raise ValueError(f"num_groups must be >= 1, got {num_groups}")
+    order = sorted(range(num_classes), key=lambda k: (-float(counts[k]), k))
+    groups = torch.empty(num_classes, dtype=torch.long)
+    for rank, k in enumerate(order):
+        groups[k] = rank * num_groups // num_classes
+    return groups
+
+
+class ParametricCrossEntropy(nn.Module):
+    """-w_y log softmax(Delta * f + l)_y: AutoBalance's loss family (Li et al., NeurIPS 2021).
+
+    Delta (multiplicative, through ``delta_activation``), l (additive) and w (per-class weight) are parameters,
+    optionally tied over ``num_groups`` groups of frequency-sorted classes. Special cases: CE (Delta = 1, l = 0,
+    w = 1), logit adjustment (l = tau log pi), CDT (Delta_k = (n_k / n_max)^gamma) and VS (both).
+    """
+
+    def __init__(
+        self,
+        class_counts: Counts,
+        *,
+        num_groups: int | None = None,
+        init: str = "ones",
+        delta_activation: str = "exp",
+        learn_weights: bool = False,
+        la_tau: float = 1.0,
+        cdt_gamma: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if init not in PARAMETRIC_INITS:
+            raise ValueError(f"unknown init {init!r}; valid: {', '.join(PARAMETRIC_INITS)}")
+        if delta_activation not in DELTA_ACTIVATIONS:
+            raise ValueError(f"unknown delta_activation {delta_activation!r}; valid: {', '.join(DELTA_ACTIVATIONS)}")
+        counts = counts_tensor(class_counts, "the parametric loss")
+        self.delta_activation = delta_activation
+        self.register_buffer("groups", frequency_groups(counts, num_groups))
+        num = int(self.groups.max()) + 1
+        group_counts = torch.zeros(num, dtype=torch.float64).index_add_(0, self.groups, counts)
+        group_sizes = torch.bincount(self.groups, minlength=num).double()
+        mean_counts = group_counts / group_sizes  # a group's classes share the mean count of the group
+        delta = (mean_counts / mean_counts.max()) ** cdt_gamma if init == "cdt" else torch.ones(num, dtype=torch.float64)
+        if delta_activation == "sigmoid":
+            delta = delta.clamp(1e-4, 1 - 1e-4)  # sigmoid never reaches 1: start as close as it gets
+        offset = la_tau * torch.log(mean_counts / counts.sum()) if init == "la" else torch.zeros(num, dtype=torch.float64)
+        inverse = DELTA_ACTIVATIONS[delta_activation][1]
+        self.raw_delta = nn.Parameter(inverse(delta).float())
+        self.offset = nn.Parameter(offset.float())
+        self.weight = nn.Parameter(torch.ones(num), requires_grad=learn_weights)
+
+    @classmethod
+    def from_values(cls, delta: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor | None = None) -> ParametricCrossEntropy:
+        """A per-class loss with the given Delta, l and w (identity activation): for fixed losses and checks."""
+        num_classes = len(delta)
+        loss = cls(torch.ones(num_classes), delta_activation="identity")
+        with torch.no_grad():
+            loss.raw_delta.copy_(torch.as_tensor(delta, dtype=torch.float32))
+            loss.offset.copy_(torch.as_tensor(offset, dtype=torch.float32))
+            if weight is not None:
+                loss.weight.copy_(torch.as_tensor(weight, dtype=torch.float32))
+        return loss
+
+    def class_delta(self) -> torch.Tensor:
+        return DELTA_ACTIVATIONS[self.delta_activation][0](self.raw_delta)[self.groups]
+
+    def class_offset(self) -> torch.Tensor:
+        return self.offset[self.groups]
+
+    def class_weight(self) -> torch.Tensor:
+        return self.weight[self.groups]
+
+    def hyperparameters(self) -> list[nn.Parameter]:
+        """The parameters AutoBalance learns (w only when learn_weights)."""
+        return [p for p in (self.raw_delta, self.offset, self.weight) if p.requires_grad]
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        adjusted = self.class_delta() * logits.float() + self.class_offset()
+        per_sample = F.cross_entropy(adjusted, labels, reduction="none")
+        return (self.class_weight()[labels] * per_sample).mean()
+
+
+class CostSensitiveLoss(nn.Module):
+    """Gain-matrix loss for a non-decomposable objective (Narasimhan & Menon, NeurIPS 2021).
+
+    With the gain matrix Gm = dpsi/dC at the last validation confusion matrix, Dg = diag(Gm) and
+    Mg = Gm Dg^-1: loss = -sum_j Mg_yj log softmax_j(f + tau log pi_train - log diag(Dg)). For min recall this is
+    CE(f + tau log pi - log lam, y) with lam <- lam exp(-eta recall) normalised (eta = 0.1), the default options.
+    Call ``update(confusion)`` with each new validation confusion matrix; before the first it is logit adjustment.
+    """
+
+    DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"min_recall": {"omega": 0.1, "beta": 1.0}}
+
+    def __init__(
+        self, class_counts: Counts, objective: Objective | str = "min_recall", tau: float = 1.0, **objective_options: Any
+    ) -> None:
+        super().__init__()
+        counts = counts_tensor(class_counts, "the cost-sensitive loss")
+        if isinstance(objective, str):
+            options = {**self.DEFAULT_OPTIONS.get(objective, {}), **objective_options}
+            if "head_tail" in objective and not {"head", "tail", "class_counts"} & set(options):
+                options["class_counts"] = counts.tolist()
+            objective = get_objective(objective, counts.numel(), **options)
+        self.objective = objective
+        self.tau = float(tau)
+        self.register_buffer("log_prior", torch.log(counts / counts.sum()).float())
+        self.register_buffer("mixing", torch.eye(counts.numel()))  # Mg
+        self.register_buffer("log_diagonal", torch.zeros(counts.numel()))  # log diag(Dg)
+
+    @torch.no_grad()
+    def update(self, confusion: torch.Tensor) -> None:
+        """New multipliers and gain matrix from a normalised validation confusion matrix."""
+        self.objective.update(confusion)
+        gain = self.objective.gradient(confusion.double())
+        diagonal = torch.diagonal(gain).clamp_min(1e-12)
+        self.mixing.copy_((gain / diagonal.unsqueeze(0)).float())
+        self.log_diagonal.copy_(torch.log(diagonal).float())
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        log_p = F.log_softmax(logits.float() + self.tau * self.log_prior - self.log_diagonal, dim=1)
+        return -(self.mixing[labels] * log_p).sum(dim=1).mean()
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"objective": self.objective.state_dict()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.objective.load_state_dict(state["objective"])
+
+
+LOSSES: dict[str, type[nn.Module]] = {
+    "ce": CrossEntropy,
+    "weighted_ce": WeightedCrossEntropy,
+    "focal": FocalLoss,
+    "logit_adjusted": LogitAdjustedLoss,
+    "balanced_softmax": BalancedSoftmaxLoss,
+    "ldam": LDAMLoss,
+    "vs": VSLoss,
+    "parametric": ParametricCrossEntropy,
+    "cost_sensitive": CostSensitiveLoss,
+}
+
+
+def build_loss(loss_type: str, class_counts: Counts, **options: Any) -> nn.Module:
+    """A loss by name; unknown names and options are errors that list the valid ones."""
+    if loss_type not in LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are: {', '.join(LOSSES)}")
+    cls = LOSSES[loss_type]
+    params = inspect.signature(cls.__init__).parameters
+    accepted = [p for p in params if p not in ("self", "class_counts", "objective_options")]
+    if loss_type == "cost_sensitive":
+        from .objectives import OBJECTIVES
+
+        name = options.get("objective", "min_recall")
+        if isinstance(name, str) and name in OBJECTIVES:
+            accepted += [p for p in inspect.signature(OBJECTIVES[name].__init__).parameters if p not in ("self", "num_classes")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"loss_type {loss_type!r} does not take option(s) {unknown}; it accepts: {', '.join(accepted)}")
+    if "class_counts" in params:
+        options["class_counts"] = class_counts
+    return cls(**options)
+
+
+__all__ = [
+    "LOSSES", "BalancedSoftmaxLoss", "CostSensitiveLoss", "CrossEntropy", "FocalLoss", "LDAMLoss", "LogitAdjustedLoss",
+    "ParametricCrossEntropy", "VSLoss", "WeightedCrossEntropy", "build_loss", "class_balanced_weights",
+    "inverse_frequency_weights", "ldam_margins",
+]
