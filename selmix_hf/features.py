@@ -40,6 +40,14 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def num_labels_of(model: nn.Module) -> int:
+    """num_labels from the model's config, which every classifier the trainers accept must have."""
+    num_labels = getattr(getattr(unwrap(model), "config", None), "num_labels", None)
+    if not isinstance(num_labels, int) or num_labels < 2:
+        raise ValueError(f"cannot read num_labels (>= 2) from {type(unwrap(model)).__name__}.config")
+    return num_labels
+
+
 def find_head(model: nn.Module, num_labels: int | None = None) -> tuple[str, nn.Linear]:
     """(dotted name, module) of the linear layer producing the logits: registry, timm wrapper, then the fallback.
 

@@ -9,7 +9,6 @@ cross-entropy on the first half's labels -> every `gain_refresh_steps` steps, ba
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import numpy as np
@@ -17,24 +16,24 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import broadcast
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from . import _compat
 from .config import SelMixConfig
 from .data import dataset_labels
-from .features import PooledFeatures, find_head, unwrap
+from .features import PooledFeatures, find_head, num_labels_of, unwrap
 from .gains import class_prototypes, gain_matrix, sampling_distribution
 from .metrics import check_labels, confusion_counts, normalized_confusion
 from .objectives import Objective, get_objective
 from .sampling import PairBatchSampler, rank_seed
+from .validation import CheckpointedState, PeriodicRefresh, check_every_class, gathered_validation_pass, pick_validation_set
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "selmix_state_rank{rank}.pt"
 _MAX_LOGGED_MULTIPLIERS = 16
 
 
-class SelMixTrainer(Trainer):
+class SelMixTrainer(CheckpointedState, Trainer):
     """`Trainer` whose training steps are SelMix pair mixups; evaluation and prediction are the plain model's.
 
     Takes the `Trainer` arguments plus ``validation_dataset`` (the labelled held-out set the gains are estimated
@@ -44,6 +43,7 @@ class SelMixTrainer(Trainer):
 
     # compute_loss returns the mean over one micro-batch of fixed size; the Trainer divides by the accumulation steps
     loss_is_scaled_for_ga = False
+    state_file = "selmix_state_rank{rank}.pt"
 
     def __init__(
         self,
@@ -58,16 +58,16 @@ class SelMixTrainer(Trainer):
             raise TypeError("SelMixTrainer needs args=SelMixConfig(...) (TrainingArguments plus the SelMix settings)")
         if model is None:
             raise ValueError("SelMixTrainer needs a model (model_init is not supported)")
-        self.num_labels = _num_labels(model)
+        self.num_labels = num_labels_of(model)
         _, head = find_head(model, self.num_labels)  # fails early, naming the model class, if there is no head
         super().__init__(model=model, args=args, **kwargs)
         if self.train_dataset is None:
             raise ValueError("SelMixTrainer needs a train_dataset: the pairs are drawn from it")
-        self.validation_dataset = self._pick_validation(validation_dataset)
+        self.validation_dataset = pick_validation_set(validation_dataset, self.eval_dataset, "SelMixTrainer")
         self.train_labels = dataset_labels(self.train_dataset)
         check_labels(torch.as_tensor(self.train_labels), self.num_labels, "training labels")
         self.class_counts = np.bincount(self.train_labels, minlength=self.num_labels)
-        self._check_validation_labels()
+        check_every_class(self.validation_dataset, self.num_labels, "validation")
         self.objective = objective if objective is not None else self._build_objective()
         if self.objective.num_classes != self.num_labels:
             raise ValueError(f"the objective has {self.objective.num_classes} classes, the model {self.num_labels}")
@@ -80,29 +80,8 @@ class SelMixTrainer(Trainer):
         self.gains: torch.Tensor | None = None
         self.max_gain_history: list[float] = []
         self.last_confusion_counts: torch.Tensor | None = None
-        self._resumed_state: dict[str, Any] | None = None
-        self.add_callback(_GainRefreshCallback(self))
-
-    # -- set-up checks ----------------------------------------------------------------------------
-    def _pick_validation(self, validation_dataset: Any) -> Any:
-        dataset = validation_dataset if validation_dataset is not None else self.eval_dataset
-        if dataset is None:
-            raise ValueError("SelMixTrainer needs a labelled validation set: pass validation_dataset= or eval_dataset=")
-        if isinstance(dataset, dict):
-            raise ValueError("eval_dataset is a dict of datasets; pass the one to estimate gains on as validation_dataset=")
-        if len(dataset) == 0:
-            raise ValueError("the validation set is empty; SelMix estimates its gains on it, so it needs every class")
-        return dataset
-
-    def _check_validation_labels(self) -> None:
-        labels = dataset_labels(self.validation_dataset)
-        check_labels(torch.as_tensor(labels), self.num_labels, "validation labels")
-        missing = np.flatnonzero(np.bincount(labels, minlength=self.num_labels) == 0).tolist()
-        if missing:
-            raise ValueError(
-                f"classes {missing[:20]} have no sample in the validation set; SelMix needs every class there "
-                "(its recall and prototype). Build the split with selmix_hf.data.balanced_split."
-            )
+        self._sampler_state: dict[str, Any] | None = None
+        self.add_callback(PeriodicRefresh(self, args.gain_refresh_steps))
 
     def _build_objective(self) -> Objective:
         options = dict(self.args.objective_options)
@@ -122,8 +101,9 @@ class SelMixTrainer(Trainer):
             rank=self.args.process_index,
             world_size=self.args.world_size,
         )
-        if self._resumed_state is not None:
-            self.sampler.load_state_dict(self._resumed_state["sampler"])
+        if self._sampler_state is not None:
+            self.sampler.load_state_dict(self._sampler_state)
+            self._sampler_state = None
         elif self.distribution is not None:
             self.sampler.set_distribution(self.distribution)
         return DataLoader(
@@ -136,9 +116,9 @@ class SelMixTrainer(Trainer):
             generator=torch.Generator().manual_seed(rank_seed(self.args.seed, self.args.process_index) ^ 0xD1),
         )
 
-    def refresh_gains(self) -> dict[str, float]:
+    def refresh(self) -> dict[str, float]:
         """Validation pass -> confusion + prototypes -> multipliers -> gain matrix -> new sampling distribution."""
-        features, logits, labels = self.validation_pass()
+        features, logits, labels = gathered_validation_pass(self, self.validation_dataset, self.pooled)
         self.last_confusion_counts = confusion_counts(labels.cpu(), logits.argmax(dim=1).cpu(), self.num_labels)
         confusion = normalized_confusion(self.last_confusion_counts, self.args.class_prior)
         prototypes = class_prototypes(features, labels, self.num_labels)
@@ -167,27 +147,6 @@ class SelMixTrainer(Trainer):
             self.sampler.set_distribution(self.distribution)
         self.max_gain_history.append(float(self.gains.max()))
         return self._refresh_logs(confusion)
-
-    def validation_pass(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Pooled features, logits and labels of the whole validation set, gathered: identical on every rank."""
-        loader = self.get_eval_dataloader(self.validation_dataset)
-        model = unwrap(self.model)
-        was_training = model.training
-        model.eval()
-        features, logits, labels = [], [], []
-        with torch.no_grad(), self.pooled.capture():
-            for batch in loader:
-                batch = _compat.prepare_inputs(self, batch)
-                batch_labels = batch.pop("labels")
-                with self.compute_loss_context_manager():
-                    batch_logits = model(**batch).logits
-                gathered = self.accelerator.gather_for_metrics(
-                    (self.pooled.captured.float(), batch_logits.float(), batch_labels)
-                )
-                for store, tensor in zip((features, logits, labels), gathered):
-                    store.append(tensor)
-        model.train(was_training)
-        return torch.cat(features), torch.cat(logits), torch.cat(labels).long()
 
     def compute_loss(
         self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -251,6 +210,12 @@ class SelMixTrainer(Trainer):
                 logs.update({f"selmix/{key}_max": float(flat.max()), f"selmix/{key}_min": float(flat.min())})
         return logs
 
+    def after_refresh(self, control: Any) -> None:
+        """The published early stop, when asked for."""
+        if self.args.early_stop_on_gain_plateau and self.gain_plateaued():
+            logger.info("SelMix: max gain has plateaued over %d refreshes; stopping", self.args.plateau_window)
+            control.should_training_stop = True
+
     def gain_plateaued(self) -> bool:
         """Published early stop: over the last `plateau_window` refreshes, |mean - last| < tolerance |mean| of max G."""
         window = self.args.plateau_window
@@ -261,7 +226,7 @@ class SelMixTrainer(Trainer):
         return abs(mean - recent[-1]) < self.args.plateau_tolerance * abs(mean)
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def selmix_state_dict(self) -> dict[str, Any]:
+    def extra_state_dict(self) -> dict[str, Any]:
         """Everything SelMix adds to a checkpoint: multipliers, P, G, the gain history and this rank's streams."""
         return {
             "objective": self.objective.state_dict(),
@@ -272,84 +237,14 @@ class SelMixTrainer(Trainer):
             "mix_generator": self._mix_generator.get_state(),
         }
 
-    def load_selmix_state_dict(self, state: dict[str, Any]) -> None:
+    def load_extra_state_dict(self, state: dict[str, Any], same_rank: bool) -> None:
+        """Restore a checkpoint's SelMix state; another rank's sampler stream is not reused."""
         self.objective.load_state_dict(state["objective"])
         self.distribution, self.gains = state["distribution"], state["gains"]
         self.max_gain_history = list(state["max_gain_history"])
-        self._mix_generator.set_state(state["mix_generator"])
-        self._resumed_state = state if state["sampler"] is not None else None
-
-    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        """Write this rank's SelMix state atomically before the Trainer's files (trainer_state.json comes last)."""
-        folder = _compat.checkpoint_folder(self, trial)
-        os.makedirs(folder, exist_ok=True)
-        _atomic_save(self.selmix_state_dict(), os.path.join(folder, STATE_FILE.format(rank=self.args.process_index)))
-        super()._save_checkpoint(model, trial)
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any) -> Any:
-        """`Trainer.train`; on resume, the SelMix state of the checkpoint is restored first."""
-        if resume_from_checkpoint is True or resume_from_checkpoint == "True":
-            resume_from_checkpoint = _compat.get_last_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"no checkpoint found in {self.args.output_dir} to resume from")
-        if resume_from_checkpoint:
-            self.load_selmix_state_dict(_load_rank_state(resume_from_checkpoint, self.args.process_index))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
-
-
-class _GainRefreshCallback(TrainerCallback):
-    """Runs the refresh before the first step and every `gain_refresh_steps` steps; applies the plateau stop."""
-
-    def __init__(self, trainer: SelMixTrainer) -> None:
-        self.trainer = trainer
-
-    def on_train_begin(self, args: SelMixConfig, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.trainer._resumed_state is None:
-            self._log(self.trainer.refresh_gains(), control)
-        self.trainer._resumed_state = None
-
-    def on_step_end(self, args: SelMixConfig, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step % args.gain_refresh_steps or state.global_step >= state.max_steps:
-            return
-        self._log(self.trainer.refresh_gains(), control)
-        if args.early_stop_on_gain_plateau and self.trainer.gain_plateaued():
-            logger.info("SelMix: max gain has plateaued over %d refreshes; stopping", args.plateau_window)
-            control.should_training_stop = True
-
-    def _log(self, logs: dict[str, float], control: Any) -> None:
-        """Log the refresh without swallowing the Trainer's own log of this step (`log` clears should_log)."""
-        should_log = control.should_log
-        self.trainer.log(logs)
-        control.should_log = self.trainer.control.should_log = should_log
-
-
-def _num_labels(model: torch.nn.Module) -> int:
-    num_labels = getattr(getattr(unwrap(model), "config", None), "num_labels", None)
-    if not isinstance(num_labels, int) or num_labels < 2:
-        raise ValueError(f"cannot read num_labels (>= 2) from {type(unwrap(model)).__name__}.config")
-    return num_labels
-
-
-def _atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written state file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _load_rank_state(checkpoint: str, rank: int) -> dict[str, Any]:
-    path = os.path.join(checkpoint, STATE_FILE.format(rank=rank))
-    if os.path.exists(path):
-        return torch.load(path, weights_only=False)
-    first = os.path.join(checkpoint, STATE_FILE.format(rank=0))
-    if not os.path.exists(first):
-        raise FileNotFoundError(
-            f"{checkpoint} has no SelMix state ({STATE_FILE.format(rank=rank)}); resume from a checkpoint written by "
-            "SelMixTrainer, or start a new SelMix run from the model weights instead"
-        )
-    logger.warning("no SelMix state for rank %d in %s (world size changed?): using rank 0's with a fresh sampler", rank, checkpoint)
-    state = torch.load(first, weights_only=False)
-    return {**state, "sampler": None}
+        if same_rank:
+            self._mix_generator.set_state(state["mix_generator"])
+            self._sampler_state = state["sampler"]
 
 
 __all__ = ["SelMixConfig", "SelMixTrainer"]

@@ -155,7 +155,7 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
 
 
 def selmix_state(trainer: SelMixTrainer) -> dict:
-    state = trainer.selmix_state_dict()
+    state = trainer.extra_state_dict()
     return {"multipliers": state["objective"]["multipliers"], "distribution": state["distribution"],
             "gains": state["gains"], "history": state["max_gain_history"],
             "sampler": state["sampler"]["generator"], "drawn": state["sampler"]["batches_drawn"],
@@ -198,7 +198,7 @@ def test_resume_continues_exactly_where_it_stopped(arch_name, tmp_path):
 def test_resume_from_a_checkpoint_without_selmix_state_is_a_clear_error(tmp_path):
     trainer = mlp_run(tmp_path, "plain", max_steps=1)
     (tmp_path / "empty-checkpoint").mkdir()
-    with pytest.raises(FileNotFoundError, match="no SelMix state"):
+    with pytest.raises(FileNotFoundError, match="no SelMixTrainer state"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "empty-checkpoint"))
 
 
