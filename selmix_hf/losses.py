@@ -56,6 +56,11 @@ def log_prior(class_counts: Counts) -> torch.Tensor:
     return torch.log(counts / counts.sum()).float()
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits are lifted to float32 for the loss; float32 and float64 stay as they are."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
 def _weighted_mean(per_sample: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     if weight is not None:
         per_sample = per_sample * weight.to(per_sample)[labels]
@@ -70,7 +75,7 @@ class CrossEntropy(nn.Module):
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _weighted_mean(F.cross_entropy(logits.float(), labels, reduction="none"), labels, self.weight)
+        return _weighted_mean(F.cross_entropy(_upcast(logits), labels, reduction="none"), labels, self.weight)
 
 
 class WeightedCrossEntropy(CrossEntropy):
@@ -97,7 +102,7 @@ class FocalLoss(nn.Module):
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        log_p = F.log_softmax(logits.float(), dim=1).gather(1, labels.unsqueeze(1)).squeeze(1)
+        log_p = F.log_softmax(_upcast(logits), dim=1).gather(1, labels.unsqueeze(1)).squeeze(1)
         return _weighted_mean(-((1.0 - log_p.exp()) ** self.gamma) * log_p, labels, self.weight)
 
 
@@ -110,7 +115,7 @@ class LogitAdjustedLoss(nn.Module):
         self.register_buffer("log_prior", log_prior(class_counts))
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float() + self.tau * self.log_prior, labels)
+        return F.cross_entropy(_upcast(logits) + self.tau * self.log_prior, labels)
 
 
 class BalancedSoftmaxLoss(LogitAdjustedLoss):
@@ -145,7 +150,7 @@ class LDAMLoss(nn.Module):
         self.reweighting = bool(enabled)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        shifted = logits.float() - F.one_hot(labels, logits.shape[1]) * self.margins[labels].unsqueeze(1)
+        shifted = _upcast(logits) - F.one_hot(labels, logits.shape[1]) * self.margins[labels].unsqueeze(1)
         per_sample = F.cross_entropy(self.scale * shifted, labels, reduction="none")
         return _weighted_mean(per_sample, labels, self.drw_weight if self.reweighting else None)
 
@@ -166,7 +171,7 @@ class VSLoss(nn.Module):
         self.register_buffer("iota", (tau * torch.log(counts / counts.sum())).float())
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.delta * logits.float() + self.iota, labels)
+        return F.cross_entropy(self.delta * _upcast(logits) + self.iota, labels)
 
 
 DELTA_ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
@@ -208,6 +213,7 @@ class ParametricCrossEntropy(nn.Module):
         init: str = "ones",
         delta_activation: str = "exp",
         learn_weights: bool = False,
+        learn_delta: bool = True,
         la_tau: float = 1.0,
         cdt_gamma: float = 0.2,
     ) -> None:
@@ -228,7 +234,7 @@ class ParametricCrossEntropy(nn.Module):
             delta = delta.clamp(1e-4, 1 - 1e-4)  # sigmoid never reaches 1: start as close as it gets
         offset = la_tau * torch.log(mean_counts / counts.sum()) if init == "la" else torch.zeros(num, dtype=torch.float64)
         inverse = DELTA_ACTIVATIONS[delta_activation][1]
-        self.raw_delta = nn.Parameter(inverse(delta).float())
+        self.raw_delta = nn.Parameter(inverse(delta).float(), requires_grad=learn_delta)
         self.offset = nn.Parameter(offset.float())
         self.weight = nn.Parameter(torch.ones(num), requires_grad=learn_weights)
 
@@ -254,11 +260,11 @@ class ParametricCrossEntropy(nn.Module):
         return self.weight[self.groups]
 
     def hyperparameters(self) -> list[nn.Parameter]:
-        """The parameters AutoBalance learns (w only when learn_weights)."""
+        """The parameters AutoBalance learns (Delta unless learn_delta=False, w only when learn_weights)."""
         return [p for p in (self.raw_delta, self.offset, self.weight) if p.requires_grad]
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        adjusted = self.class_delta() * logits.float() + self.class_offset()
+        adjusted = self.class_delta() * _upcast(logits) + self.class_offset()
         per_sample = F.cross_entropy(adjusted, labels, reduction="none")
         return (self.class_weight()[labels] * per_sample).mean()
 
@@ -300,7 +306,7 @@ class CostSensitiveLoss(nn.Module):
         self.log_diagonal.copy_(torch.log(diagonal).float())
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        log_p = F.log_softmax(logits.float() + self.tau * self.log_prior - self.log_diagonal, dim=1)
+        log_p = F.log_softmax(_upcast(logits) + self.tau * self.log_prior - self.log_diagonal, dim=1)
         return -(self.mixing[labels] * log_p).sum(dim=1).mean()
 
     def get_extra_state(self) -> dict[str, Any]:

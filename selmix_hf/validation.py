@@ -94,6 +94,8 @@ class PeriodicRefresh(TrainerCallback):
         self.trainer.after_refresh(control)
 
     def _log(self, logs: dict[str, float], control: Any) -> None:
+        if not logs:
+            return
         should_log = control.should_log
         self.trainer.log(logs)
         control.should_log = self.trainer.control.should_log = should_log
