@@ -1,8 +1,11 @@
 """selmix-hf: fine-tune Hugging Face classifiers for non-decomposable metrics with SelMix."""
 
+from .autobalance import AutoBalanceConfig, AutoBalanceTrainer
 from .config import SelMixConfig
 from .features import find_head, register_head
 from .gains import class_prototypes, gain_matrix, sampling_distribution
+from .longtail_trainer import LongTailConfig, LongTailTrainer
+from .losses import build_loss
 from .metrics import classification_report, confusion_counts, make_compute_metrics, normalized_confusion
 from .objectives import OBJECTIVES, CustomObjective, Objective, get_objective
 from .trainer import SelMixTrainer
@@ -10,12 +13,17 @@ from .trainer import SelMixTrainer
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AutoBalanceConfig",
+    "AutoBalanceTrainer",
+    "LongTailConfig",
+    "LongTailTrainer",
     "OBJECTIVES",
     "CustomObjective",
     "Objective",
     "SelMixConfig",
     "SelMixTrainer",
     "class_prototypes",
+    "build_loss",
     "classification_report",
     "confusion_counts",
     "find_head",

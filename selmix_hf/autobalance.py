@@ -81,10 +81,11 @@ class AutoBalanceConfig(LongTailConfig):
     Loss family: ``num_groups`` (tie parameters over groups of frequency-sorted classes), ``init`` (ones, la, cdt),
     ``delta_activation``, ``learn_delta``, ``learn_weights``. Search: ``hyper_update_steps`` (20), ``hypergradient`` (neumann or
     unrolled), ``neumann_steps`` (5), ``neumann_lr`` (1.0), ``hyper_batches`` (10), ``hyper_learning_rate``,
-    ``hyper_optimizer``, ``search_steps`` (after it the parameters are frozen), ``hypergradient_params`` (all weights
-    or only the head's). Upper objective: ``upper_objective`` (class-balanced CE as published, or any objective of
+    ``hyper_optimizer``, ``search_steps`` (after it the parameters are frozen), ``hypergradient_params``. Upper objective: ``upper_objective`` (class-balanced CE as published, or any objective of
     the engine through its surrogate on a soft confusion matrix) and ``upper_objective_options``.
-    Default that differs from `LongTailConfig`: ``loss_type`` is "parametric" (the searched loss).
+    Defaults: ``loss_type`` is "parametric" (the searched loss); ``hypergradient_params`` is "head": the IFT
+    treats the backbone as fixed, because PyTorch's fused attention kernels (SDPA, the default of transformers
+    models) have no second derivative on CPU. "all" is the published setting and needs eager attention.
     """
 
     loss_type: str = field(default="parametric", metadata={"help": "Must be 'parametric' for AutoBalance."})
@@ -106,7 +107,8 @@ class AutoBalanceConfig(LongTailConfig):
         default=None, metadata={"help": "Stop updating the loss parameters after this step (frozen afterwards)."}
     )
     hypergradient_params: str = field(
-        default="all", metadata={"help": "Lower-level weights in the hypergradient: all, or head (final layer only)."}
+        default="head",
+        metadata={"help": "Lower-level weights in the hypergradient: head (final layer; works with every model) or all."},
     )
     upper_objective: str = field(
         default="balanced_ce",
@@ -193,7 +195,7 @@ class AutoBalanceTrainer(LongTailTrainer):
         for p in self.hyperparameters:
             p.requires_grad_(True)
         try:
-            grads = hypergradient(
+            grads = _second_order_guard(lambda: hypergradient(
                 weights,
                 self.hyperparameters,
                 lambda: sum(self.loss_fn(self._logits(model, b), b["labels"]) for b in train_batches) / len(train_batches),
@@ -202,7 +204,7 @@ class AutoBalanceTrainer(LongTailTrainer):
                 neumann_steps=self.args.neumann_steps,
                 neumann_lr=self.args.neumann_lr,
                 unroll_lr=self.args.learning_rate,
-            )
+            ))
         finally:
             for p in self.hyperparameters:
                 p.requires_grad_(False)
@@ -280,6 +282,20 @@ class AutoBalanceTrainer(LongTailTrainer):
         if self.args.should_save:
             save_parametric_loss(self.loss_fn, os.path.join(self.args.output_dir, "autobalance_loss.json"))
         return output
+
+
+def _second_order_guard(compute: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Run a hypergradient; a kernel without a second derivative becomes an error that says what to change."""
+    try:
+        return compute()
+    except RuntimeError as err:
+        if "derivative for" in str(err) and "not implemented" in str(err):
+            raise RuntimeError(
+                f"the hypergradient needs second derivatives through the whole model, and one of its kernels has none "
+                f"({err}). Use hypergradient_params='head' (the default), or load the model with "
+                "attn_implementation='eager' to keep hypergradient_params='all'."
+            ) from err
+        raise
 
 
 def save_parametric_loss(loss: ParametricCrossEntropy, path: str) -> None:

@@ -213,3 +213,19 @@ def test_class_without_training_samples_is_named(tmp_path):
                            args=AutoBalanceConfig(**common(tmp_path, 0)),
                            train_dataset=gaussian_problem([30, 10, 5, 0], seed=1),
                            eval_dataset=gaussian_problem([3] * K, seed=2))
+
+
+def test_whole_model_hypergradient_through_fused_attention_names_the_fix(tmp_path):
+    from tiny import ARCHITECTURES, class_signal_dataset
+
+    vit = next(a for a in ARCHITECTURES if a.name == "vit")
+    args = AutoBalanceConfig(**common(tmp_path, 0, max_steps=2, hyper_batches=1, per_device_train_batch_size=4,
+                                      hypergradient_params="all"))
+    trainer = AutoBalanceTrainer(model=vit.build(), args=args, train_dataset=class_signal_dataset("image", [8, 6, 4]),
+                                 eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1))
+    with pytest.raises(RuntimeError, match="attn_implementation='eager'"):
+        trainer.train()
+    head_only = AutoBalanceTrainer(model=vit.build(), args=AutoBalanceConfig(**{**args.to_dict(), "hypergradient_params": "head"}),
+                                   train_dataset=class_signal_dataset("image", [8, 6, 4]),
+                                   eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1))
+    head_only.train()
