@@ -21,13 +21,8 @@ import time
 
 import torch
 
-
-def current_rss_kib() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import current_rss_kib  # noqa: E402
 
 
 def make_inputs(num_classes: int, dim: int, dtype: torch.dtype, seed: int = 0):

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from . import _compat
+from .config import parse_options
 from .data import dataset_labels
 from .features import find_head, num_labels_of, unwrap
 from .losses import ParametricCrossEntropy, class_balanced_weights
@@ -119,9 +120,7 @@ class AutoBalanceConfig(LongTailConfig):
     def __post_init__(self) -> None:
         if self.loss_type != "parametric":
             raise ValueError("AutoBalanceConfig searches the parametric loss: loss_type must be 'parametric'")
-        if isinstance(self.upper_objective_options, str):
-            self.upper_objective_options = json.loads(self.upper_objective_options)
-        self.upper_objective_options = dict(self.upper_objective_options or {})
+        self.upper_objective_options = parse_options(self.upper_objective_options, "upper_objective_options")
         for name, value, valid in (
             ("hypergradient", self.hypergradient, HYPERGRADIENTS),
             ("upper_objective", self.upper_objective, UPPER_OBJECTIVES),

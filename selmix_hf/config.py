@@ -32,6 +32,18 @@ PUBLISHED_SETTINGS: dict[str, Any] = {
 }
 
 
+def parse_options(value: dict | str | None, name: str) -> dict:
+    """An options field given as a dict, a JSON string (command line) or None, as a dict."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{name} is not valid JSON: {err}") from err
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"{name} must be a dict (or a JSON object), got {type(value).__name__}")
+    return dict(value or {})
+
+
 @dataclass
 class SelMixConfig(TrainingArguments):
     """`TrainingArguments` plus the SelMix settings.
@@ -109,12 +121,7 @@ class SelMixConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.objective_options, str):
-            try:
-                self.objective_options = json.loads(self.objective_options)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"objective_options is not valid JSON: {err}") from err
-        self.objective_options = dict(self.objective_options or {})
+        self.objective_options = parse_options(self.objective_options, "objective_options")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; valid objectives are: {', '.join(sorted(OBJECTIVES))}")
         if self.gain_estimator not in ESTIMATORS:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .config import parse_options
 from .data import dataset_labels
 from .features import num_labels_of
 from .losses import LOSSES, build_loss, counts_tensor
@@ -51,12 +51,7 @@ class LongTailConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.loss_options, str):
-            try:
-                self.loss_options = json.loads(self.loss_options)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"loss_options is not valid JSON: {err}") from err
-        self.loss_options = dict(self.loss_options or {})
+        self.loss_options = parse_options(self.loss_options, "loss_options")
         if self.loss_type not in LOSSES:
             raise ValueError(f"unknown loss_type {self.loss_type!r}; valid loss types are: {', '.join(LOSSES)}")
         if self.validation_refresh_steps < 1:
