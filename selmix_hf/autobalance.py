@@ -22,14 +22,13 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from . import _compat
 from .config import parse_options
-from .data import dataset_labels
-from .features import find_head, num_labels_of, unwrap
+from .features import PooledFeatures, find_head, unwrap
 from .losses import ParametricCrossEntropy, class_balanced_weights
 from .longtail_trainer import LongTailConfig, LongTailTrainer
-from .objectives import OBJECTIVES, get_objective
+from .metrics import confusion_counts, normalized_confusion
+from .objectives import OBJECTIVES, objective_for_training
 from .sampling import rank_seed
-from .metrics import check_labels
-from .validation import PeriodicRefresh, check_every_class, pick_validation_set
+from .validation import PeriodicRefresh, check_every_class, gathered_validation_pass, pick_validation_set
 
 HYPERGRADIENTS = ("neumann", "unrolled")
 UPPER_OBJECTIVES = ("balanced_ce", *sorted(OBJECTIVES))
@@ -131,6 +130,11 @@ class AutoBalanceConfig(LongTailConfig):
                 raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
         if self.hyper_update_steps < 1 or self.hyper_batches < 1:
             raise ValueError("hyper_update_steps and hyper_batches must be >= 1")
+        self.loss_options = {
+            **parse_options(self.loss_options, "loss_options"),
+            "num_groups": self.num_groups, "init": self.init, "delta_activation": self.delta_activation,
+            "learn_weights": self.learn_weights, "learn_delta": self.learn_delta,
+        }
         super().__post_init__()
 
 
@@ -148,28 +152,16 @@ class AutoBalanceTrainer(LongTailTrainer):
                  validation_dataset: Any = None, **kwargs: Any) -> None:
         if not isinstance(args, AutoBalanceConfig):
             raise TypeError("AutoBalanceTrainer needs args=AutoBalanceConfig(...)")
-        train = kwargs.get("train_dataset")
-        counts = args.class_counts
-        if counts is None and train is not None and model is not None:
-            labels = dataset_labels(train)
-            num_labels = num_labels_of(model)
-            check_labels(torch.as_tensor(labels), num_labels, "training labels")
-            counts = np.bincount(labels, minlength=num_labels).tolist()
-        loss = None
-        if counts is not None:
-            loss = ParametricCrossEntropy(counts, num_groups=args.num_groups, init=args.init,
-                                          delta_activation=args.delta_activation, learn_weights=args.learn_weights,
-                                          learn_delta=args.learn_delta)
-        super().__init__(model=model, args=args, loss=loss, validation_dataset=validation_dataset, **kwargs)
+        super().__init__(model=model, args=args, validation_dataset=validation_dataset, **kwargs)
         self.validation_dataset = pick_validation_set(validation_dataset, self.eval_dataset, "AutoBalance")
         val_labels = check_every_class(self.validation_dataset, self.num_labels, "validation")
         self.upper_weights = class_balanced_weights(np.bincount(val_labels, minlength=self.num_labels)).to(args.device)
         self.upper_objective = None
         if args.upper_objective != "balanced_ce":
-            options = dict(args.upper_objective_options)
-            if "head_tail" in args.upper_objective and not {"head", "tail", "class_counts"} & set(options):
-                options["class_counts"] = self.class_counts
-            self.upper_objective = get_objective(args.upper_objective, self.num_labels, **options)
+            self.upper_objective = objective_for_training(
+                args.upper_objective, self.num_labels, self.class_counts, **args.upper_objective_options
+            )
+        self.pooled = PooledFeatures(find_head(self.model, self.num_labels)[1])
         self.hyperparameters = self.loss_fn.hyperparameters()
         for p in self.hyperparameters:  # learned by the hyper-optimiser only, never by the training backward
             p.requires_grad_(False)
@@ -181,28 +173,43 @@ class AutoBalanceTrainer(LongTailTrainer):
 
     # -- one upper-level step ---------------------------------------------------------------------
     def refresh(self) -> dict[str, float]:
-        """Hypergradient of the validation objective w.r.t. the loss parameters, averaged over ranks; one step."""
-        step = self.state.global_step
-        if self.args.search_steps is not None and step > self.args.search_steps:
+        """One upper-level step: the hypergradient of the validation objective, averaged over ranks.
+
+        The model runs in evaluation mode (no dropout noise, no BatchNorm statistics updated from validation data).
+        With ``hypergradient_params="head"`` the pooled features are computed once without a graph and both losses
+        are taken of the head alone; the validation side is a gathered pass over the whole validation set.
+        """
+        if self.args.search_steps is not None and self.state.global_step > self.args.search_steps:
             return {}
         model = unwrap(self.model)
-        weights = self._lower_weights(model)
-        train_batches = [self._next_batch("train") for _ in range(self.args.hyper_batches)]
-        val_batches = [self._next_batch("validation") for _ in range(self.args.hyper_batches)]
         was_training = model.training
-        model.train()
-        for p in self.hyperparameters:
-            p.requires_grad_(True)
+        model.eval()
+        head_only = self.args.hypergradient_params == "head"
         try:
+            if head_only or self.upper_objective is not None:
+                features, logits, labels = gathered_validation_pass(self, self.validation_dataset, self.pooled)
+                if self.upper_objective is not None:  # its multipliers follow the hard validation confusion matrix
+                    counts = confusion_counts(labels.cpu(), logits.argmax(dim=1).cpu(), self.num_labels)
+                    self.upper_objective.update(normalized_confusion(counts, self.upper_objective.class_prior))
+            train_batches = [self._next_batch("train") for _ in range(self.args.hyper_batches)]
+            if head_only:
+                head = self.pooled.head
+                weights = [p for p in head.parameters() if p.requires_grad]
+                train_features = [(self._features(model, b), b["labels"]) for b in train_batches]
+                train_loss = lambda: sum(self.loss_fn(head(f), y) for f, y in train_features) / len(train_features)  # noqa: E731
+                val_loss = lambda: self._upper_loss(head(features.to(head.weight)), labels)  # noqa: E731
+            else:
+                weights = [p for p in model.parameters() if p.requires_grad]
+                val_batches = [self._next_batch("validation") for _ in range(self.args.hyper_batches)]
+                train_loss = lambda: sum(self.loss_fn(self._logits(model, b), b["labels"]) for b in train_batches) / len(train_batches)  # noqa: E731
+                val_loss = lambda: self._upper_loss(  # noqa: E731
+                    torch.cat([self._logits(model, b) for b in val_batches]), torch.cat([b["labels"] for b in val_batches])
+                )
+            for p in self.hyperparameters:
+                p.requires_grad_(True)
             grads = _second_order_guard(lambda: hypergradient(
-                weights,
-                self.hyperparameters,
-                lambda: sum(self.loss_fn(self._logits(model, b), b["labels"]) for b in train_batches) / len(train_batches),
-                lambda: self._upper_loss(model, val_batches),
-                method=self.args.hypergradient,
-                neumann_steps=self.args.neumann_steps,
-                neumann_lr=self.args.neumann_lr,
-                unroll_lr=self.args.learning_rate,
+                weights, self.hyperparameters, train_loss, val_loss, method=self.args.hypergradient,
+                neumann_steps=self.args.neumann_steps, neumann_lr=self.args.neumann_lr, unroll_lr=self.args.learning_rate,
             ))
         finally:
             for p in self.hyperparameters:
@@ -227,20 +234,22 @@ class AutoBalanceTrainer(LongTailTrainer):
                 logs[f"autobalance/{name}_{g}"] = float(values[groups.index(g)])
         return logs
 
-    def _lower_weights(self, model: nn.Module) -> list[torch.Tensor]:
-        if self.args.hypergradient_params == "head":
-            return [p for p in find_head(model, self.num_labels)[1].parameters() if p.requires_grad]
-        return [p for p in model.parameters() if p.requires_grad]
-
     def _logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Logits of a batch with the graph kept (the whole-model hypergradient differentiates through them)."""
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with self.compute_loss_context_manager():
             return model(**inputs).logits.float()
 
-    def _upper_loss(self, model: nn.Module, batches: list[dict[str, Any]]) -> torch.Tensor:
+    def _features(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """The pooled embeddings of a batch, without a graph (the head-only hypergradient treats them as data)."""
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad(), self.pooled.capture(), self.compute_loss_context_manager():
+            model(**inputs)
+        return self.pooled.captured.float()
+
+    def _upper_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Class-balanced CE on validation (published), or minus an engine objective of the soft confusion matrix."""
-        logits = torch.cat([self._logits(model, b) for b in batches])
-        labels = torch.cat([b["labels"] for b in batches])
+        logits = logits.float()
         if self.upper_objective is None:
             per_sample = F.cross_entropy(logits, labels, reduction="none")
             return (self.upper_weights[labels] * per_sample).mean()
@@ -266,11 +275,14 @@ class AutoBalanceTrainer(LongTailTrainer):
     # -- checkpoints and export -------------------------------------------------------------------
     def extra_state_dict(self) -> dict[str, Any]:
         return {"loss": self.loss_fn.state_dict(), "hyper_optimizer": self.hyper_optimizer.state_dict(),
-                "hyper_generator": self._hyper_generator.get_state()}
+                "hyper_generator": self._hyper_generator.get_state(),
+                "upper_objective": None if self.upper_objective is None else self.upper_objective.state_dict()}
 
     def load_extra_state_dict(self, state: dict[str, Any], same_rank: bool) -> None:
         self.loss_fn.load_state_dict(state["loss"])
         self.hyper_optimizer.load_state_dict(state["hyper_optimizer"])
+        if self.upper_objective is not None:
+            self.upper_objective.load_state_dict(state["upper_objective"])
         if same_rank:
             self._hyper_generator.set_state(state["hyper_generator"])
         self._batches = {}

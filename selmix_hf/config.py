@@ -22,7 +22,7 @@ PUBLISHED_SETTINGS: dict[str, Any] = {
     "backbone_lr_ratio": 0.1,
     "weight_decay": 5e-4,
     "lr_scheduler_type": "cosine",
-    "per_device_train_batch_size": 64,
+    "per_device_train_batch_size": 64,  # per process: with N processes a step holds 64 N pairs
     "freeze_batchnorm": True,
     "gain_refresh_steps": 50,
     "sampling_temperature": 0.1,
@@ -56,7 +56,8 @@ class SelMixConfig(TrainingArguments):
     ``per_device_train_batch_size`` counts *pairs*: each step forwards twice that many samples.
     Defaults that differ from `TrainingArguments`: ``learning_rate`` 3e-4 (the head's; the backbone gets
     ``backbone_lr_ratio`` x that, 3e-5, as published), ``ignore_data_skip`` True (the pair sampler restores its own
-    position on resume, so the Trainer must not skip batches), ``label_names`` ["labels"].
+    position on resume, so the Trainer must not skip batches). Batches must carry the labels as ``labels`` (the
+    default collators rename a ``label`` column to it).
     ``SelMixConfig.published(...)`` gives the paper's fine-tuning settings in one step.
     """
 
@@ -134,6 +135,10 @@ class SelMixConfig(TrainingArguments):
             raise ValueError(f"sampling_temperature must be positive, got {self.sampling_temperature}")
         if not 0.0 <= self.mix_lambda_min <= 1.0:
             raise ValueError(f"mix_lambda_min must lie in [0, 1], got {self.mix_lambda_min}")
+        if self.plateau_window < 1:
+            raise ValueError(f"plateau_window must be >= 1, got {self.plateau_window}")
+        if self.sampling_epsilon < 0:
+            raise ValueError(f"sampling_epsilon must be >= 0, got {self.sampling_epsilon}")
         if self.backbone_lr_ratio < 0:
             raise ValueError(f"backbone_lr_ratio must be >= 0, got {self.backbone_lr_ratio}")
         if not self.ignore_data_skip:

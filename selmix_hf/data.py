@@ -143,14 +143,22 @@ def long_tailed_splits(
 
 
 def dataset_labels(dataset, label_names: Sequence[str] = ("labels", "label")) -> np.ndarray:
-    """The integer labels of a `datasets.Dataset` (by column) or of any map-style dataset of dicts."""
+    """The integer labels of a `datasets.Dataset` (read from the column, bypassing any transform) or a torch dataset.
+
+    A torch dataset may expose them as a ``targets`` or ``labels`` attribute (torchvision's convention); otherwise
+    every example is read once.
+    """
     if isinstance(dataset, Dataset):
         for name in label_names:
             if name in dataset.column_names:
-                return _labels(dataset, name)[0]
+                return _labels(dataset.with_format("numpy", columns=[name]), name)[0]
         raise ValueError(f"dataset has none of the label columns {list(label_names)}; its columns are {dataset.column_names}")
     if not hasattr(dataset, "__len__"):
         raise ValueError("SelMix needs map-style datasets (with __len__), not iterable ones")
+    for attribute in ("targets", "labels"):
+        values = getattr(dataset, attribute, None)
+        if values is not None and len(values) == len(dataset):
+            return np.asarray(values, dtype=np.int64)
     out = []
     for i in range(len(dataset)):
         example = dataset[i]

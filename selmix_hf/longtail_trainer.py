@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from . import _compat
 from .config import parse_options
 from .data import dataset_labels
 from .features import num_labels_of
 from .losses import LOSSES, build_loss, counts_tensor
 from .metrics import check_labels, confusion_counts, normalized_confusion
+from .objectives import multiplier_logs
 from .validation import CheckpointedState, PeriodicRefresh, check_every_class, gathered_validation_pass, pick_validation_set
 
 
@@ -64,7 +66,7 @@ class LongTailTrainer(CheckpointedState, Trainer):
 
     Takes the `Trainer` arguments plus ``loss`` (an nn.Module ``loss(logits, labels)``, instead of ``args.loss_type``)
     and ``validation_dataset`` (for the cost-sensitive loss; defaults to ``eval_dataset``). Evaluation reports the
-    plain cross-entropy of the (optionally post-hoc adjusted) logits.
+    plain cross-entropy of the (optionally post-hoc adjusted) logits; prediction returns the adjusted logits.
     """
 
     loss_is_scaled_for_ga = False  # the loss is a per-micro-batch mean; the Trainer divides by the accumulation steps
@@ -84,6 +86,7 @@ class LongTailTrainer(CheckpointedState, Trainer):
         if model is None:
             raise ValueError("LongTailTrainer needs a model (model_init is not supported)")
         super().__init__(model=model, args=args, **kwargs)
+        _compat.disable_loss_kwargs(self)
         self.num_labels = num_labels_of(model)
         self.class_counts = self._class_counts()
         self.loss_fn = loss if loss is not None else build_loss(args.loss_type, self.class_counts, **args.loss_options)
@@ -118,17 +121,25 @@ class LongTailTrainer(CheckpointedState, Trainer):
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        """Training: the long-tailed loss. Evaluation: CE of the (post-hoc adjusted) logits."""
+        """Training: the long-tailed loss. Evaluation: plain CE (post-hoc adjustment happens in prediction_step)."""
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         outputs = model(**inputs)
-        if model.training:
-            loss = self.loss_fn(outputs.logits, labels)
-        else:
-            if self._posthoc is not None:
-                outputs["logits"] = outputs.logits - self._posthoc.to(outputs.logits)
-            loss = F.cross_entropy(outputs.logits.float(), labels)
+        loss = self.loss_fn(outputs.logits, labels) if model.training else F.cross_entropy(outputs.logits.float(), labels)
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(
+        self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: list[str] | None = None
+    ) -> tuple[Any, Any, Any]:
+        """`Trainer.prediction_step`; with posthoc_tau, logits - tau log pi (labelled or not) and the loss of those."""
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if self._posthoc is None or logits is None:
+            return loss, logits, labels
+        first = logits[0] if isinstance(logits, tuple) else logits
+        adjusted = first - self._posthoc.to(first)
+        if labels is not None:
+            loss = F.cross_entropy(adjusted.float(), labels).detach()
+        return loss, (adjusted, *logits[1:]) if isinstance(logits, tuple) else adjusted, labels
 
     def refresh(self) -> dict[str, float]:
         """Validation pass -> confusion matrix -> the cost-sensitive loss's multipliers and gain matrix."""
@@ -138,10 +149,7 @@ class LongTailTrainer(CheckpointedState, Trainer):
         confusion = normalized_confusion(counts, objective.class_prior)
         self.loss_fn.update(confusion)
         logs = {f"longtail/{key}": value for key, value in objective.report(confusion).items()}
-        for key, value in objective.multipliers().items():
-            if value.numel() <= 16:
-                logs.update({f"longtail/{key}_{i}": float(v) for i, v in enumerate(value.flatten())})
-        return logs
+        return {**logs, **multiplier_logs(objective, "longtail")}
 
     def after_refresh(self, control: Any) -> None:
         """Nothing to decide after a cost-sensitive refresh."""

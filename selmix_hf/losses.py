@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .objectives import Objective, get_objective
+from .objectives import Objective, objective_for_training
 
 Counts = Sequence[int] | torch.Tensor
 
@@ -134,12 +134,12 @@ def ldam_margins(class_counts: Counts, max_margin: float = 0.5) -> torch.Tensor:
 class LDAMLoss(nn.Module):
     """CE(s (f - m_y e_y), y), m_k ~ n_k^(-1/4) (Cao et al., NeurIPS 2019), with deferred re-weighting (DRW).
 
-    The published scale s = 30 is meant for cosine-normalised logits; an ordinary linear head gives raw logits,
-    for which a scale near 1 is the sensible choice. ``set_reweighting(True)`` switches on the class-balanced
+    The published scale s = 30 is for cosine-normalised logits (a normalised head); every head this library finds
+    is an ordinary linear layer with raw logits, so the default here is s = 1. ``set_reweighting(True)`` switches on the class-balanced
     weights (the DRW stage); the trainer does it at ``drw_start_epoch``.
     """
 
-    def __init__(self, class_counts: Counts, max_margin: float = 0.5, scale: float = 30.0, drw_beta: float = 0.9999) -> None:
+    def __init__(self, class_counts: Counts, max_margin: float = 0.5, scale: float = 1.0, drw_beta: float = 0.9999) -> None:
         super().__init__()
         self.scale = float(scale)
         self.register_buffer("margins", ldam_margins(class_counts, max_margin))
@@ -287,9 +287,7 @@ class CostSensitiveLoss(nn.Module):
         counts = counts_tensor(class_counts, "the cost-sensitive loss")
         if isinstance(objective, str):
             options = {**self.DEFAULT_OPTIONS.get(objective, {}), **objective_options}
-            if "head_tail" in objective and not {"head", "tail", "class_counts"} & set(options):
-                options["class_counts"] = counts.tolist()
-            objective = get_objective(objective, counts.numel(), **options)
+            objective = objective_for_training(objective, counts.numel(), counts.long().tolist(), **options)
         self.objective = objective
         self.tau = float(tau)
         self.register_buffer("log_prior", torch.log(counts / counts.sum()).float())

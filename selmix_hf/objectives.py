@@ -422,3 +422,24 @@ def get_objective(name: str | Objective, num_classes: int, **options: Any) -> Ob
     if unknown:
         raise ValueError(f"objective {name!r} does not take option(s) {unknown}; it accepts: {', '.join(accepted)}")
     return cls(num_classes, **options)
+
+
+def objective_for_training(
+    name: str, num_classes: int, class_counts: Sequence[int], tail_fraction: float = 0.1, **options: Any
+) -> Objective:
+    """`get_objective`, giving head/tail objectives the training counts unless the options already split the classes."""
+    if "head_tail" in name and not {"head", "tail", "class_counts"} & set(options):
+        options.update(class_counts=list(class_counts), tail_fraction=tail_fraction)
+    return get_objective(name, num_classes, **options)
+
+
+def multiplier_logs(objective: Objective, prefix: str, max_entries: int = 16) -> dict[str, float]:
+    """The objective's multipliers as log scalars: one per entry, or max / min beyond max_entries."""
+    logs = {}
+    for key, value in objective.multipliers().items():
+        flat = value.flatten()
+        if flat.numel() <= max_entries:
+            logs.update({f"{prefix}/{key}_{i}": float(v) for i, v in enumerate(flat)})
+        else:
+            logs.update({f"{prefix}/{key}_max": float(flat.max()), f"{prefix}/{key}_min": float(flat.min())})
+    return logs

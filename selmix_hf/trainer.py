@@ -24,13 +24,11 @@ from .data import dataset_labels
 from .features import PooledFeatures, find_head, num_labels_of, unwrap
 from .gains import class_prototypes, gain_matrix, sampling_distribution
 from .metrics import check_labels, confusion_counts, normalized_confusion
-from .objectives import Objective, get_objective
+from .objectives import Objective, multiplier_logs, objective_for_training
 from .sampling import PairBatchSampler, rank_seed
 from .validation import CheckpointedState, PeriodicRefresh, check_every_class, gathered_validation_pass, pick_validation_set
 
 logger = logging.getLogger(__name__)
-
-_MAX_LOGGED_MULTIPLIERS = 16
 
 
 class SelMixTrainer(CheckpointedState, Trainer):
@@ -58,9 +56,15 @@ class SelMixTrainer(CheckpointedState, Trainer):
             raise TypeError("SelMixTrainer needs args=SelMixConfig(...) (TrainingArguments plus the SelMix settings)")
         if model is None:
             raise ValueError("SelMixTrainer needs a model (model_init is not supported)")
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"{args.n_gpu} GPUs in one process would split each pair batch across replicas (DataParallel); "
+                "launch one process per GPU instead: `accelerate launch` or `torchrun --nproc_per_node N`"
+            )
         self.num_labels = num_labels_of(model)
         _, head = find_head(model, self.num_labels)  # fails early, naming the model class, if there is no head
         super().__init__(model=model, args=args, **kwargs)
+        _compat.disable_loss_kwargs(self)
         if self.train_dataset is None:
             raise ValueError("SelMixTrainer needs a train_dataset: the pairs are drawn from it")
         self.validation_dataset = pick_validation_set(validation_dataset, self.eval_dataset, "SelMixTrainer")
@@ -68,9 +72,13 @@ class SelMixTrainer(CheckpointedState, Trainer):
         check_labels(torch.as_tensor(self.train_labels), self.num_labels, "training labels")
         self.class_counts = np.bincount(self.train_labels, minlength=self.num_labels)
         check_every_class(self.validation_dataset, self.num_labels, "validation")
-        self.objective = objective if objective is not None else self._build_objective()
+        self.objective = objective if objective is not None else objective_for_training(
+            args.objective, self.num_labels, self.class_counts, args.tail_fraction, class_prior=args.class_prior,
+            **args.objective_options,
+        )
         if self.objective.num_classes != self.num_labels:
             raise ValueError(f"the objective has {self.objective.num_classes} classes, the model {self.num_labels}")
+        self.class_prior = self._resolve_prior()
 
         self.pooled = PooledFeatures(head)
         self._batchnorms = [m for m in unwrap(model).modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -83,23 +91,28 @@ class SelMixTrainer(CheckpointedState, Trainer):
         self._sampler_state: dict[str, Any] | None = None
         self.add_callback(PeriodicRefresh(self, args.gain_refresh_steps))
 
-    def _build_objective(self) -> Objective:
-        options = dict(self.args.objective_options)
-        if "head_tail" in self.args.objective and not {"head", "tail", "class_counts"} & set(options):
-            options.update(class_counts=self.class_counts.tolist(), tail_fraction=self.args.tail_fraction)
-        return get_objective(self.args.objective, self.num_labels, class_prior=self.args.class_prior, **options)
+    def _resolve_prior(self) -> torch.Tensor:
+        """One class prior for the confusion matrix and the gains: the config's, else the objective's."""
+        if self.args.class_prior is None:
+            return self.objective.class_prior
+        prior = torch.as_tensor(self.args.class_prior, dtype=torch.float64)
+        if prior.shape != self.objective.class_prior.shape or not torch.allclose(prior, self.objective.class_prior):
+            raise ValueError("args.class_prior and the objective's class_prior differ; set the prior in one place")
+        return self.objective.class_prior
 
     # -- the SelMix loop --------------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
         """A plain DataLoader over the pair sampler: each rank draws its own pairs, nothing is resharded."""
         dataset, collator = _compat.drop_unused_columns(self, self.train_dataset, self.data_collator, "training")
+        accumulation = self.args.gradient_accumulation_steps
+        batches = max(1, len(self.train_labels) // (2 * self.args.per_device_train_batch_size * self.args.world_size))
         self.sampler = PairBatchSampler(
             self.train_labels,
             self.num_labels,
             self.args.per_device_train_batch_size,
             seed=self.args.seed,
             rank=self.args.process_index,
-            world_size=self.args.world_size,
+            num_batches=-(-batches // accumulation) * accumulation,  # whole optimiser steps: no short last step
         )
         if self._sampler_state is not None:
             self.sampler.load_state_dict(self._sampler_state)
@@ -120,7 +133,7 @@ class SelMixTrainer(CheckpointedState, Trainer):
         """Validation pass -> confusion + prototypes -> multipliers -> gain matrix -> new sampling distribution."""
         features, logits, labels = gathered_validation_pass(self, self.validation_dataset, self.pooled)
         self.last_confusion_counts = confusion_counts(labels.cpu(), logits.argmax(dim=1).cpu(), self.num_labels)
-        confusion = normalized_confusion(self.last_confusion_counts, self.args.class_prior)
+        confusion = normalized_confusion(self.last_confusion_counts, self.class_prior)
         prototypes = class_prototypes(features, labels, self.num_labels)
         self.objective.update(confusion)
         head = self.pooled.head
@@ -132,7 +145,7 @@ class SelMixTrainer(CheckpointedState, Trainer):
             None if head.bias is None else head.bias.detach().float(),
             mix_lambda_min=self.args.mix_lambda_min,
             estimator=self.args.gain_estimator,
-            class_prior=self.args.class_prior,
+            class_prior=self.class_prior,
             features=features,
             labels=labels,
         )
@@ -202,12 +215,7 @@ class SelMixTrainer(CheckpointedState, Trainer):
         logs = {f"selmix/{key}": value for key, value in self.objective.report(confusion).items()}
         logs["selmix/max_gain"] = float(self.gains.max())
         logs["selmix/pair_entropy"] = float(-(p * torch.log(p.clamp_min(1e-30))).sum())
-        for key, value in self.objective.multipliers().items():
-            flat = value.flatten()
-            if flat.numel() <= _MAX_LOGGED_MULTIPLIERS:
-                logs.update({f"selmix/{key}_{i}": float(v) for i, v in enumerate(flat)})
-            else:
-                logs.update({f"selmix/{key}_max": float(flat.max()), f"selmix/{key}_min": float(flat.min())})
+        logs.update(multiplier_logs(self.objective, "selmix"))
         return logs
 
     def after_refresh(self, control: Any) -> None:

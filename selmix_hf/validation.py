@@ -53,7 +53,10 @@ def gathered_validation_pass(
     `gather_for_metrics` inside the loop drops the duplicates that pad the last round, so every rank ends with
     the same tensors and every sample counted once.
     """
-    loader = trainer.get_eval_dataloader(dataset)
+    cache = trainer.__dict__.setdefault("_validation_loaders", {})
+    if id(dataset) not in cache:
+        cache[id(dataset)] = _compat.validation_dataloader(trainer, dataset)
+    loader = cache[id(dataset)]
     model = unwrap(trainer.model)
     was_training = model.training
     model.eval()

@@ -2,7 +2,6 @@
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from tiny import TinyMLPConfig, TinyMLPForClassification, gaussian_problem, per_class_recall
@@ -229,3 +228,27 @@ def test_whole_model_hypergradient_through_fused_attention_names_the_fix(tmp_pat
                                    train_dataset=class_signal_dataset("image", [8, 6, 4]),
                                    eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1))
     head_only.train()
+
+
+def test_engine_upper_objective_multipliers_follow_validation(tmp_path):
+    trainer = autobalance(tmp_path, max_steps=10, upper_objective="min_recall", save_strategy="steps", save_steps=10)
+    trainer.train()
+    lam = trainer.upper_objective.lam
+    assert not torch.allclose(lam, torch.full((K,), 0.25, dtype=torch.float64))
+    state = torch.load(tmp_path / "out" / "checkpoint-10" / "autobalance_state_rank0.pt", weights_only=False)
+    torch.testing.assert_close(state["upper_objective"]["multipliers"]["lam"], lam)
+
+
+def test_hyper_step_leaves_batchnorm_statistics_alone(tmp_path):
+    from tiny import ARCHITECTURES, class_signal_dataset
+
+    resnet = next(a for a in ARCHITECTURES if a.name == "timm-resnet").build()
+    stats = {n: b.clone() for n, b in resnet.named_buffers() if "running_mean" in n}
+    args = AutoBalanceConfig(**common(tmp_path, 0, max_steps=1, hyper_batches=2, per_device_train_batch_size=4,
+                                      learning_rate=0.0))
+    trainer = AutoBalanceTrainer(model=resnet, args=args, train_dataset=class_signal_dataset("image", [8, 6, 4]),
+                                 eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1))
+    trainer.refresh()
+    for name, buffer in resnet.named_buffers():
+        if name in stats:
+            torch.testing.assert_close(buffer, stats[name])

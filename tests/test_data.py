@@ -85,3 +85,11 @@ def test_string_labels_are_rejected_with_a_fix():
 def test_unknown_profile_lists_valid_ones():
     with pytest.raises(ValueError, match="exponential, step"):
         long_tailed_counts(100, 5, 10, profile="linear")
+
+
+def test_labels_are_read_past_a_transform():
+    from selmix_hf.data import dataset_labels
+
+    data = balanced_dataset(3, 4).select([11, 0, 5])
+    data.set_transform(lambda batch: {"pixel_values": [[float(i)] for i in batch["id"]]})
+    assert dataset_labels(data).tolist() == [2, 0, 1]

@@ -114,3 +114,11 @@ def test_resume_restores_the_cost_sensitive_multipliers(tmp_path):
 def test_bad_input_is_a_clear_error(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         trainer_for(tmp_path, **overrides)
+
+
+def test_posthoc_adjustment_applies_to_unlabelled_prediction(tmp_path):
+    trainer = trainer_for(tmp_path, loss_type="ce", posthoc_tau=1.0)
+    test = gaussian_problem([5] * K, seed=9, spread=0.8)
+    unlabelled = type(test)([{"features": e["features"]} for e in test.examples])
+    labelled_logits = trainer.predict(test).predictions
+    np.testing.assert_allclose(trainer.predict(unlabelled).predictions, labelled_logits, rtol=1e-6)

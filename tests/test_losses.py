@@ -57,7 +57,7 @@ def hand_la(tau=1.0):
     return mean([ce([f + tau * math.log(pi) for f, pi in zip(row, PRIOR)], y) for row, y in zip(LOGITS, LABELS)])
 
 
-def hand_ldam(scale=30.0, max_margin=0.5):
+def hand_ldam(scale=1.0, max_margin=0.5):
     raw = [n**-0.25 for n in COUNTS]
     margins = [m * max_margin / max(raw) for m in raw]
     return mean([ce([scale * (f - (margins[y] if k == y else 0.0)) for k, f in enumerate(row)], y)
@@ -78,7 +78,7 @@ CASES = [
     ("logit_adjusted", {"tau": 0.5}, lambda: hand_la(0.5)),
     ("balanced_softmax", {}, hand_la),
     ("ldam", {}, hand_ldam),
-    ("ldam", {"scale": 1.0, "max_margin": 0.3}, lambda: hand_ldam(1.0, 0.3)),
+    ("ldam", {"scale": 30.0, "max_margin": 0.3}, lambda: hand_ldam(30.0, 0.3)),
     ("vs", {"gamma": 0.25, "tau": 1.2}, lambda: hand_vs(0.25, 1.2)),
 ]
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from tiny import (
     ARCHITECTURES,
-    NUM_LABELS,
     TinyMLPConfig,
     TinyMLPForClassification,
     class_signal_dataset,
@@ -341,3 +340,73 @@ def test_bf16_mixed_precision_runs(tmp_path):
     trainer = mlp_run(tmp_path, "bf16", max_steps=3, bf16=True)
     trainer.train()
     assert trainer.state.global_step == 3 and torch.isfinite(trainer.gains).all()
+
+
+# -- review fixes: BERT accumulation, the mixed loss itself, priors, loaders --------------------------
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=3,
+                                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def test_gradient_accumulation_with_a_bert_model_that_accepts_loss_kwargs(tmp_path):
+    """BERT's forward takes **kwargs, the case where the Trainer used to skip dividing by the accumulation steps."""
+    runs = []
+    for name, batch, steps in (("whole", 8, 1), ("acc", 2, 4)):
+        trainer = SelMixTrainer(model=tiny_bert(), args=config(tmp_path / name, per_device_train_batch_size=batch,
+                                                               gradient_accumulation_steps=steps, max_steps=3,
+                                                               optim="sgd", learning_rate=0.5,
+                                                               lr_scheduler_type="constant"),
+                                train_dataset=class_signal_dataset("text", [30, 20, 14]),
+                                eval_dataset=class_signal_dataset("text", [3, 3, 3], seed=1))
+        assert trainer.model_accepts_loss_kwargs is False
+        trainer.train()
+        runs.append(trainer)
+    for p, q in zip(runs[0].model.parameters(), runs[1].model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+
+def test_training_loss_is_ce_of_the_mixed_head_input_on_the_first_labels(tmp_path):
+    trainer = mlp_run(tmp_path, "loss", max_steps=1)
+    model = trainer.model.train()
+    features = torch.randn(6, 8)
+    labels = torch.tensor([0, 1, 2, 3, 2, 1])
+    trainer._mix_generator.manual_seed(123)
+    loss = trainer.compute_loss(model, {"features": features, "labels": labels})
+    lam = 0.6 + 0.4 * torch.rand(3, generator=torch.Generator().manual_seed(123))
+    hidden = model.body(features)
+    mixed = lam[:, None] * hidden[:3] + (1 - lam[:, None]) * hidden[3:]
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(model.classifier(mixed), labels[:3]))
+
+
+def test_one_prior_for_confusion_and_gains(tmp_path):
+    from selmix_hf import get_objective
+
+    prior = [0.4, 0.3, 0.2, 0.1]
+    objective = get_objective("min_recall", K, class_prior=prior)
+    trainer = SelMixTrainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)), objective=objective,
+                            args=config(tmp_path, max_steps=1), train_dataset=gaussian_problem([10, 8, 6, 4], seed=1),
+                            eval_dataset=gaussian_problem([3] * K, seed=2))
+    torch.testing.assert_close(trainer.class_prior, torch.tensor(prior, dtype=torch.float64))
+    with pytest.raises(ValueError, match="differ"):
+        SelMixTrainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)), objective=objective,
+                      args=config(tmp_path, class_prior=[0.25] * 4), train_dataset=gaussian_problem([10, 8, 6, 4], seed=1),
+                      eval_dataset=gaussian_problem([3] * K, seed=2))
+
+
+def test_validation_pass_keeps_every_sample_whatever_the_eval_loader_settings(tmp_path):
+    trainer = mlp_run(tmp_path, "drop", max_steps=2, dataloader_drop_last=True, per_device_eval_batch_size=4)
+    trainer.eval_dataset = gaussian_problem([3, 3, 3, 2], seed=2)  # 11 samples: a short last batch
+    trainer.validation_dataset = trainer.eval_dataset
+    trainer.train()
+    assert int(trainer.last_confusion_counts.sum()) == 11
+
+
+def test_sampler_epochs_are_whole_optimiser_steps(tmp_path):
+    trainer = mlp_run(tmp_path, "epochs", per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=1)
+    assert len(trainer.get_train_dataloader()) % 4 == 0
