@@ -78,7 +78,7 @@ def plot_recalls(before: dict, after: dict, names: list[str], path: str) -> None
     ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("test recall")
     ax.set_ylim(0, 1)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stage1-lr", type=float, default=3e-4)
     parser.add_argument("--stage2-steps", type=int, default=150)
     parser.add_argument("--refresh-steps", type=int, default=25)
+    parser.add_argument("--gain-estimator", choices=["selmix", "exact"], default="selmix")
     parser.add_argument("--batch-size", type=int, default=32, help="stage 1 samples per step; stage 2 uses half as pairs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     before = test_report(stage1, splits["test"], names, counts)
 
     settings = dict(objective="min_recall", max_steps=args.stage2_steps, per_device_train_batch_size=args.batch_size // 2,
-                    gain_refresh_steps=args.refresh_steps, learning_rate=3e-4, backbone_lr_ratio=0.1)
+                    gain_refresh_steps=args.refresh_steps, learning_rate=3e-4, backbone_lr_ratio=0.1,
+                    gain_estimator=args.gain_estimator)
     stage2 = SelMixTrainer(model=stage1.model, train_dataset=splits["train"], eval_dataset=splits["validation"],
                            args=SelMixConfig(output_dir=os.path.join(args.output_dir, "stage2"), **settings, **common))
     print("\n== stage 2: SelMix for min recall")
