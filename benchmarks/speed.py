@@ -1,12 +1,14 @@
 """Step time and peak memory of SelMixTrainer (B pairs) against transformers.Trainer (2B samples), same model.
 
-    .venv/bin/python benchmarks/trainer_speed.py                     # MiniLM-sized BERT and a small ViT
-    .venv/bin/python benchmarks/trainer_speed.py --models bert --steps 100 --pairs 16
+    .venv/bin/python benchmarks/speed.py                                   # MiniLM-shaped BERT and a small ViT
+    .venv/bin/python benchmarks/speed.py --models minilm efficientnet      # the real pretrained models
+    .venv/bin/python benchmarks/speed.py --models bert --steps 100 --pairs 16
 
 Both forward 2B samples per step. SelMix's time includes its gain refreshes (every --refresh steps, a full
 pass over a validation set of --val-per-class x K samples), amortised over the run. Each run is a fresh
 process; peak memory is the growth of its maximum resident set during `train()`. Models are built from
-configs (random weights): speed does not depend on the weights.
+configs (random weights; speed does not depend on the weights), or loaded from the packaged real weights
+(`minilm`: MiniLM-L6, 26 classes; `efficientnet`: EfficientNet-Lite0 with ImageNet weights, 10 classes, 32 px).
 """
 
 from __future__ import annotations
@@ -28,10 +30,21 @@ from _common import current_rss_kib  # noqa: E402
 K = 26
 
 
+MODELS = ["bert", "vit", "minilm", "efficientnet"]
+
+
 def build(model_name: str):
     from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 
-    if model_name == "bert":  # the shape of MiniLM-L6 (all-MiniLM-L6-v2)
+    from selmix_hf.pretrained import load_efficientnet_lite0_classifier, load_minilm_classifier
+
+    if model_name == "minilm":
+        model = load_minilm_classifier(K)[1]
+        make = lambda g: {"input_ids": torch.randint(1000, 30000, (32,), generator=g), "attention_mask": torch.ones(32, dtype=torch.long)}
+    elif model_name == "efficientnet":
+        model = load_efficientnet_lite0_classifier(K)
+        make = lambda g: {"pixel_values": torch.randn(3, 32, 32, generator=g)}
+    elif model_name == "bert":  # the shape of MiniLM-L6 (all-MiniLM-L6-v2)
         model = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
                                                          num_attention_heads=12, intermediate_size=1536, num_labels=K))
         make = lambda g: {"input_ids": torch.randint(1000, 30000, (32,), generator=g), "attention_mask": torch.ones(32, dtype=torch.long)}
@@ -86,7 +99,7 @@ def run(model_name: str, method: str, pairs: int, steps: int, refresh: int, val_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["bert", "vit"], choices=["bert", "vit"])
+    parser.add_argument("--models", nargs="+", default=["bert", "vit"], choices=MODELS)
     parser.add_argument("--pairs", type=int, default=16, help="B: pairs per SelMix step (Trainer gets 2B samples)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--refresh", type=int, default=50)

@@ -1,0 +1,208 @@
+"""The quality grid of the benchmark protocol: datasets x stage-2 methods x seeds, resumable.
+
+    .venv/bin/python benchmarks/quality.py                         # the whole grid (skips finished cells)
+    .venv/bin/python benchmarks/quality.py --datasets wordnet --seeds 0 --methods la selmix_min_recall
+    .venv/bin/python benchmarks/quality.py --report                # only rewrite the tables from finished cells
+
+Per (dataset, seed), stage 1 fine-tunes the pretrained model with the logit-adjusted loss once; its checkpoint is
+shared by every stage-2 method. Each finished cell is a JSON file under benchmarks/results/quality/ and is never
+recomputed; the tables (mean +- std over the finished seeds, best per column in bold) go to docs/benchmarks.md
+between the quality markers. Model selection uses no test data: fixed budgets, final checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "quality")
+CHECKPOINTS = os.path.join(ROOT, "outputs", "quality_stage1")
+DOC = os.path.join(ROOT, "docs", "benchmarks.md")
+MARKERS = ("<!-- quality:begin -->", "<!-- quality:end -->")
+
+# Budgets: samples per step are equal for every stage-2 method (SelMix: half as many pairs, two samples each).
+BUDGET = {
+    "wordnet": dict(stage1_steps=300, stage2_steps=100, batch=32, refresh=25),
+    "fashion": dict(stage1_steps=300, stage2_steps=100, batch=32, refresh=25),
+}
+METHODS = {
+    "none": ("none", {}),
+    "ce": ("longtail", {"loss_type": "ce"}),
+    "la": ("longtail", {"loss_type": "logit_adjusted"}),
+    "cb_ce": ("longtail", {"loss_type": "weighted_ce"}),
+    "focal": ("longtail", {"loss_type": "focal"}),
+    "uniform_mixup": ("selmix", {"pair_distribution": "uniform", "objective": "mean_recall"}),
+    "cost_sensitive": ("longtail", {"loss_type": "cost_sensitive"}),
+    "autobalance": ("autobalance", {"neumann_lr": 0.1, "hyper_learning_rate": 0.05, "init": "la"}),
+    "selmix_min_recall": ("selmix", {"objective": "min_recall"}),
+    "selmix_mean_recall": ("selmix", {"objective": "mean_recall"}),
+    "selmix_h_mean": ("selmix", {"objective": "h_mean"}),
+    "selmix_mean_recall_min_coverage": ("selmix", {"objective": "mean_recall_min_coverage"}),
+}
+COLUMNS = ["mean_recall", "min_recall", "h_mean", "g_mean", "min_head_tail_recall", "min_coverage",
+           "many_shot_recall", "medium_shot_recall", "few_shot_recall"]
+
+
+def load_task(dataset: str, seed: int):
+    """(splits, class names, a fresh pretrained model, whether inputs are text)."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    from demo import image_task, text_task
+
+    return text_task(seed, 32) if dataset == "wordnet" else image_task(seed, 32)
+
+
+def common_args(out: str, seed: int, task_is_text: bool) -> dict:
+    return dict(output_dir=out, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", seed=seed,
+                per_device_eval_batch_size=64, remove_unused_columns=task_is_text, disable_tqdm=True)
+
+
+def stage1_model(dataset: str, seed: int, splits, model, text: bool):
+    """The shared stage-1 (logit-adjusted) model of this dataset and seed, trained once and cached."""
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    from selmix_hf import LongTailConfig, LongTailTrainer
+
+    path = os.path.join(CHECKPOINTS, dataset, f"seed{seed}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        auto = AutoModelForSequenceClassification if text else AutoModelForImageClassification
+        return auto.from_pretrained(path)
+    budget = BUDGET[dataset]
+    trainer = LongTailTrainer(model=model, train_dataset=splits["train"], args=LongTailConfig(
+        loss_type="logit_adjusted", max_steps=budget["stage1_steps"], per_device_train_batch_size=budget["batch"],
+        learning_rate=3e-4, warmup_steps=0.1, **common_args(path + ".run", seed, text)))
+    started = time.time()
+    trainer.train()
+    trainer.save_model(path)
+    print(f"  stage 1 {dataset} seed {seed}: {time.time() - started:.0f} s", flush=True)
+    return trainer.model
+
+
+def run_cell(dataset: str, seed: int, method: str, splits, model, text: bool, counts: list[int]) -> dict:
+    from selmix_hf import (
+        AutoBalanceConfig,
+        AutoBalanceTrainer,
+        LongTailConfig,
+        LongTailTrainer,
+        SelMixConfig,
+        SelMixTrainer,
+        classification_report,
+    )
+
+    kind, options = METHODS[method]
+    budget = BUDGET[dataset]
+    args = common_args(os.path.join(ROOT, "outputs", "quality_runs", dataset, f"seed{seed}", method), seed, text)
+    steps = dict(max_steps=budget["stage2_steps"])
+    data = dict(train_dataset=splits["train"], eval_dataset=splits["validation"])
+    if kind == "none":
+        trainer = LongTailTrainer(model=model, args=LongTailConfig(loss_type="ce", **args), **data)
+    elif kind == "longtail":
+        trainer = LongTailTrainer(model=model, **data, args=LongTailConfig(
+            per_device_train_batch_size=budget["batch"], learning_rate=1e-4,
+            validation_refresh_steps=budget["refresh"], **options, **steps, **args))
+    elif kind == "autobalance":
+        trainer = AutoBalanceTrainer(model=model, **data, args=AutoBalanceConfig(
+            per_device_train_batch_size=budget["batch"], learning_rate=1e-4, hyper_update_steps=budget["refresh"],
+            hyper_batches=4, **options, **steps, **args))
+    else:
+        trainer = SelMixTrainer(model=model, **data, args=SelMixConfig(
+            per_device_train_batch_size=budget["batch"] // 2, gain_refresh_steps=budget["refresh"], learning_rate=3e-4,
+            backbone_lr_ratio=0.1, **options, **steps, **args))
+    started = time.time()
+    if kind != "none":
+        trainer.train()
+    output = trainer.predict(splits["test"])
+    report = classification_report(output.label_ids, output.predictions.argmax(-1), len(counts), class_counts=counts)
+    return {"dataset": dataset, "seed": seed, "method": method, "seconds": time.time() - started, "metrics": report,
+            "settings": {"kind": kind, **options, **budget}}
+
+
+def cell_path(dataset: str, seed: int, method: str) -> str:
+    return os.path.join(RESULTS, dataset, f"seed{seed}", f"{method}.json")
+
+
+def run_grid(datasets: list[str], seeds: list[int], methods: list[str]) -> None:
+    for dataset in datasets:
+        for seed in seeds:
+            todo = [m for m in methods if not os.path.exists(cell_path(dataset, seed, m))]
+            if not todo:
+                continue
+            splits, names, model, _ = load_task(dataset, seed)
+            text = dataset == "wordnet"
+            counts = np.bincount(splits["train"]["label"], minlength=len(names)).tolist()
+            start_model = stage1_model(dataset, seed, splits, model, text)
+            state = {k: v.clone() for k, v in start_model.state_dict().items()}
+            for method in todo:
+                torch.manual_seed(seed)
+                start_model.load_state_dict(state)
+                cell = run_cell(dataset, seed, method, splits, start_model, text, counts)
+                path = cell_path(dataset, seed, method)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path + ".tmp", "w") as fh:
+                    json.dump(cell, fh, indent=2)
+                os.replace(path + ".tmp", path)
+                m = cell["metrics"]
+                print(f"  {dataset} seed {seed} {method}: mean recall {m['mean_recall']:.3f}, min recall "
+                      f"{m['min_recall']:.3f}, H-mean {m['h_mean']:.3f} ({cell['seconds']:.0f} s)", flush=True)
+            write_report()
+
+
+def write_report() -> None:
+    """Mean +- std per method and metric over the finished seeds, best per column in bold, into docs/benchmarks.md."""
+    sections = []
+    for dataset in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
+        cells: dict[str, list[dict]] = {}
+        for seed_dir in sorted(os.listdir(os.path.join(RESULTS, dataset))):
+            for name in sorted(os.listdir(os.path.join(RESULTS, dataset, seed_dir))):
+                if name.endswith(".json"):
+                    with open(os.path.join(RESULTS, dataset, seed_dir, name)) as fh:
+                        cell = json.load(fh)
+                    cells.setdefault(cell["method"], []).append(cell)
+        rows = [m for m in METHODS if m in cells]
+        means = {m: {c: np.mean([x["metrics"].get(c, np.nan) for x in cells[m]]) for c in COLUMNS} for m in rows}
+        stds = {m: {c: np.std([x["metrics"].get(c, np.nan) for x in cells[m]]) for c in COLUMNS} for m in rows}
+        best = {c: max((means[m][c] for m in rows if not np.isnan(means[m][c])), default=np.nan) for c in COLUMNS}
+        lines = [f"**{dataset}** ({sum(len(v) for v in cells.values())} cells; seeds per method in the last column)", "",
+                 "| method | " + " | ".join(COLUMNS) + " | seeds |", "|---|" + "---:|" * (len(COLUMNS) + 1)]
+        for m in rows:
+            values = []
+            for c in COLUMNS:
+                text = f"{means[m][c]:.3f} ± {stds[m][c]:.3f}"
+                values.append(f"**{text}**" if means[m][c] == best[c] else text)
+            lines.append(f"| {m} | " + " | ".join(values) + f" | {len(cells[m])} |")
+        sections.append("\n".join(lines))
+    body = "\n\n".join(sections) if sections else "No cell has finished yet."
+    with open(DOC) as fh:
+        doc = fh.read()
+    block = f"{MARKERS[0]}\n{body}\n{MARKERS[1]}"
+    if MARKERS[0] in doc:
+        doc = re.sub(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), lambda _: block, doc, flags=re.S)
+    else:
+        doc += "\n" + block + "\n"
+    with open(DOC, "w") as fh:
+        fh.write(doc)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(BUDGET), choices=list(BUDGET))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--report", action="store_true", help="only rewrite the tables from the finished cells")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.report:
+        write_report()
+    else:
+        run_grid(args.datasets, args.seeds, args.methods)
+
+
+if __name__ == "__main__":
+    main()
