@@ -28,7 +28,7 @@ from .longtail_trainer import LongTailConfig, LongTailTrainer
 from .metrics import confusion_counts, normalized_confusion
 from .objectives import OBJECTIVES, objective_for_training
 from .sampling import rank_seed
-from .validation import PeriodicRefresh, check_every_class, gathered_validation_pass, pick_validation_set
+from .validation import PeriodicRefresh, check_every_class, gathered_validation_pass, pick_validation_set, require_whole_head
 
 HYPERGRADIENTS = ("neumann", "unrolled")
 UPPER_OBJECTIVES = ("balanced_ce", *sorted(OBJECTIVES))
@@ -153,6 +153,7 @@ class AutoBalanceTrainer(LongTailTrainer):
         if not isinstance(args, AutoBalanceConfig):
             raise TypeError("AutoBalanceTrainer needs args=AutoBalanceConfig(...)")
         super().__init__(model=model, args=args, validation_dataset=validation_dataset, **kwargs)
+        require_whole_head(self, "AutoBalanceTrainer")
         self.validation_dataset = pick_validation_set(validation_dataset, self.eval_dataset, "AutoBalance")
         val_labels = check_every_class(self.validation_dataset, self.num_labels, "validation")
         self.upper_weights = class_balanced_weights(np.bincount(val_labels, minlength=self.num_labels)).to(args.device)

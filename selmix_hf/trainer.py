@@ -26,7 +26,14 @@ from .gains import class_prototypes, gain_matrix, sampling_distribution
 from .metrics import check_labels, confusion_counts, normalized_confusion
 from .objectives import Objective, multiplier_logs, objective_for_training
 from .sampling import PairBatchSampler, rank_seed
-from .validation import CheckpointedState, PeriodicRefresh, check_every_class, gathered_validation_pass, pick_validation_set
+from .validation import (
+    CheckpointedState,
+    PeriodicRefresh,
+    check_every_class,
+    gathered_validation_pass,
+    pick_validation_set,
+    require_whole_head,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +72,7 @@ class SelMixTrainer(CheckpointedState, Trainer):
         _, head = find_head(model, self.num_labels)  # fails early, naming the model class, if there is no head
         super().__init__(model=model, args=args, **kwargs)
         _compat.disable_loss_kwargs(self)
+        require_whole_head(self, "SelMixTrainer")
         if self.train_dataset is None:
             raise ValueError("SelMixTrainer needs a train_dataset: the pairs are drawn from it")
         self.validation_dataset = pick_validation_set(validation_dataset, self.eval_dataset, "SelMixTrainer")

@@ -45,6 +45,18 @@ def check_every_class(dataset: Any, num_labels: int, what: str) -> np.ndarray:
     return labels
 
 
+def require_whole_head(trainer: Trainer, purpose: str) -> None:
+    """Refuse sharded parameters (FSDP, DeepSpeed ZeRO-3): the head's weights are read whole between steps."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if getattr(trainer, "is_fsdp_enabled", False) or (getattr(trainer, "is_deepspeed_enabled", False)
+                                                      and is_deepspeed_zero3_enabled()):
+        raise ValueError(
+            f"{purpose} reads the classifier head's full weights between steps, which FSDP and DeepSpeed ZeRO-3 "
+            "shard; use DDP (accelerate launch / torchrun) or DeepSpeed ZeRO-1/2"
+        )
+
+
 def gathered_validation_pass(
     trainer: Trainer, dataset: Any, pooled: PooledFeatures | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:

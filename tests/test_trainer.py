@@ -410,3 +410,13 @@ def test_validation_pass_keeps_every_sample_whatever_the_eval_loader_settings(tm
 def test_sampler_epochs_are_whole_optimiser_steps(tmp_path):
     trainer = mlp_run(tmp_path, "epochs", per_device_train_batch_size=2, gradient_accumulation_steps=4, max_steps=1)
     assert len(trainer.get_train_dataloader()) % 4 == 0
+
+
+def test_sharded_heads_are_refused_with_the_alternative(tmp_path):
+    from selmix_hf.validation import require_whole_head
+
+    trainer = mlp_run(tmp_path, "fsdp", max_steps=1)
+    require_whole_head(trainer, "SelMixTrainer")  # DDP / single process: fine
+    trainer.is_fsdp_enabled = True
+    with pytest.raises(ValueError, match="use DDP"):
+        require_whole_head(trainer, "SelMixTrainer")
