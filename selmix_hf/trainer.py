@@ -133,6 +133,8 @@ class SelMixTrainer(CheckpointedState, Trainer):
             collate_fn=collator,
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
+            prefetch_factor=self.args.dataloader_prefetch_factor if self.args.dataloader_num_workers > 0 else None,
             # its own generator: a new epoch's iterator must not draw from the global RNG that dropout uses
             generator=torch.Generator().manual_seed(rank_seed(self.args.seed, self.args.process_index) ^ 0xD1),
         )
@@ -214,6 +216,12 @@ class SelMixTrainer(CheckpointedState, Trainer):
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
         else:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        special = sorted({"params", "model", "optimizer_dict"} & set(optimizer_kwargs))
+        if special:
+            raise ValueError(
+                f"optim={self.args.optim!r} builds its own parameter groups ({', '.join(special)}), which would replace "
+                "SelMix's head / backbone groups; choose an optimizer such as adamw_torch or sgd"
+            )
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
 

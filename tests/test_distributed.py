@@ -118,6 +118,8 @@ def test_two_processes_share_gains_and_draw_their_own_pairs(tmp_path):
     torch.testing.assert_close(ranks[0]["distribution"], ranks[1]["distribution"], rtol=0, atol=0)
     for key, value in ranks[0]["multipliers"].items():
         torch.testing.assert_close(value, ranks[1]["multipliers"][key], rtol=0, atol=0)
+    # the confusion counts are computed on each rank from its gathered tensors (not broadcast): equal means same data
+    assert torch.equal(ranks[0]["counts"], ranks[1]["counts"])
     for r in ranks:  # each of the 21 validation samples counted exactly once, despite the padded last round
         assert int(r["counts"].sum()) == sum(VALIDATION_COUNTS)
         assert r["counts"].sum(1).tolist() == VALIDATION_COUNTS
