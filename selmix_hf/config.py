@@ -49,7 +49,8 @@ class SelMixConfig(TrainingArguments):
     """`TrainingArguments` plus the SelMix settings.
 
     Objective: ``objective``, ``objective_options``, ``class_prior``, ``tail_fraction``.
-    Gains and pairs: ``gain_refresh_steps``, ``gain_estimator``, ``sampling_temperature``, ``sampling_epsilon``,
+    Gains and pairs: ``gain_refresh_steps``, ``gain_estimator``, ``sampling_temperature``, ``scale_free_temperature``,
+    ``sampling_epsilon``,
     ``mix_lambda_min``, ``pair_distribution``, ``early_stop_on_gain_plateau``, ``plateau_window``, ``plateau_tolerance``.
     Optimisation: ``backbone_lr_ratio``, ``freeze_batchnorm``.
 
@@ -88,6 +89,10 @@ class SelMixConfig(TrainingArguments):
     )
     sampling_temperature: float = field(
         default=0.1, metadata={"help": "Temperature T of the pair distribution softmax(G / T)."}
+    )
+    scale_free_temperature: bool = field(
+        default=False,
+        metadata={"help": "Divide G by max |G| before softmax(G / T): T relative to the largest gain (not published)."},
     )
     sampling_epsilon: float = field(
         default=1e-8, metadata={"help": "Mass added to every pair of the sampling distribution before normalising."}

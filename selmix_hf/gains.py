@@ -214,15 +214,22 @@ def gain_matrix_reference(
     return torch.einsum("ijql,ql->ij", lcr, d_matrix)
 
 
-def sampling_distribution(gains: torch.Tensor, temperature: float = 0.1, epsilon: float = 1e-8) -> torch.Tensor:
-    """P = softmax(G / T) over all K^2 pairs, kept only where G > 0, plus epsilon everywhere, normalised."""
+def sampling_distribution(
+    gains: torch.Tensor, temperature: float = 0.1, epsilon: float = 1e-8, scale_free: bool = False
+) -> torch.Tensor:
+    """P = softmax(G / T) over all K^2 pairs, kept only where G > 0, plus epsilon everywhere, normalised.
+
+    ``scale_free=True`` divides G by max |G| first, so T is relative to the largest gain rather than in the units
+    of G (which grow with the squared norm of the pooled embeddings).
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     if gains.ndim != 2 or gains.shape[0] != gains.shape[1]:
         raise ValueError(f"gains must be a square K x K matrix, got shape {tuple(gains.shape)}")
     if not torch.isfinite(gains).all():
         raise ValueError("gain matrix contains NaN or inf; check the validation features and the head weights")
-    probs = torch.softmax((gains / temperature).reshape(-1), dim=0).reshape(gains.shape)
+    scale = float(gains.abs().max()) if scale_free else 1.0
+    probs = torch.softmax((gains / (temperature * (scale or 1.0))).reshape(-1), dim=0).reshape(gains.shape)
     probs = probs * (gains > 0) + epsilon
     return probs / probs.sum()
 

@@ -165,7 +165,9 @@ class SelMixTrainer(CheckpointedState, Trainer):
         if self.args.pair_distribution == "uniform":
             self.distribution = torch.full((self.num_labels, self.num_labels), 1.0 / self.num_labels**2)
         else:
-            self.distribution = sampling_distribution(self.gains, self.args.sampling_temperature, self.args.sampling_epsilon)
+            self.distribution = sampling_distribution(
+                self.gains, self.args.sampling_temperature, self.args.sampling_epsilon, self.args.scale_free_temperature
+            )
         if self.sampler is not None:
             self.sampler.set_distribution(self.distribution)
         self.max_gain_history.append(float(self.gains.max()))

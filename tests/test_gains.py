@@ -252,3 +252,11 @@ def test_bad_input_is_a_clear_error(change, message):
 def test_prototypes_need_every_class():
     with pytest.raises(ValueError, match=r"\[2\]"):
         class_prototypes(torch.randn(4, 3), torch.tensor([0, 1, 0, 3]), 4)
+
+
+def test_scale_free_temperature_ignores_the_units_of_the_gains():
+    gains = torch.tensor([[0.5, -0.2, 0.0], [0.1, 0.3, -1.0], [0.0, 0.05, 0.45]], dtype=F64)
+    relative = sampling_distribution(gains, 0.1, scale_free=True)
+    torch.testing.assert_close(sampling_distribution(1000 * gains, 0.1, scale_free=True), relative)
+    torch.testing.assert_close(relative, sampling_distribution(gains, 0.1))  # max |G| is already 1 here
+    assert sampling_distribution(1000 * gains, 0.1).max() > relative.max()  # in G's units it collapses on one pair
