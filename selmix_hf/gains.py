@@ -101,25 +101,35 @@ def _mixed_expectation(logits: torch.Tensor, value: torch.Tensor, lam_bar: float
     rows whose denominators underflow are redone in float64 and, failing that, in log space.
     """
     num_classes = logits.shape[0]
-    shifted = logits - logits.max(dim=1, keepdim=True).values
-    c = torch.exp((1.0 - lam_bar) * shifted)
-    c_value_t = (c * value).T.contiguous()
-    c_t = c.T.contiguous()
-    del c
+    shifted, c_t, c_value_t = _factors(logits, value, lam_bar)
     out = torch.empty_like(value)
-    tiny = torch.finfo(logits.dtype).tiny ** 0.5
     rows = max(1, min(num_classes, _CHUNK_ELEMENTS // num_classes))
     for start in range(0, num_classes, rows):
         sl = slice(start, start + rows)
-        a = torch.exp(lam_bar * shifted[sl])
-        denominator = a @ c_t
-        numerator = torch.addmm(a @ c_value_t, a * value[sl], c_t, beta=1.0 - lam_bar, alpha=lam_bar)
-        out[sl] = numerator / denominator
-        bad = (denominator < tiny).any(dim=1) | ~torch.isfinite(out[sl]).all(dim=1)
+        out[sl], bad = _factorised_rows(shifted[sl], value[sl], c_t, c_value_t, lam_bar)
         if bad.any():
             idx = torch.nonzero(bad).flatten() + start
             out[idx] = _mixed_expectation_rows_stable(logits, value, lam_bar, idx)
     return out
+
+
+def _factors(logits: torch.Tensor, value: torch.Tensor, lam_bar: float) -> tuple[torch.Tensor, ...]:
+    """Row-max-shifted logits and the column factors c^T, (c * V)^T of the pair softmax."""
+    shifted = logits - logits.max(dim=1, keepdim=True).values
+    c = torch.exp((1.0 - lam_bar) * shifted)
+    return shifted, c.T.contiguous(), (c * value).T.contiguous()
+
+
+def _factorised_rows(
+    shifted_rows: torch.Tensor, value_rows: torch.Tensor, c_t: torch.Tensor, c_value_t: torch.Tensor, lam_bar: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """E for a block of rows i as three matrix products, and which rows under- or overflowed."""
+    a = torch.exp(lam_bar * shifted_rows)
+    denominator = a @ c_t
+    numerator = torch.addmm(a @ c_value_t, a * value_rows, c_t, beta=1.0 - lam_bar, alpha=lam_bar)
+    out = numerator / denominator
+    tiny = torch.finfo(out.dtype).tiny ** 0.5
+    return out, (denominator < tiny).any(dim=1) | ~torch.isfinite(out).all(dim=1)
 
 
 def _mixed_expectation_rows_stable(
@@ -127,13 +137,8 @@ def _mixed_expectation_rows_stable(
 ) -> torch.Tensor:
     """The same reduction for the given rows, first factorised in float64, then per row in log space."""
     wide_logits, wide_value = logits.double(), value.double()
-    shifted = wide_logits - wide_logits.max(dim=1, keepdim=True).values
-    a = torch.exp(lam_bar * shifted[rows])
-    c = torch.exp((1.0 - lam_bar) * shifted)
-    denominator = a @ c.T
-    numerator = lam_bar * (a * wide_value[rows]) @ c.T + (1.0 - lam_bar) * a @ (c * wide_value).T
-    result = numerator / denominator
-    still_bad = (denominator < torch.finfo(torch.float64).tiny ** 0.5).any(dim=1) | ~torch.isfinite(result).all(dim=1)
+    shifted, c_t, c_value_t = _factors(wide_logits, wide_value, lam_bar)
+    result, still_bad = _factorised_rows(shifted[rows], wide_value[rows], c_t, c_value_t, lam_bar)
     for k in torch.nonzero(still_bad).flatten().tolist():
         i = int(rows[k])
         pair_logits = lam_bar * wide_logits[i].unsqueeze(0) + (1.0 - lam_bar) * wide_logits  # row j: pair (i, j)
