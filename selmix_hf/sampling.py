@@ -34,6 +34,7 @@ class PairBatchSampler:
         rank: int = 0,
         world_size: int = 1,
         num_batches: int | None = None,
+        accumulation_steps: int = 1,
     ) -> None:
         labels_t = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
         check_labels(labels_t, num_classes, "training labels")
@@ -45,7 +46,8 @@ class PairBatchSampler:
             raise ValueError("the training set is empty")
         self._order = torch.argsort(labels_t, stable=True)  # indices grouped by class
         self._offsets = torch.cumsum(self.class_sizes, 0) - self.class_sizes
-        self.num_batches = num_batches or max(1, labels_t.numel() // (2 * pairs_per_batch * world_size))
+        batches = num_batches or max(1, labels_t.numel() // (2 * pairs_per_batch * world_size))
+        self.num_batches = -(-batches // accumulation_steps) * accumulation_steps  # whole optimiser steps per epoch
         self.generator = torch.Generator().manual_seed(rank_seed(seed, rank))
         self.batches_drawn = 0
         self.set_distribution(torch.ones(num_classes, num_classes, dtype=torch.float64))

@@ -112,15 +112,14 @@ class SelMixTrainer(CheckpointedState, Trainer):
     def get_train_dataloader(self) -> DataLoader:
         """A plain DataLoader over the pair sampler: each rank draws its own pairs, nothing is resharded."""
         dataset, collator = _compat.drop_unused_columns(self, self.train_dataset, self.data_collator, "training")
-        accumulation = self.args.gradient_accumulation_steps
-        batches = max(1, len(self.train_labels) // (2 * self.args.per_device_train_batch_size * self.args.world_size))
         self.sampler = PairBatchSampler(
             self.train_labels,
             self.num_labels,
             self.args.per_device_train_batch_size,
             seed=self.args.seed,
             rank=self.args.process_index,
-            num_batches=-(-batches // accumulation) * accumulation,  # whole optimiser steps: no short last step
+            world_size=self.args.world_size,
+            accumulation_steps=self.args.gradient_accumulation_steps,  # no short last step in an epoch
         )
         if self._sampler_state is not None:
             self.sampler.load_state_dict(self._sampler_state)
