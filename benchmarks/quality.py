@@ -3,11 +3,18 @@
     .venv/bin/python benchmarks/quality.py                         # the whole grid (skips finished cells)
     .venv/bin/python benchmarks/quality.py --datasets wordnet --seeds 0 --methods la selmix_min_recall
     .venv/bin/python benchmarks/quality.py --report                # only rewrite the tables from finished cells
+    .venv/bin/python benchmarks/quality.py --revalidate --datasets fashion   # redo cells that lack validation metrics
 
 Per (dataset, seed), stage 1 fine-tunes the pretrained model with the logit-adjusted loss once; its checkpoint is
 shared by every stage-2 method. Each finished cell is a JSON file under benchmarks/results/quality/ and is never
-recomputed; the tables (mean +- std over the finished seeds, best per column in bold) go to docs/benchmarks.md
-between the quality markers. Model selection uses no test data: fixed budgets, final checkpoints.
+recomputed (unless --revalidate and the cell predates validation metrics); the tables (mean +- std over the finished
+seeds, best per column in bold) go to docs/benchmarks.md between the quality markers. Each cell holds the final
+model's metrics on the test split and on the validation split (``validation_metrics``): library defaults change only
+on validation evidence. Model selection uses no test data: fixed budgets, final checkpoints.
+
+SelMix runs twice per objective: with the published pair temperature (``selmix_*``: softmax(G / 0.1), G in its own
+units) and scale-free (``selmix_*_sf``: softmax(G / (1.0 max |G|))). Both sets are pinned here, so a change of the
+library default does not change what a method name means.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ BUDGET = {
     "wordnet": dict(stage1_steps=300, stage2_steps=100, batch=32, refresh=25),
     "fashion": dict(stage1_steps=300, stage2_steps=100, batch=32, refresh=25),
 }
+PUBLISHED_T = {"sampling_temperature": 0.1, "scale_free_temperature": False}
+SCALE_FREE_T = {"sampling_temperature": 1.0, "scale_free_temperature": True}
+SELMIX_OBJECTIVES = ["min_recall", "mean_recall", "h_mean", "mean_recall_min_coverage"]
 METHODS = {
     "none": ("none", {}),
     "ce": ("longtail", {"loss_type": "ce"}),
@@ -42,13 +52,12 @@ METHODS = {
     "uniform_mixup": ("selmix", {"pair_distribution": "uniform", "objective": "mean_recall"}),
     "cost_sensitive": ("longtail", {"loss_type": "cost_sensitive"}),
     "autobalance": ("autobalance", {"neumann_lr": 0.1, "hyper_learning_rate": 0.05, "init": "la"}),
-    "selmix_min_recall": ("selmix", {"objective": "min_recall"}),
-    "selmix_mean_recall": ("selmix", {"objective": "mean_recall"}),
-    "selmix_h_mean": ("selmix", {"objective": "h_mean"}),
-    "selmix_mean_recall_min_coverage": ("selmix", {"objective": "mean_recall_min_coverage"}),
+    **{f"selmix_{o}": ("selmix", {"objective": o, **PUBLISHED_T}) for o in SELMIX_OBJECTIVES},
+    **{f"selmix_{o}_sf": ("selmix", {"objective": o, **SCALE_FREE_T}) for o in SELMIX_OBJECTIVES},
 }
 COLUMNS = ["mean_recall", "min_recall", "h_mean", "g_mean", "min_head_tail_recall", "min_coverage",
            "many_shot_recall", "medium_shot_recall", "few_shot_recall"]
+VALIDATION_COLUMNS = ["mean_recall", "min_recall", "h_mean", "g_mean", "min_coverage"]
 
 
 def load_task(dataset: str, seed: int):
@@ -81,7 +90,9 @@ def stage1_model(dataset: str, seed: int, splits, model, text: bool):
     started = time.time()
     trainer.train()
     trainer.save_model(path)
-    print(f"  stage 1 {dataset} seed {seed}: {time.time() - started:.0f} s", flush=True)
+    seconds = time.time() - started
+    write_json(stage1_path(dataset, seed), {"dataset": dataset, "seed": seed, "seconds": seconds})
+    print(f"  stage 1 {dataset} seed {seed}: {seconds:.0f} s", flush=True)
     return trainer.model
 
 
@@ -118,20 +129,47 @@ def run_cell(dataset: str, seed: int, method: str, splits, model, text: bool, co
     started = time.time()
     if kind != "none":
         trainer.train()
-    output = trainer.predict(splits["test"])
-    report = classification_report(output.label_ids, output.predictions.argmax(-1), len(counts), class_counts=counts)
-    return {"dataset": dataset, "seed": seed, "method": method, "seconds": time.time() - started, "metrics": report,
-            "settings": {"kind": kind, **options, **budget}}
+    reports = {}
+    for split in ("test", "validation"):
+        output = trainer.predict(splits[split])
+        reports[split] = classification_report(output.label_ids, output.predictions.argmax(-1), len(counts),
+                                               class_counts=counts)
+    seconds = time.time() - started  # training, its own validation passes, and the two predictions
+    return {"dataset": dataset, "seed": seed, "method": method, "seconds": seconds, "metrics": reports["test"],
+            "validation_metrics": reports["validation"], "settings": {"kind": kind, **options, **budget}}
 
 
 def cell_path(dataset: str, seed: int, method: str) -> str:
     return os.path.join(RESULTS, dataset, f"seed{seed}", f"{method}.json")
 
 
-def run_grid(datasets: list[str], seeds: list[int], methods: list[str]) -> None:
+def stage1_path(dataset: str, seed: int) -> str:
+    """Stage-1 wall time of a seed (not a cell: the leading underscore keeps it out of the tables)."""
+    return os.path.join(RESULTS, dataset, f"seed{seed}", "_stage1.json")
+
+
+def write_json(path: str, value: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(value, fh, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def needs_run(dataset: str, seed: int, method: str, revalidate: bool) -> bool:
+    """A cell runs if it is missing, or with --revalidate if it predates the validation metrics."""
+    path = cell_path(dataset, seed, method)
+    if not os.path.exists(path):
+        return True
+    if not revalidate:
+        return False
+    with open(path) as fh:
+        return "validation_metrics" not in json.load(fh)
+
+
+def run_grid(datasets: list[str], seeds: list[int], methods: list[str], revalidate: bool = False) -> None:
     for dataset in datasets:
         for seed in seeds:
-            todo = [m for m in methods if not os.path.exists(cell_path(dataset, seed, m))]
+            todo = [m for m in methods if needs_run(dataset, seed, m, revalidate)]
             if not todo:
                 continue
             splits, names, model, _ = load_task(dataset, seed)
@@ -144,39 +182,65 @@ def run_grid(datasets: list[str], seeds: list[int], methods: list[str]) -> None:
                 start_model.load_state_dict(state)
                 cell = run_cell(dataset, seed, method, splits, start_model, text, counts)
                 path = cell_path(dataset, seed, method)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path + ".tmp", "w") as fh:
-                    json.dump(cell, fh, indent=2)
-                os.replace(path + ".tmp", path)
-                m = cell["metrics"]
-                print(f"  {dataset} seed {seed} {method}: mean recall {m['mean_recall']:.3f}, min recall "
-                      f"{m['min_recall']:.3f}, H-mean {m['h_mean']:.3f} ({cell['seconds']:.0f} s)", flush=True)
+                if os.path.exists(path):  # --revalidate: say whether the rerun reproduced the recorded test metrics
+                    with open(path) as fh:
+                        old = json.load(fh)
+                    cell["recomputed"] = {"previous_seconds": old["seconds"], "test_metrics_max_abs_diff": max(
+                        abs(cell["metrics"][k] - v) for k, v in old["metrics"].items() if k in cell["metrics"])}
+                write_json(path, cell)
+                m, v = cell["metrics"], cell["validation_metrics"]
+                print(f"  {dataset} seed {seed} {method}: test mean recall {m['mean_recall']:.3f}, min recall "
+                      f"{m['min_recall']:.3f}, H-mean {m['h_mean']:.3f}; validation min recall {v['min_recall']:.3f} "
+                      f"({cell['seconds']:.0f} s)", flush=True)
             write_report()
+
+
+def load_cells(dataset: str) -> tuple[dict[str, list[dict]], float]:
+    """The finished cells of a dataset by method, and the stage-1 seconds recorded for its seeds."""
+    cells: dict[str, list[dict]] = {}
+    stage1 = 0.0
+    for seed_dir in sorted(os.listdir(os.path.join(RESULTS, dataset))):
+        for name in sorted(os.listdir(os.path.join(RESULTS, dataset, seed_dir))):
+            if not name.endswith(".json"):
+                continue
+            with open(os.path.join(RESULTS, dataset, seed_dir, name)) as fh:
+                cell = json.load(fh)
+            if name.startswith("_"):
+                stage1 += cell["seconds"]
+            else:
+                cells.setdefault(cell["method"], []).append(cell)
+    return cells, stage1
+
+
+def table(cells: dict[str, list[dict]], key: str, columns: list[str]) -> list[str]:
+    """Mean +- std over seeds of cell[key][column] per method, best mean per column in bold."""
+    rows = [m for m in METHODS if any(key in x for x in cells.get(m, []))]
+    values = {m: [x[key] for x in cells[m] if key in x] for m in rows}
+    means = {m: {c: np.mean([v.get(c, np.nan) for v in values[m]]) for c in columns} for m in rows}
+    stds = {m: {c: np.std([v.get(c, np.nan) for v in values[m]]) for c in columns} for m in rows}
+    best = {c: max((means[m][c] for m in rows if not np.isnan(means[m][c])), default=np.nan) for c in columns}
+    lines = ["| method | " + " | ".join(columns) + " | seeds |", "|---|" + "---:|" * (len(columns) + 1)]
+    for m in rows:
+        texts = [f"{means[m][c]:.3f} ± {stds[m][c]:.3f}" for c in columns]
+        texts = [f"**{t}**" if means[m][c] == best[c] else t for t, c in zip(texts, columns)]
+        lines.append(f"| {m} | " + " | ".join(texts) + f" | {len(values[m])} |")
+    return lines
 
 
 def write_report() -> None:
     """Mean +- std per method and metric over the finished seeds, best per column in bold, into docs/benchmarks.md."""
     sections = []
     for dataset in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
-        cells: dict[str, list[dict]] = {}
-        for seed_dir in sorted(os.listdir(os.path.join(RESULTS, dataset))):
-            for name in sorted(os.listdir(os.path.join(RESULTS, dataset, seed_dir))):
-                if name.endswith(".json"):
-                    with open(os.path.join(RESULTS, dataset, seed_dir, name)) as fh:
-                        cell = json.load(fh)
-                    cells.setdefault(cell["method"], []).append(cell)
-        rows = [m for m in METHODS if m in cells]
-        means = {m: {c: np.mean([x["metrics"].get(c, np.nan) for x in cells[m]]) for c in COLUMNS} for m in rows}
-        stds = {m: {c: np.std([x["metrics"].get(c, np.nan) for x in cells[m]]) for c in COLUMNS} for m in rows}
-        best = {c: max((means[m][c] for m in rows if not np.isnan(means[m][c])), default=np.nan) for c in COLUMNS}
-        lines = [f"**{dataset}** ({sum(len(v) for v in cells.values())} cells; seeds per method in the last column)", "",
-                 "| method | " + " | ".join(COLUMNS) + " | seeds |", "|---|" + "---:|" * (len(COLUMNS) + 1)]
-        for m in rows:
-            values = []
-            for c in COLUMNS:
-                text = f"{means[m][c]:.3f} ± {stds[m][c]:.3f}"
-                values.append(f"**{text}**" if means[m][c] == best[c] else text)
-            lines.append(f"| {m} | " + " | ".join(values) + f" | {len(cells[m])} |")
+        cells, stage1 = load_cells(dataset)
+        count = sum(len(v) for v in cells.values())
+        seconds = sum(x["seconds"] for v in cells.values() for x in v)
+        validated = sum("validation_metrics" in x for v in cells.values() for x in v)
+        lines = [f"**{dataset}**, test split ({count} cells; seeds per method in the last column; compute "
+                 f"{(seconds + stage1) / 60:.0f} min = cells {seconds / 60:.0f} min + stage 1 {stage1 / 60:.0f} min)", ""]
+        lines += table(cells, "metrics", COLUMNS)
+        lines += ["", f"**{dataset}**, validation split, final model ({validated} cells record it; seeds per method in "
+                  "the last column)", ""]
+        lines += table(cells, "validation_metrics", VALIDATION_COLUMNS)
         sections.append("\n".join(lines))
     body = "\n\n".join(sections) if sections else "No cell has finished yet."
     with open(DOC) as fh:
@@ -196,12 +260,14 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--report", action="store_true", help="only rewrite the tables from the finished cells")
+    parser.add_argument("--revalidate", action="store_true",
+                        help="also rerun the selected cells that lack validation metrics (recorded before they existed)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.report:
         write_report()
     else:
-        run_grid(args.datasets, args.seeds, args.methods)
+        run_grid(args.datasets, args.seeds, args.methods, args.revalidate)
 
 
 if __name__ == "__main__":
