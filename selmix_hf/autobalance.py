@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from . import _compat
+from .cards import optimisation_settings
 from .config import parse_options
 from .features import PooledFeatures, find_head, unwrap
 from .losses import ParametricCrossEntropy, class_balanced_weights
@@ -274,6 +275,18 @@ class AutoBalanceTrainer(LongTailTrainer):
         return _compat.prepare_inputs(self, next(self._batches[split]))
 
     # -- checkpoints and export -------------------------------------------------------------------
+    def card_stage(self) -> dict[str, Any]:
+        """This run as the model card's training stage: AutoBalance's search settings."""
+        a = self.args
+        return {
+            "title": "AutoBalance (loss learned on validation data)", "method": "autobalance", "cite": ["autobalance"],
+            "objective": None if self.upper_objective is None else self.upper_objective.name,
+            "settings": {**optimisation_settings(self), "upper_objective": a.upper_objective, "init": a.init,
+                         "hypergradient": a.hypergradient, "hypergradient_params": a.hypergradient_params,
+                         "hyper_update_steps": a.hyper_update_steps, "hyper_learning_rate": a.hyper_learning_rate,
+                         "neumann_lr": a.neumann_lr, "learned loss": "autobalance_loss.json"},
+        }
+
     def extra_state_dict(self) -> dict[str, Any]:
         return {"loss": self.loss_fn.state_dict(), "hyper_optimizer": self.hyper_optimizer.state_dict(),
                 "hyper_generator": self._hyper_generator.get_state(),

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from . import _compat
+from .cards import ModelCardMixin, optimisation_settings
 from .config import parse_options
 from .data import dataset_labels
 from .features import num_labels_of
@@ -61,7 +62,7 @@ class LongTailConfig(TrainingArguments):
         super().__post_init__()
 
 
-class LongTailTrainer(CheckpointedState, Trainer):
+class LongTailTrainer(ModelCardMixin, CheckpointedState, Trainer):
     """`Trainer` whose training loss is a long-tailed loss built from the class counts (or any loss module given).
 
     Takes the `Trainer` arguments plus ``loss`` (an nn.Module ``loss(logits, labels)``, instead of ``args.loss_type``)
@@ -89,6 +90,7 @@ class LongTailTrainer(CheckpointedState, Trainer):
         _compat.disable_loss_kwargs(self)
         self.num_labels = num_labels_of(model)
         self.class_counts = self._class_counts()
+        self.loss_name = args.loss_type if loss is None else type(loss).__name__
         self.loss_fn = loss if loss is not None else build_loss(args.loss_type, self.class_counts, **args.loss_options)
         self.loss_fn.to(args.device)
         self.validation_dataset = None
@@ -153,6 +155,18 @@ class LongTailTrainer(CheckpointedState, Trainer):
 
     def after_refresh(self, control: Any) -> None:
         """Nothing to decide after a cost-sensitive refresh."""
+
+    def card_stage(self) -> dict[str, Any]:
+        """This run as the model card's training stage."""
+        a = self.args
+        loss = self.loss_name
+        cite = ["logit_adjusted"] if loss in ("logit_adjusted", "balanced_softmax") else []
+        return {
+            "title": f"fine-tuning with the {loss.replace('_', '-')} loss", "method": loss, "cite": cite,
+            "objective": getattr(self.loss_fn, "objective", None) and self.loss_fn.objective.name,
+            "settings": {**optimisation_settings(self), "loss_options": a.loss_options or None,
+                         "drw_start_epoch": a.drw_start_epoch, "posthoc_tau": a.posthoc_tau},
+        }
 
     def extra_state_dict(self) -> dict[str, Any]:
         return {"loss": self.loss_fn.state_dict()}

@@ -19,12 +19,14 @@ from torch.utils.data import DataLoader
 from transformers import Trainer
 
 from . import _compat
+from .cards import ModelCardMixin, optimisation_settings
 from .config import SelMixConfig
 from .data import dataset_labels
 from .features import PooledFeatures, find_head, num_labels_of, unwrap
 from .gains import class_prototypes, gain_matrix, sampling_distribution
 from .metrics import check_labels, confusion_counts, normalized_confusion
 from .objectives import Objective, multiplier_logs, objective_for_training
+from .plots import log_refresh_heatmaps
 from .sampling import PairBatchSampler, rank_seed
 from .validation import (
     CheckpointedState,
@@ -38,7 +40,7 @@ from .validation import (
 logger = logging.getLogger(__name__)
 
 
-class SelMixTrainer(CheckpointedState, Trainer):
+class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
     """`Trainer` whose training steps are SelMix pair mixups; evaluation and prediction are the plain model's.
 
     Takes the `Trainer` arguments plus ``validation_dataset`` (the labelled held-out set the gains are estimated
@@ -236,10 +238,17 @@ class SelMixTrainer(CheckpointedState, Trainer):
         return logs
 
     def after_refresh(self, control: Any) -> None:
-        """The published early stop, when asked for."""
+        """G and P to TensorBoard when it is a report_to target; the published early stop, when asked for."""
+        if "tensorboard" in self.args.report_to:
+            log_refresh_heatmaps(self, self.class_names())
         if self.args.early_stop_on_gain_plateau and self.gain_plateaued():
             logger.info("SelMix: max gain has plateaued over %d refreshes; stopping", self.args.plateau_window)
             control.should_training_stop = True
+
+    def class_names(self) -> list[str]:
+        """The label names of the model's config (the indices when it has none)."""
+        id2label = getattr(getattr(unwrap(self.model), "config", None), "id2label", None) or {}
+        return [str(id2label.get(k, k)) for k in range(self.num_labels)]
 
     def gain_plateaued(self) -> bool:
         """Published early stop: over the last `plateau_window` refreshes, |mean - last| < tolerance |mean| of max G."""
@@ -249,6 +258,22 @@ class SelMixTrainer(CheckpointedState, Trainer):
         recent = self.max_gain_history[-window:]
         mean = sum(recent) / window
         return abs(mean - recent[-1]) < self.args.plateau_tolerance * abs(mean)
+
+    def card_stage(self) -> dict[str, Any]:
+        """This run as the model card's training stage."""
+        a = self.args
+        return {
+            "title": f"SelMix fine-tuning for {self.objective.name}", "method": "selmix", "cite": ["selmix"],
+            "objective": self.objective.name,
+            "description": "mixup of pooled embeddings between class pairs drawn by their estimated gain in the objective",
+            "settings": {
+                **optimisation_settings(self, "pairs per step"), "objective_options": a.objective_options or None,
+                "backbone_lr_ratio": a.backbone_lr_ratio, "gain_estimator": a.gain_estimator,
+                "gain_refresh_steps": a.gain_refresh_steps, "sampling_temperature": a.sampling_temperature,
+                "scale_free_temperature": a.scale_free_temperature, "mix_lambda_min": a.mix_lambda_min,
+                "pair_distribution": a.pair_distribution,
+            },
+        }
 
     # -- checkpoints ------------------------------------------------------------------------------
     def extra_state_dict(self) -> dict[str, Any]:

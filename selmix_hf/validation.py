@@ -101,6 +101,7 @@ class PeriodicRefresh(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not self.trainer.resumed_from_checkpoint:
             self._log(self.trainer.refresh(), control)
+            self.trainer.after_refresh(control)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step % self.every or state.global_step >= state.max_steps:

@@ -1,0 +1,119 @@
+"""ImageNet-LT with a ViT / DeiT / timm model: logit-adjusted fine-tuning, then SelMix for a non-decomposable objective.
+
+    accelerate launch recipes/vit_imagenet_lt.py                                   # recipes/configs/vit_imagenet_lt.yaml
+    accelerate launch recipes/vit_imagenet_lt.py --image_root /data/imagenet --objective h_mean --push_to_hub true
+    python recipes/vit_imagenet_lt.py --config my.yaml --stage1_checkpoint out/_stage1 --run_stage1 false
+
+Data: ``--image_root`` holding the images and ImageNet-LT's split files (ImageNet_LT_{train,val,test}.txt, lines
+"relative/path label"; ``--splits_dir`` if they live elsewhere), or ``--dataset_name`` for a Hub dataset with an
+image and a label column. Outputs in ``--output_dir``: the model and its image processor, test_results.json, the
+figures and README.md (the model card); ``--push_to_hub true`` uploads them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from selmix_hf import SelMixConfig
+from selmix_hf.recipe import CardArguments, StageArguments, hub_splits, parse_recipe_arguments, run_two_stages
+from selmix_hf.split_files import load_split_files, with_image_transform
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "vit_imagenet_lt.yaml")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="google/vit-base-patch16-224",
+        metadata={"help": "A ViT/DeiT/Swin/ConvNeXt checkpoint or a timm model ('timm/<name>'), Hub id or folder."},
+    )
+    revision: str = field(default="main", metadata={"help": "Revision of the checkpoint on the Hub."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache Hub downloads."})
+
+
+@dataclass
+class ImageDataArguments:
+    image_root: str | None = field(default=None, metadata={"help": "Folder of the images (ImageNet-LT root)."})
+    splits_dir: str | None = field(default=None, metadata={"help": "Folder of the split files; default image_root."})
+    train_split_file: str = field(default="ImageNet_LT_train.txt", metadata={"help": "Training split file name."})
+    validation_split_file: str = field(default="ImageNet_LT_val.txt", metadata={"help": "Validation split file name."})
+    test_split_file: str = field(default="ImageNet_LT_test.txt", metadata={"help": "Test split file name."})
+    check_images: bool = field(default=True, metadata={"help": "Check that every listed image exists before training."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id, used when image_root is not set."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
+    image_column: str = field(default="image", metadata={"help": "Image column of the Hub dataset."})
+    label_column: str = field(default="label", metadata={"help": "Label column of the Hub dataset."})
+    train_split: str = field(default="train", metadata={"help": "Name of the Hub dataset's training split."})
+    validation_split: str = field(default="validation", metadata={"help": "Name of its validation split."})
+    test_split: str = field(default="test", metadata={"help": "Name of its test split."})
+    holdout_per_class: int = field(default=20, metadata={"help": "Per class, held out of train for a missing split."})
+    num_labels: int | None = field(default=None, metadata={"help": "Number of classes; default the labels seen."})
+    class_names_file: str | None = field(default=None, metadata={"help": "Class names, one per line, in label order."})
+
+
+def image_transforms(processor, train: bool):
+    """The processor's own transforms (timm models carry them), else resize/crop/normalise built from its settings."""
+    own = getattr(processor, "train_transforms" if train else "val_transforms", None)
+    if own is not None:
+        return own
+    from torchvision import transforms as T
+
+    size = processor.size
+    side = size.get("shortest_edge") or (size["height"], size["width"])
+    crop = side if isinstance(side, tuple) else (side, side)
+    normalise = [T.ToTensor(), T.Normalize(processor.image_mean, processor.image_std)]
+    if train:
+        return T.Compose([T.RandomResizedCrop(crop), T.RandomHorizontalFlip(), *normalise])
+    return T.Compose([T.Resize(crop), T.CenterCrop(crop), *normalise])
+
+
+def load_splits(data: ImageDataArguments, seed: int) -> tuple[dict, list[str] | None]:
+    """train / validation / test with ``image_path`` (or ``image``) and ``label`` columns, and class names if known."""
+    if data.image_root:
+        files = {"train": data.train_split_file, "validation": data.validation_split_file, "test": data.test_split_file}
+        splits = load_split_files(data.image_root, files, data.splits_dir, data.num_labels, data.check_images)
+        return dict(splits), None
+    if not data.dataset_name:
+        raise ValueError("give the data: --image_root (a folder with ImageNet-LT split files) or --dataset_name (Hub id)")
+    from datasets import load_dataset
+
+    dataset = load_dataset(data.dataset_name, data.dataset_config_name)
+    split_names = {"train": data.train_split, "validation": data.validation_split, "test": data.test_split}
+    splits = hub_splits(dataset, data.label_column, split_names, data.holdout_per_class, seed)
+    feature = splits["train"].features["label"]
+    return splits, list(feature.names) if hasattr(feature, "names") else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data, args, stages, card = parse_recipe_arguments(
+        (ModelArguments, ImageDataArguments, SelMixConfig, StageArguments, CardArguments), argv, DEFAULT_CONFIG
+    )
+    splits, names = load_splits(data, args.seed)
+    if data.class_names_file:
+        with open(data.class_names_file) as fh:
+            names = [line.strip() for line in fh if line.strip()]
+    num_labels = data.num_labels or (len(names) if names else 1 + max(max(s["label"]) for s in splits.values()))
+    names = names or [f"class_{k}" for k in range(num_labels)]
+    if len(names) != num_labels:
+        raise ValueError(f"{len(names)} class names for {num_labels} classes")
+    source = stages.stage1_checkpoint or model_args.model_name_or_path
+    hub = dict(revision=model_args.revision, cache_dir=model_args.cache_dir)
+    processor = AutoImageProcessor.from_pretrained(source, **hub)
+    model = AutoModelForImageClassification.from_pretrained(
+        source, num_labels=num_labels, id2label=dict(enumerate(names)), label2id={n: k for k, n in enumerate(names)},
+        ignore_mismatched_sizes=True, **hub,
+    )
+    column = "image_path" if data.image_root else data.image_column
+    prepared = {name: with_image_transform(split, image_transforms(processor, name == "train"), column)
+                for name, split in splits.items()}
+    return run_two_stages(model=model, args=args, stages=stages, card=card, splits=prepared, class_names=names,
+                          processing_class=processor, dataset_id=data.dataset_name,
+                          dataset_name=data.dataset_name or f"ImageNet-LT format split files in {data.image_root}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,334 @@
+"""Model cards: the non-decomposable metrics, per-class recall, data profile and both stages' settings, offline."""
+
+from __future__ import annotations
+
+import os
+import re
+from importlib import resources
+from typing import Any, Sequence
+
+import numpy as np
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .features import unwrap
+from .metrics import shot_groups
+
+MAX_CLASS_TABLE = 50  # beyond this many classes the card lists the worst ones and quartiles instead of every class
+STAGES_ATTRIBUTE = "selmix_hf_stages"  # config.json attribute: the training stages the weights went through
+BASE_MODEL_ATTRIBUTE = "selmix_hf_base_model"  # config.json attribute: the checkpoint the first stage started from
+
+METRIC_LABELS = {
+    "mean_recall": "Mean recall",
+    "min_recall": "Min recall",
+    "h_mean": "H-mean of recalls",
+    "g_mean": "G-mean of recalls",
+    "min_coverage": "Min coverage",
+    "min_head_tail_recall": "Min of head and tail recall",
+    "head_recall": "Head recall",
+    "tail_recall": "Tail recall",
+    "many_shot_recall": "Many-shot recall",
+    "medium_shot_recall": "Medium-shot recall",
+    "few_shot_recall": "Few-shot recall",
+    "accuracy": "Accuracy",
+}
+INDEX_METRICS = ("mean_recall", "min_recall", "h_mean", "g_mean", "min_coverage", "min_head_tail_recall")
+
+CITATIONS = {
+    "selmix": """@inproceedings{ramasubramanian2024selmix,
+  title     = {Selective Mixup Fine-Tuning for Optimizing Non-Decomposable Objectives},
+  author    = {Ramasubramanian, Shrinivas and Rangwani, Harsh and Takemori, Sho and Samanta, Kunal and
+               Umeda, Yuhei and Radhakrishnan, Venkatesh Babu},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2024}
+}""",
+    "autobalance": """@inproceedings{li2021autobalance,
+  title     = {AutoBalance: Optimized Loss Functions for Imbalanced Data},
+  author    = {Li, Mingchen and Zhang, Xuechen and Thrampoulidis, Christos and Chen, Jiasi and Oymak, Samet},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2021}
+}""",
+    "logit_adjusted": """@inproceedings{menon2021longtail,
+  title     = {Long-tail learning via logit adjustment},
+  author    = {Menon, Aditya Krishna and Jayasumana, Sadeep and Rawat, Ankit Singh and Jain, Himanshu and
+               Veit, Andreas and Kumar, Sanjiv},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2021}
+}""",
+}
+
+
+def objective_metrics(objective: str | None) -> list[str]:
+    """The report keys an objective is about: its metric, and the coverage it constrains if any."""
+    if not objective:
+        return []
+    if objective.endswith("_min_coverage"):
+        return [objective[: -len("_min_coverage")], "min_coverage"]
+    if objective.endswith("_min_head_tail_coverage"):
+        return [objective[: -len("_min_head_tail_coverage")]]
+    return [objective]
+
+
+def template_path() -> str:
+    """The Jinja template the trainers render (model_cards/model_card.md in the repository)."""
+    return str(resources.files("selmix_hf.model_cards").joinpath("model_card.md"))
+
+
+def _fmt(value: Any) -> str:
+    return "" if value is None else f"{float(value):.3f}"
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    return "; ".join(f"`{key}` = {value}" for key, value in settings.items() if value not in (None, {}, []))
+
+
+def _per_class(names: list[str], counts: Sequence[int] | None, after: dict, before: dict | None, limit: int) -> dict | None:
+    """Rows of the per-class recall table: every class up to `limit`, else the worst `limit // 2` and quartiles."""
+    keys = [f"recall_{name.replace(' ', '_')}" for name in names]
+    if not all(key in after for key in keys):
+        return None
+    recall = np.array([after[key] for key in keys])
+    rows = [
+        {"name": name, "count": "" if counts is None else int(counts[k]), "recall": _fmt(recall[k]),
+         "before": _fmt(before.get(keys[k])) if before else ""}
+        for k, name in enumerate(names)
+    ]
+    if len(names) <= limit:
+        return {"full": True, "rows": rows}
+    worst = np.argsort(recall, kind="stable")[: limit // 2]
+    quartiles = ", ".join(f"{q:.3f}" for q in np.quantile(recall, [0.25, 0.5, 0.75]))
+    return {"full": False, "rows": [rows[k] for k in worst], "num_classes": len(names), "quartiles": quartiles,
+            "zero": int((recall == 0).sum())}
+
+
+def _data_profile(names: list[str], counts: Sequence[int] | None, dataset_name: str | None) -> dict | None:
+    if counts is None or len(counts) == 0:
+        return None
+    counts = [int(c) for c in counts]
+    big, small = int(np.argmax(counts)), int(np.argmin(counts))
+    groups = shot_groups(counts)
+    return {
+        "description": f"{dataset_name}: " if dataset_name else "",
+        "num_classes": len(counts), "total": sum(counts), "largest": names[big], "max_count": counts[big],
+        "smallest": names[small], "min_count": counts[small],
+        "ratio": "undefined (a class has no sample)" if counts[small] == 0 else f"{counts[big] / counts[small]:.1f}",
+        "shots": " / ".join(str(len(groups[g])) for g in ("many", "medium", "few")),
+    }
+
+
+def _how_to_load(repo_id: str, task: str) -> str:
+    auto = "AutoModelForSequenceClassification" if task == "text-classification" else "AutoModelForImageClassification"
+    if task == "text-classification":
+        return (f'from transformers import pipeline\n\nclassifier = pipeline("text-classification", model="{repo_id}")\n'
+                f'print(classifier("an example sentence"))\n\n# or: transformers.{auto}.from_pretrained("{repo_id}")')
+    return (f'from transformers import pipeline\n\nclassifier = pipeline("image-classification", model="{repo_id}")\n'
+            f'print(classifier("path/to/image.jpg"))\n\n# or: transformers.{auto}.from_pretrained("{repo_id}")')
+
+
+def _intended_use(objective: str | None, split: str, task: str) -> str:
+    kind = "texts" if task == "text-classification" else "images"
+    aim = (f"It was fine-tuned for the objective `{objective}`, a metric over the whole confusion matrix: it trades "
+           "accuracy on frequent classes for that objective, so expect lower head-class recall than a model trained "
+           "for accuracy. " if objective else "")
+    return (f"A classifier of {kind} into the classes of its training data (see the label names in `config.json`). "
+            f"{aim}The reported metrics are measured on the `{split}` split under a uniform class prior; on data "
+            "whose classes or class frequencies differ, measure again before relying on them. Classes with few "
+            "training samples have noisy recall estimates.")
+
+
+def render_model_card(
+    *,
+    model_name: str,
+    class_names: Sequence[str],
+    class_counts: Sequence[int] | None = None,
+    results: dict[str, float] | None = None,
+    before: dict[str, float] | None = None,
+    eval_split: str = "test",
+    objective: str | None = None,
+    stages: Sequence[dict[str, Any]] = (),
+    task: str = "text-classification",
+    base_model: str | None = None,
+    dataset_name: str | None = None,
+    dataset_id: str | None = None,
+    repo_id: str | None = None,
+    license: str | None = None,
+    language: str | list[str] | None = None,
+    tags: Sequence[str] = (),
+    plot_file: str | None = None,
+    versions: str | None = None,
+    max_class_table: int = MAX_CLASS_TABLE,
+) -> ModelCard:
+    """A `ModelCard` with model-index entries for the non-decomposable metrics; no network, unknown parts left out."""
+    names = [str(n) for n in class_names]
+    if class_counts is not None and len(class_counts) != len(names):
+        raise ValueError(f"class_counts has {len(class_counts)} entries for {len(names)} classes")
+    optimised = objective_metrics(objective)
+    rows, eval_results = [], []
+    dataset_label = dataset_name or dataset_id or "training data's held-out split"
+    for key, label in METRIC_LABELS.items():
+        if results and results.get(key) is not None:
+            rows.append({"label": label, "value": _fmt(results[key]), "before": _fmt((before or {}).get(key)),
+                         "optimised": key in optimised})
+            if key in INDEX_METRICS:
+                eval_results.append(EvalResult(
+                    task_type=task, dataset_type=dataset_id or "custom", dataset_name=dataset_label,
+                    dataset_split=eval_split, metric_type=key, metric_value=round(float(results[key]), 4),
+                    metric_name=label + (" (optimised objective)" if key in optimised else ""),
+                    metric_config=objective if key in optimised else None,
+                ))
+    method_tags = {stage.get("method") for stage in stages}
+    card_data = ModelCardData(
+        model_name=model_name, library_name="transformers", license=license, language=language,
+        base_model=base_model, datasets=[dataset_id] if dataset_id else None, pipeline_tag=task,
+        tags=list(dict.fromkeys([*tags, "selmix-hf", "long-tail", "non-decomposable-metrics",
+                                 *sorted(t for t in method_tags if t)])),
+        eval_results=eval_results or None, metrics=["recall"] if eval_results else None,
+        selmix_objective=objective,
+    )
+    what = f"fine-tuned from [{base_model}](https://huggingface.co/{base_model})" if base_model else "fine-tuned"
+    steps = " then ".join(stage["title"] for stage in stages)
+    kind = task.replace("-", " ")
+    summary = (f"{'An' if kind[0] in 'aeiou' else 'A'} {kind} model {what}" + (f" on {dataset_name}" if dataset_name else "")
+               + (f" with selmix-hf: {steps}." if steps else "."))
+    if objective:
+        summary += f" Optimised for **{METRIC_LABELS.get(objective, objective)}** (`{objective}`)."
+    citations = [CITATIONS[key] for key in ("selmix", "autobalance", "logit_adjusted")
+                 if any(key in (stage.get("cite") or []) for stage in stages)]
+    return ModelCard.from_template(
+        card_data,
+        template_path=template_path(),
+        model_name=model_name,
+        summary=summary,
+        results=rows,
+        results_caption=(f"On the `{eval_split}` split ({dataset_label}); recall-based metrics under a uniform class "
+                         "prior, coverage = the share of predictions per class."),
+        has_before=bool(before) and bool(results),
+        before_label=(stages[-2]["title"] if len(stages) > 1 else "start"),
+        after_label="this model",
+        per_class=_per_class(names, class_counts, results, before, max_class_table) if results else None,
+        plot_file=plot_file,
+        data=_data_profile(names, class_counts, dataset_name),
+        stages=[{"title": s["title"], "description": s.get("description"), "settings": _settings_text(s["settings"])}
+                for s in stages],
+        versions=versions,
+        intended_use=_intended_use(objective, eval_split, task),
+        how_to_load=_how_to_load(repo_id or "path/to/this/model", task),
+        citations=citations,
+    )
+
+
+def task_of(model: Any) -> str:
+    """text-classification or image-classification, from the model class (what the card and the pipeline need)."""
+    name = type(model).__name__
+    return "image-classification" if "Image" in name or "Timm" in name else "text-classification"
+
+
+def looks_like_hub_id(name: str | None) -> bool:
+    """True for 'org/name' or 'name' ids that are not local paths (only those may be linked as base_model)."""
+    return bool(name) and not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+
+
+class ModelCardMixin:
+    """Trainer side of the cards: records each training stage in the model's config and renders the card offline."""
+
+    def card_stage(self) -> dict[str, Any]:
+        """This trainer's stage: title, method tag, what to cite and its settings (overridden by each trainer)."""
+        raise NotImplementedError
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`, then the finished stage is written into ``model.config`` (saved with the weights)."""
+        config = getattr(unwrap(self.model), "config", None)
+        if config is not None and getattr(config, BASE_MODEL_ATTRIBUTE, None) is None:
+            name = getattr(config, "_name_or_path", None)
+            setattr(config, BASE_MODEL_ATTRIBUTE, name if looks_like_hub_id(name) else None)
+        output = super().train(*args, **kwargs)
+        if config is not None:
+            stage = {**self.card_stage(), "output_dir": self.args.output_dir}
+            stages = [s for s in (getattr(config, STAGES_ATTRIBUTE, None) or []) if s.get("output_dir") != stage["output_dir"]]
+            setattr(config, STAGES_ATTRIBUTE, stages + [stage])
+        return output
+
+    def create_model_card(
+        self,
+        language: str | list[str] | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        *,
+        results: dict[str, float] | None = None,
+        before: dict[str, float] | None = None,
+        eval_split: str | None = None,
+        plot_file: str | None = None,
+        dataset_name: str | None = None,
+        max_class_table: int = MAX_CLASS_TABLE,
+    ) -> ModelCard | None:
+        """Write ``README.md`` into ``output_dir`` from the selmix-hf template; `Trainer.push_to_hub` calls this.
+
+        ``results`` (a `classification_report`, ideally with ``per_class=True``) and ``before`` (the starting
+        model's) give the metric tables; without them the last evaluation in the log history is used, and without
+        an evaluation the card has no results section. Nothing is fetched from the Hub.
+        """
+        if not self.is_world_process_zero():
+            return None
+        model = unwrap(self.model)
+        config = model.config
+        if results is None:
+            results, eval_split = _last_evaluation(self.state.log_history), eval_split or "evaluation"
+        task = (tasks[0] if isinstance(tasks, list) else tasks) or task_of(model)
+        id2label = getattr(config, "id2label", None) or {}
+        names = [str(id2label.get(k, id2label.get(str(k), k))) for k in range(self.num_labels)]
+        stages = list(getattr(config, STAGES_ATTRIBUTE, None) or [])
+        if not any(s.get("output_dir") == self.args.output_dir for s in stages) and self.state.global_step > 0:
+            stages.append(self.card_stage())  # trained here but the stage was not recorded (train() not used)
+        objective = next((s["objective"] for s in reversed(stages) if s.get("objective")), None)
+        base_model = finetuned_from or getattr(config, BASE_MODEL_ATTRIBUTE, None)
+        repo_id = self.args.hub_model_id or getattr(self, "hub_model_id", None)
+        dataset_id = dataset[0] if isinstance(dataset, list) else dataset
+        card = render_model_card(
+            model_name=model_name or (repo_id or os.path.basename(os.path.abspath(self.args.output_dir))).split("/")[-1],
+            class_names=names, class_counts=getattr(self, "class_counts", None), results=results, before=before,
+            eval_split=eval_split or "test", objective=objective, stages=stages, task=task, base_model=base_model,
+            dataset_name=dataset_name or dataset_id, dataset_id=dataset_id if looks_like_hub_id(dataset_id) else None,
+            repo_id=repo_id, license=license, language=language, tags=[tags] if isinstance(tags, str) else tags or (),
+            plot_file=plot_file, versions=_versions(), max_class_table=max_class_table,
+        )
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+        return card
+
+
+def optimisation_settings(trainer: Any, batch_name: str = "samples per step") -> dict[str, Any]:
+    """The settings every stage reports: steps, global batch, learning rate, optimiser, schedule, seed."""
+    a = trainer.args
+    return {
+        "steps": trainer.state.global_step,
+        batch_name: a.per_device_train_batch_size * a.world_size * a.gradient_accumulation_steps,
+        "learning_rate": a.learning_rate, "optim": str(getattr(a.optim, "value", a.optim)),
+        "lr_scheduler_type": str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)),
+        "weight_decay": a.weight_decay, "seed": a.seed,
+    }
+
+
+def _last_evaluation(log_history: list[dict[str, Any]]) -> dict[str, float] | None:
+    """The metrics of the last `evaluate()` in the log history, without their ``eval_`` prefix."""
+    for entry in reversed(log_history):
+        metrics = {k[len("eval_"):]: v for k, v in entry.items() if k.startswith("eval_")}
+        if any(key in metrics for key in METRIC_LABELS):
+            return metrics
+    return None
+
+
+def _versions() -> str:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return f"selmix-hf {__version__}, transformers {transformers.__version__}, torch {torch.__version__}"
+
+
+__all__ = ["ModelCardMixin", "render_model_card", "objective_metrics", "CITATIONS", "METRIC_LABELS", "task_of", "template_path"]

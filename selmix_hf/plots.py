@@ -1,0 +1,138 @@
+"""Figures of a run: per-class recall before/after, gain matrix and pair-sampling heatmaps; PNG and TensorBoard."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+MAX_TICK_LABELS = 60  # beyond this many classes the axes are not labelled class by class
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install 'selmix-hf[plots]' (or pip install matplotlib)") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def per_class_recall_figure(names: Sequence[str], after: Sequence[float], before: Sequence[float] | None = None,
+                            labels: tuple[str, str] = ("before", "after")) -> Any:
+    """Bars of each class's recall, before and after side by side, classes in the given order."""
+    plt = _pyplot()
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(min(24, max(6, 0.3 * len(names))), 4))
+    width = 0.4 if before is not None else 0.8
+    if before is not None:
+        ax.bar(x - width / 2, before, width, label=labels[0])
+    ax.bar(x + (width / 2 if before is not None else 0), after, width, label=labels[1])
+    if len(names) <= MAX_TICK_LABELS:
+        ax.set_xticks(x, [str(n) for n in names], rotation=60, ha="right", fontsize=7)
+    else:
+        ax.set_xlabel("class index")
+    ax.set_ylabel("recall")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap_figure(matrix: Any, names: Sequence[str], title: str, colorbar: str) -> Any:
+    """A K x K heatmap (rows: class i, the label kept; columns: class j, mixed in), e.g. the gains or P(i, j)."""
+    plt = _pyplot()
+    values = np.asarray(matrix, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    image = ax.imshow(values, cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=colorbar)
+    if len(names) <= MAX_TICK_LABELS // 2:
+        ticks = np.arange(len(names))
+        ax.set_xticks(ticks, [str(n) for n in names], rotation=90, fontsize=6)
+        ax.set_yticks(ticks, [str(n) for n in names], fontsize=6)
+    ax.set_xlabel("j (mixed-in class)")
+    ax.set_ylabel("i (label kept)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Any, path: str, tensorboard_writer: Any = None, tag: str | None = None, step: int = 0) -> str:
+    """Write the figure as PNG (atomically) and, given a TensorBoard writer, log it there too; then close it."""
+    plt = _pyplot()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+    if tensorboard_writer is not None:
+        tensorboard_writer.add_figure(tag or os.path.splitext(os.path.basename(path))[0], fig, global_step=step,
+                                      close=False)
+        tensorboard_writer.flush()
+    plt.close(fig)
+    return path
+
+
+def tensorboard_writer(trainer: Any) -> tuple[Any, bool]:
+    """(SummaryWriter, whether the caller must close it) when ``report_to`` includes tensorboard, else (None, False).
+
+    During training this is the Trainer's own writer; after training (the Trainer closes it) a new writer on the
+    same log directory, so the figures land in the run the scalars are in.
+    """
+    from transformers.integrations import TensorBoardCallback
+
+    if not trainer.is_world_process_zero():
+        return None, False
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):
+            if callback.tb_writer is not None:
+                return callback.tb_writer, False
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(log_dir=callback.logging_dir or os.path.join(trainer.args.output_dir, "runs")), True
+    return None, False
+
+
+def log_refresh_heatmaps(trainer: Any, names: Sequence[str]) -> bool:
+    """At a SelMix refresh: the new G and P as TensorBoard images (when report_to has tensorboard); True if logged."""
+    writer, owned = tensorboard_writer(trainer)
+    if writer is None:
+        return False
+    for attribute, title, bar in (("gains", "estimated gain G(i, j)", "gain"),
+                                  ("distribution", "pair distribution P(i, j)", "probability")):
+        fig = heatmap_figure(getattr(trainer, attribute).numpy(), names, title, bar)
+        writer.add_figure(f"selmix/{attribute}", fig, global_step=trainer.state.global_step)
+    writer.flush()
+    if owned:
+        writer.close()
+    return True
+
+
+def save_run_figures(trainer: Any, output_dir: str, names: Sequence[str], after: dict[str, float] | None,
+                     before: dict[str, float] | None = None, labels: tuple[str, str] = ("before", "after")) -> list[str]:
+    """The run's PNGs in output_dir (per-class recall; for SelMix the last gain matrix and P), also to TensorBoard."""
+    if not trainer.is_world_process_zero():
+        return []
+    writer, owned = tensorboard_writer(trainer)
+    step = trainer.state.global_step
+    written = []
+    keys = [f"recall_{str(n).replace(' ', '_')}" for n in names]
+    if after is not None and all(k in after for k in keys):
+        previous = [before[k] for k in keys] if before is not None and all(k in before for k in keys) else None
+        fig = per_class_recall_figure(names, [after[k] for k in keys], previous, labels)
+        written.append(save_figure(fig, os.path.join(output_dir, "per_class_recall.png"), writer, "per_class_recall", step))
+    for attribute, filename, title, bar in (("gains", "gain_matrix.png", "estimated gain G(i, j)", "gain"),
+                                            ("distribution", "sampling_distribution.png", "pair distribution P(i, j)",
+                                             "probability")):
+        matrix = getattr(trainer, attribute, None)
+        if matrix is not None:
+            fig = heatmap_figure(matrix.numpy(), names, title, bar)
+            written.append(save_figure(fig, os.path.join(output_dir, filename), writer, f"selmix/{attribute}", step))
+    if owned:
+        writer.close()
+    return written
+
+
+__all__ = ["heatmap_figure", "per_class_recall_figure", "save_figure", "save_run_figures", "log_refresh_heatmaps", "tensorboard_writer"]

@@ -1,0 +1,251 @@
+"""The two-stage recipe shared by the scripts in recipes/: logit-adjusted fine-tuning, then SelMix, then the outputs.
+
+Stage 1 (`LongTailTrainer`) trains in ``<output_dir>/_stage1`` (left out of Hub uploads), stage 2 (`SelMixTrainer`)
+in ``output_dir``; then the final model, its processor, the test metrics, the figures and the card are written to
+``output_dir`` and, with ``--push_to_hub``, uploaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from . import _compat
+from .config import SelMixConfig
+from .data import dataset_labels
+from .longtail_trainer import LongTailConfig, LongTailTrainer
+from .losses import LOSSES
+from .metrics import classification_report, make_compute_metrics
+from .plots import save_run_figures
+from .trainer import SelMixTrainer
+
+logger = logging.getLogger(__name__)
+
+REPORTED = ("mean_recall", "min_recall", "h_mean", "g_mean", "min_coverage", "min_head_tail_recall",
+            "many_shot_recall", "medium_shot_recall", "few_shot_recall", "accuracy")
+
+
+@dataclass
+class StageArguments:
+    """Which stages run and stage 1's own settings (stage 2 uses the SelMix / Trainer arguments)."""
+
+    run_stage1: bool = field(default=True, metadata={"help": "Run stage 1 (long-tailed loss fine-tuning)."})
+    run_stage2: bool = field(default=True, metadata={"help": "Run stage 2 (SelMix for the objective)."})
+    stage1_checkpoint: str | None = field(
+        default=None, metadata={"help": "Start stage 2 from this stage-1 model (a folder or Hub id); skips stage 1."}
+    )
+    stage1_loss_type: str = field(default="logit_adjusted", metadata={"help": f"Stage-1 loss, one of: {', '.join(LOSSES)}."})
+    stage1_loss_options: str | None = field(default=None, metadata={"help": "Stage-1 loss options as JSON."})
+    stage1_learning_rate: float = field(default=1e-4, metadata={"help": "Stage-1 learning rate (whole model)."})
+    stage1_optim: str = field(default="adamw_torch", metadata={"help": "Stage-1 optimizer (a TrainingArguments optim)."})
+    stage1_weight_decay: float = field(default=0.01, metadata={"help": "Stage-1 weight decay."})
+    stage1_num_train_epochs: float = field(default=3.0, metadata={"help": "Stage-1 epochs (ignored if stage1_max_steps > 0)."})
+    stage1_max_steps: int = field(default=-1, metadata={"help": "Stage-1 optimiser steps; -1: use the epochs."})
+    stage1_per_device_train_batch_size: int | None = field(
+        default=None, metadata={"help": "Stage-1 samples per device and step; default twice the SelMix pairs (same volume)."}
+    )
+    plots: bool = field(default=True, metadata={"help": "Write the figures (needs matplotlib)."})
+
+
+@dataclass
+class CardArguments:
+    """What the model card says that the run cannot know."""
+
+    card_license: str | None = field(default=None, metadata={"help": "License of the model, e.g. apache-2.0."})
+    card_language: str | None = field(default=None, metadata={"help": "Language code(s) of a text model, comma-separated."})
+    card_model_name: str | None = field(default=None, metadata={"help": "Title of the card; default the Hub repo's name."})
+    card_max_class_table: int = field(default=50, metadata={"help": "List every class up to this many; beyond, the worst half."})
+
+
+def parse_recipe_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None, default_config: str | None) -> tuple:
+    """HfArgumentParser over the dataclasses; a YAML file (``--config``, default the recipe's) gives the defaults,
+    the command line overrides them. An unknown key in the YAML or on the command line is an error naming it."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config = default_config
+    if "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            raise SystemExit("--config needs a YAML file")
+        config = argv[at + 1]
+        del argv[at : at + 2]
+    parser = HfArgumentParser(dataclass_types)
+    parser.allow_abbrev = False  # a mistyped flag is an error, not silently the flag it abbreviates
+    if config:
+        if not os.path.isfile(config):
+            raise FileNotFoundError(f"config file {config} does not exist")
+        with open(config) as fh:
+            values = yaml.safe_load(fh) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{config} must be a YAML mapping of argument names to values")
+        known = {f.name for cls in dataclass_types for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{config}: unknown key(s) {', '.join(unknown)}; see `--help` for the valid arguments")
+        # YAML values become command-line defaults: the arguments given on the command line still win.
+        prefix = []
+        for key, value in values.items():
+            if isinstance(value, bool) or value is None:
+                prefix += [f"--{key}", str(value)] if value is not None else []
+            elif isinstance(value, (list, tuple)):
+                prefix += [f"--{key}", *map(str, value)]
+            elif isinstance(value, dict):
+                prefix += [f"--{key}", json.dumps(value)]
+            else:
+                prefix += [f"--{key}", str(value)]
+        argv = prefix + argv
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def stage1_config(args: SelMixConfig, stages: StageArguments, final: bool = False) -> LongTailConfig:
+    """Stage 1's TrainingArguments: the run's own, with stage 1's lr, length, batch and loss, in ``_stage1``
+    (in output_dir itself, pushed as the run's model, when stage 1 is the ``final`` stage)."""
+    shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+    shared.update(
+        output_dir=args.output_dir if final else os.path.join(args.output_dir, "_stage1"),
+        learning_rate=stages.stage1_learning_rate,
+        optim=stages.stage1_optim,
+        optim_args=None,
+        weight_decay=stages.stage1_weight_decay,
+        num_train_epochs=stages.stage1_num_train_epochs,
+        max_steps=stages.stage1_max_steps,
+        per_device_train_batch_size=stages.stage1_per_device_train_batch_size or 2 * args.per_device_train_batch_size,
+        push_to_hub=args.push_to_hub and final,
+        resume_from_checkpoint=None,
+    )
+    for name in ("logging_dir",):  # derived from output_dir in __post_init__; recompute it for _stage1
+        if name in shared:
+            shared[name] = None
+    return LongTailConfig(loss_type=stages.stage1_loss_type, loss_options=stages.stage1_loss_options, **shared)
+
+
+def hub_splits(
+    dataset: Any, label_column: str, split_names: dict[str, str], holdout_per_class: int, seed: int
+) -> dict[str, Any]:
+    """train / validation / test from a loaded DatasetDict; a missing validation or test split is held out of train
+    (``holdout_per_class`` samples of every class, seeded), and the label column is renamed to ``label``."""
+    from .data import balanced_split
+
+    if split_names["train"] not in dataset:
+        raise ValueError(f"the dataset has no {split_names['train']!r} split; its splits are {list(dataset)}")
+    out = {"train": dataset[split_names["train"]]}
+    for role in ("test", "validation"):
+        name = split_names[role]
+        if name and name in dataset:
+            out[role] = dataset[name]
+        else:
+            logger.warning("no %r split: holding out %d samples per class of train as %s", name, holdout_per_class, role)
+            out[role], out["train"] = balanced_split(out["train"], holdout_per_class, label_column=label_column,
+                                                     seed=seed + (role == "validation"))
+    if label_column != "label":
+        out = {k: v.rename_column(label_column, "label") for k, v in out.items()}
+    return out
+
+
+def _resume_point(output_dir: str, wanted: bool) -> str | None:
+    """The last checkpoint in output_dir when resuming was asked for and there is one."""
+    if not wanted or not os.path.isdir(output_dir):
+        return None
+    return _compat.get_last_checkpoint(output_dir)
+
+
+def test_report(trainer: Any, test: Any, names: Sequence[str], counts: Sequence[int]) -> dict[str, float]:
+    """The full metric table of the trainer's model on the test split (gathered over processes)."""
+    output = trainer.predict(test, metric_key_prefix="test")
+    return classification_report(output.label_ids, np.asarray(output.predictions).argmax(-1), len(names),
+                                 class_counts=counts, per_class=True, class_names=names)
+
+
+def format_table(before: dict[str, float] | None, after: dict[str, float]) -> str:
+    """The before/after metric table as fixed-width text for the log."""
+    lines = [f"{'test metric':28s}{'before' if before else '':>10s}{'after':>10s}"]
+    for key in REPORTED:
+        if key in after:
+            lines.append(f"{key:28s}{(f'{before[key]:.3f}' if before else ''):>10s}{after[key]:10.3f}")
+    return "\n".join(lines)
+
+
+def run_two_stages(
+    *,
+    model: Any,
+    args: SelMixConfig,
+    stages: StageArguments,
+    card: CardArguments,
+    splits: dict[str, Any],
+    class_names: Sequence[str],
+    processing_class: Any = None,
+    data_collator: Callable | None = None,
+    dataset_id: str | None = None,
+    dataset_name: str | None = None,
+) -> dict[str, Any]:
+    """Stage 1 -> test report -> stage 2 -> test report -> model, figures, metrics, card (and the Hub upload)."""
+    for name in ("train", "validation", "test"):
+        if splits.get(name) is None:
+            raise ValueError(f"the recipe needs a {name} split")
+    if stages.stage1_checkpoint:
+        stages.run_stage1 = False
+    if not stages.run_stage1 and not stages.run_stage2:
+        raise ValueError("both stages are switched off (run_stage1 and run_stage2 are false): nothing to train")
+    resume = bool(args.resume_from_checkpoint)
+    names = list(class_names)
+    counts = np.bincount(dataset_labels(splits["train"]), minlength=len(names)).tolist()
+    common = dict(train_dataset=splits["train"], eval_dataset=splits["validation"], processing_class=processing_class,
+                  data_collator=data_collator, compute_metrics=make_compute_metrics(len(names), class_counts=counts))
+    before, trainer = None, None
+    if stages.run_stage1:
+        config1 = stage1_config(args, stages, final=not stages.run_stage2)
+        done = os.path.join(config1.output_dir, "config.json")
+        if resume and stages.run_stage2 and os.path.exists(done):  # this run's stage 1 finished before: reuse it
+            logger.info("resuming: stage 1 already finished in %s", config1.output_dir)
+            model = type(model).from_pretrained(config1.output_dir)
+        else:
+            trainer = LongTailTrainer(model=model, args=config1, **common)
+            trainer.train(resume_from_checkpoint=_resume_point(config1.output_dir, resume))
+            if stages.run_stage2:
+                trainer.save_model(config1.output_dir)
+            model = trainer.model
+    if stages.run_stage2:
+        trainer = SelMixTrainer(model=model, args=args, **common)
+        if stages.run_stage1 or stages.stage1_checkpoint:  # the starting point's test metrics, for the comparison
+            before = test_report(trainer, splits["test"], names, counts)
+        trainer.train(resume_from_checkpoint=_resume_point(args.output_dir, resume))
+    after = test_report(trainer, splits["test"], names, counts)
+    if trainer.is_world_process_zero():
+        print(f"\ntest metrics ({args.output_dir}, world size {args.world_size}):\n{format_table(before, after)}")
+    return finish(trainer, after, before, names, stages, card, dataset_id, dataset_name)
+
+
+def finish(trainer: Any, after: dict[str, float], before: dict[str, float] | None, names: Sequence[str],
+           stages: StageArguments, card: CardArguments, dataset_id: str | None, dataset_name: str | None
+           ) -> dict[str, Any]:
+    """Final model + processor, metrics JSON, figures and card into output_dir; the Hub upload when asked."""
+    out = trainer.args.output_dir
+    trainer.save_model(out)
+    if trainer.is_world_process_zero():
+        trainer.save_metrics("test", {f"test_{k}": v for k, v in after.items()}, combined=False)
+        with open(os.path.join(out, "test_metrics_before_after.json"), "w") as fh:
+            json.dump({"before": before, "after": after}, fh, indent=2)
+    figures = save_run_figures(trainer, out, names, after, before, ("start of stage 2", "final model")) if stages.plots else []
+    card_kwargs = dict(
+        license=card.card_license, language=card.card_language.split(",") if card.card_language else None,
+        model_name=card.card_model_name, dataset=dataset_id, dataset_name=dataset_name, results=after, before=before, eval_split="test",
+        plot_file="per_class_recall.png" if any(f.endswith("per_class_recall.png") for f in figures) else None,
+        max_class_table=card.card_max_class_table,
+    )
+    trainer.create_model_card(**card_kwargs)
+    pushed = None
+    if trainer.args.push_to_hub:
+        pushed = trainer.push_to_hub(commit_message="selmix-hf: final model, metrics and card", **card_kwargs)
+    return {"before": before, "after": after, "figures": figures, "trainer": trainer, "pushed": pushed}
+
+
+__all__ = ["CardArguments", "StageArguments", "format_table", "hub_splits", "parse_recipe_arguments", "run_two_stages", "stage1_config"]
