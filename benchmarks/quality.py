@@ -31,6 +31,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "quality")
+PROBES = os.path.join(ROOT, "benchmarks", "results", "quality_probes")
 CHECKPOINTS = os.path.join(ROOT, "outputs", "quality_stage1")
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 MARKERS = ("<!-- quality:begin -->", "<!-- quality:end -->")
@@ -96,7 +97,13 @@ def stage1_model(dataset: str, seed: int, splits, model, text: bool):
     return trainer.model
 
 
-def run_cell(dataset: str, seed: int, method: str, splits, model, text: bool, counts: list[int]) -> dict:
+def run_cell(dataset: str, seed: int, method: str, splits, model, text: bool, counts: list[int],
+             names: list[str] | None = None, overrides: dict | None = None, budget_overrides: dict | None = None,
+             out_name: str | None = None) -> dict:
+    """Train one stage-2 method from ``model`` and report the final model on test and validation.
+
+    ``overrides`` / ``budget_overrides`` change the method's options / the dataset budget (probes only).
+    """
     from selmix_hf import (
         AutoBalanceConfig,
         AutoBalanceTrainer,
@@ -108,8 +115,10 @@ def run_cell(dataset: str, seed: int, method: str, splits, model, text: bool, co
     )
 
     kind, options = METHODS[method]
-    budget = BUDGET[dataset]
-    args = common_args(os.path.join(ROOT, "outputs", "quality_runs", dataset, f"seed{seed}", method), seed, text)
+    options = {**options, **(overrides or {})}
+    budget = {**BUDGET[dataset], **(budget_overrides or {})}
+    args = common_args(os.path.join(ROOT, "outputs", "quality_runs", dataset, f"seed{seed}", out_name or method), seed,
+                       text)
     steps = dict(max_steps=budget["stage2_steps"])
     data = dict(train_dataset=splits["train"], eval_dataset=splits["validation"])
     if kind == "none":
@@ -133,10 +142,11 @@ def run_cell(dataset: str, seed: int, method: str, splits, model, text: bool, co
     for split in ("test", "validation"):
         output = trainer.predict(splits[split])
         reports[split] = classification_report(output.label_ids, output.predictions.argmax(-1), len(counts),
-                                               class_counts=counts)
+                                               class_counts=counts, per_class=names is not None, class_names=names)
     seconds = time.time() - started  # training, its own validation passes, and the two predictions
     return {"dataset": dataset, "seed": seed, "method": method, "seconds": seconds, "metrics": reports["test"],
-            "validation_metrics": reports["validation"], "settings": {"kind": kind, **options, **budget}}
+            "validation_metrics": reports["validation"], "settings": {"kind": kind, **options, **budget},
+            "refresh_logs": [e for e in trainer.state.log_history if any("/" in k for k in e)]}
 
 
 def cell_path(dataset: str, seed: int, method: str) -> str:
@@ -180,7 +190,7 @@ def run_grid(datasets: list[str], seeds: list[int], methods: list[str], revalida
             for method in todo:
                 torch.manual_seed(seed)
                 start_model.load_state_dict(state)
-                cell = run_cell(dataset, seed, method, splits, start_model, text, counts)
+                cell = run_cell(dataset, seed, method, splits, start_model, text, counts, names)
                 path = cell_path(dataset, seed, method)
                 if os.path.exists(path):  # --revalidate: say whether the rerun reproduced the recorded test metrics
                     with open(path) as fh:
@@ -254,6 +264,74 @@ def write_report() -> None:
         fh.write(doc)
 
 
+def run_probe(dataset: str, seed: int, name: str, method: str, overrides: dict, budget_overrides: dict) -> dict:
+    """One stage-2 variant outside the grid (benchmarks/results/quality_probes/), from the same stage-1 checkpoint."""
+    splits, names, model, _ = load_task(dataset, seed)
+    text = dataset == "wordnet"
+    counts = np.bincount(splits["train"]["label"], minlength=len(names)).tolist()
+    start_model = stage1_model(dataset, seed, splits, model, text)
+    torch.manual_seed(seed)
+    cell = run_cell(dataset, seed, method, splits, start_model, text, counts, names, overrides, budget_overrides,
+                    out_name=f"probe_{name}")
+    cell["probe"] = {"name": name, "base_method": method, "overrides": overrides, "budget_overrides": budget_overrides,
+                     "command": " ".join(["benchmarks/quality.py", *sys.argv[1:]])}
+    write_json(os.path.join(PROBES, dataset, f"seed{seed}", f"{name}.json"), cell)
+    m, v = cell["metrics"], cell["validation_metrics"]
+    print(f"  probe {name} ({dataset} seed {seed}): test mean recall {m['mean_recall']:.3f}, min recall "
+          f"{m['min_recall']:.3f}; validation mean recall {v['mean_recall']:.3f}, min recall {v['min_recall']:.3f} "
+          f"({cell['seconds']:.0f} s)", flush=True)
+    return cell
+
+
+def diagnose_class(dataset: str, seed: int, class_name: str) -> dict:
+    """Where one class stands at the stage-1 checkpoint: its confusion rows (validation, test) and, per gain
+    estimator, objective and temperature, how the first refresh's gains and pair distribution treat pairs labelled
+    with it. Saved as quality_probes/<dataset>/seed<k>/diagnose_<class>.json."""
+    from selmix_hf import SelMixConfig, SelMixTrainer
+    from selmix_hf.gains import sampling_distribution
+
+    splits, names, model, _ = load_task(dataset, seed)
+    text = dataset == "wordnet"
+    model = stage1_model(dataset, seed, splits, model, text)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    k = names.index(class_name)
+    result: dict = {"class": class_name, "index": k,
+                    "train_count": int(np.bincount(splits["train"]["label"], minlength=len(names))[k]), "splits": {}}
+    for estimator in ("selmix", "exact"):
+        for objective in ("min_recall", "mean_recall"):
+            model.load_state_dict(state)
+            trainer = SelMixTrainer(model=model, train_dataset=splits["train"], eval_dataset=splits["validation"],
+                                    args=SelMixConfig(objective=objective, gain_estimator=estimator, max_steps=1,
+                                                      **common_args(os.path.join(CHECKPOINTS, "diagnose"), seed, text)))
+            trainer.refresh()
+            gains = trainer.gains
+            if not result["splits"]:
+                for split in ("validation", "test"):
+                    output = trainer.predict(splits[split])
+                    logits, labels = output.predictions[output.label_ids == k], output.label_ids
+                    predicted = output.predictions.argmax(-1)
+                    row = np.bincount(predicted[labels == k], minlength=len(names))
+                    probs = torch.softmax(torch.as_tensor(logits), dim=-1)[:, k]
+                    result["splits"][split] = {
+                        "samples": int((labels == k).sum()), "times_predicted": int((predicted == k).sum()),
+                        "row": {names[j]: int(c) for j, c in enumerate(row) if c},
+                        "mean_probability": float(probs.mean()),
+                        "rank_of_own_logit": (logits > logits[:, [k]]).sum(1).tolist(),
+                        "zero_recall_classes": [names[j] for j in range(len(names))
+                                                if not (predicted[labels == j] == j).any()]}
+            entry = {"max_gain": float(gains.max()), "max_gain_of_row": float(gains[k].max()),
+                     "pairs_above_best_of_row": int((gains.flatten() > gains[k].max()).sum()),
+                     "best_pairs": [(names[i // len(names)], names[i % len(names)], float(gains.flatten()[i]))
+                                    for i in torch.argsort(gains.flatten(), descending=True)[:3].tolist()]}
+            for scale_free, temperature in ((False, 0.1), (True, 1.0)):
+                p = sampling_distribution(gains, temperature, 1e-8, scale_free)
+                entry[f"row_mass_T{temperature}{'_sf' if scale_free else ''}"] = float(p[k].sum())
+            result[f"{estimator}/{objective}"] = entry
+    write_json(os.path.join(PROBES, dataset, f"seed{seed}", f"diagnose_{class_name}.json"), result)
+    print(json.dumps(result, indent=1))
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=list(BUDGET), choices=list(BUDGET))
@@ -262,10 +340,22 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite the tables from the finished cells")
     parser.add_argument("--revalidate", action="store_true",
                         help="also rerun the selected cells that lack validation metrics (recorded before they existed)")
+    parser.add_argument("--probe", metavar="NAME", help="run one variant of --methods[0] outside the grid, for "
+                        "the first --datasets / --seeds, saved as quality_probes/<dataset>/seed<k>/NAME.json")
+    parser.add_argument("--diagnose", metavar="CLASS", help="the stage-1 confusion row of CLASS and the first "
+                        "refresh's gains of pairs labelled CLASS (first --datasets / --seeds)")
+    parser.add_argument("--options", default="{}", help="probe: JSON options overriding the method's")
+    parser.add_argument("--stage2-steps", type=int, help="probe: stage-2 steps instead of the budget's")
+    parser.add_argument("--refresh", type=int, help="probe: refresh interval instead of the budget's")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.report:
         write_report()
+    elif args.diagnose:
+        diagnose_class(args.datasets[0], args.seeds[0], args.diagnose)
+    elif args.probe:
+        budget = {k: v for k, v in {"stage2_steps": args.stage2_steps, "refresh": args.refresh}.items() if v}
+        run_probe(args.datasets[0], args.seeds[0], args.probe, args.methods[0], json.loads(args.options), budget)
     else:
         run_grid(args.datasets, args.seeds, args.methods, args.revalidate)
 
