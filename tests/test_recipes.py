@@ -158,13 +158,14 @@ def test_resumed_run_continues_where_it_stopped(text_data, tmp_path):
 @pytest.mark.slow
 def test_two_processes_with_accelerate_launch(text_data, tmp_path):
     out = tmp_path / "two_ranks"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
+    # accelerate's multi-process launcher; with no GPU the processes talk over gloo (--use_cpu true in FAST)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
                "1", "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "recipes", "bert_text_lt.py"),
                *text_args(text_data, out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "world size 2" in done.stdout and done.stdout.count("test metric") == 1  # the table is printed once
+    assert "world size 2" in done.stdout and done.stdout.count("test metrics (") == 1  # printed once
     stages = json.load(open(out / "config.json"))["selmix_hf_stages"]
     assert stages[1]["settings"]["pairs per step"] == 2 * 4  # two processes of 4 pairs
     assert stages[0]["settings"]["samples per step"] == 2 * 16
@@ -227,3 +228,42 @@ def test_shipped_configs_only_use_known_keys():
         flat = {k: v for part in parsed for k, v in vars(part).items()}
         for key in ("objective", "learning_rate", "stage1_learning_rate", "max_steps"):
             assert flat[key] == values[key]
+
+
+# -- publishing -------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_push_to_hub_uploads_a_loadable_model_with_its_card(image_data, tmp_path):
+    """The ViT recipe with --push_to_hub against a local Hub on 127.0.0.1 (HF_ENDPOINT, dummy token)."""
+    from PIL import Image
+
+    from hub_server import LocalHub
+
+    out = tmp_path / "pushed_run"
+    with LocalHub(tmp_path / "hub") as hub:
+        command = [sys.executable, os.path.join(ROOT, "recipes", "vit_imagenet_lt.py"),
+                   *image_args(image_data, out, "--push_to_hub", "true", "--hub_model_id", "user/vit-lt",
+                               "--card_license", "apache-2.0")]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
+                              env=hub.client_env(tmp_path / "hf_home"))
+        assert done.returncode == 0, done.stderr[-3000:] + f"\nhub log: {hub.log}"
+        assert not hub.unhandled
+        repo = hub.repo_dir("user/vit-lt")
+        uploaded = {p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()}
+        assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md",
+                "per_class_recall.png", "test_results.json"} <= uploaded
+        assert not any(name.startswith(("_stage1", "checkpoint-")) for name in uploaded)
+        assert any("selmix-hf" in commit.message for commit in hub.commits("user/vit-lt"))
+    meta = card_yaml(repo)
+    metrics = {m["type"]: m["value"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    local = json.load(open(out / "test_results.json"))
+    assert metrics["min_recall"] == pytest.approx(local["test_min_recall"], abs=1e-4)
+    assert meta["license"] == "apache-2.0" and "user/vit-lt" in open(repo / "README.md").read()
+    # the uploaded files alone reproduce the trained model's predictions on test images
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(repo)
+    data, _ = image_data
+    paths = [line.split()[0] for line in open(os.path.join(data, "ImageNet_LT_test.txt"))][::3]
+    images = [Image.open(os.path.join(data, p)).convert("RGB") for p in paths]
+    inputs = dict(processor(images, return_tensors="pt"))
+    np.testing.assert_allclose(predictions(str(repo), inputs), predictions(str(out), inputs), atol=1e-6)
