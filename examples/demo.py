@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 
 from selmix_hf import LongTailConfig, LongTailTrainer, SelMixConfig, SelMixTrainer, classification_report
 from selmix_hf.local_datasets import fashion_mnist_lt, wordnet_lt
+from selmix_hf.plots import save_run_figures
 from selmix_hf.pretrained import (
     EFFICIENTNET_MEAN,
     EFFICIENTNET_STD,
@@ -26,6 +28,10 @@ from selmix_hf.pretrained import (
     load_minilm_classifier,
 )
 
+MODEL_NAMES = {"text": "MiniLM-L6 (all-MiniLM-L6-v2 weights) on WordNet-LT",
+               "image": "EfficientNet-Lite0 (ImageNet weights) on Fashion-MNIST-LT"}
+DATASET_NAMES = {"text": "WordNet-LT (WordNet 3.0 noun glosses labelled by their 26 supersenses; demo-size split)",
+                 "image": "Fashion-MNIST-LT (imbalance ratio 100, images at 32 px)"}
 SHOWN = ["mean_recall", "min_recall", "h_mean", "g_mean", "min_coverage", "many_shot_recall", "medium_shot_recall",
          "few_shot_recall"]
 
@@ -65,62 +71,6 @@ def test_report(trainer, test, names: list[str], counts: list[int]) -> dict[str,
                                  per_class=True, class_names=names)
 
 
-def plot_recalls(before: dict, after: dict, names: list[str], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(names)), 4))
-    ax.bar(x - 0.2, [before[f"recall_{n.replace(' ', '_')}"] for n in names], 0.4, label="stage 1 (logit adjusted)")
-    ax.bar(x + 0.2, [after[f"recall_{n.replace(' ', '_')}"] for n in names], 0.4, label="stage 2 (SelMix, min recall)")
-    ax.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel("test recall")
-    ax.set_ylim(0, 1)
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_card(path: str, task: str, reports: dict, counts: list[int], names: list[str], settings: dict) -> None:
-    rows = "\n".join(f"| {key} | {reports['before'][key]:.3f} | {reports['after'][key]:.3f} |" for key in SHOWN
-                     if key in reports["before"])
-    data = "WordNet 3.0 noun glosses labelled by supersense (WordNet-LT)" if task == "text" else "Fashion-MNIST-LT"
-    card = f"""---
-library_name: transformers
-tags: [selmix, long-tail, non-decomposable-metrics]
----
-
-# SelMix demo model ({task})
-
-Fine-tuned by `selmix-hf`'s demo: stage 1 logit-adjusted fine-tuning, stage 2 SelMix for **min recall**.
-This is a demo-size run (a few hundred steps on CPU), not a tuned model.
-
-## Test metrics (balanced test split)
-
-| metric | stage 1 | stage 2 (SelMix) |
-|---|---:|---:|
-{rows}
-
-## Training data
-
-{data}: {len(counts)} classes, {sum(counts)} training samples, {max(counts)} in the largest class and {min(counts)} in
-the smallest (imbalance {max(counts) / min(counts):.0f}).
-
-## Settings
-
-```json
-{json.dumps(settings, indent=2)}
-```
-
-Citation: Ramasubramanian et al., *Selective Mixup Fine-Tuning for Optimizing Non-Decomposable Objectives*, ICLR 2024.
-"""
-    with open(path, "w") as fh:
-        fh.write(card)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=["text", "image"], default="text")
@@ -150,11 +100,12 @@ def main(argv: list[str] | None = None) -> dict:
     stage1.train()
     before = test_report(stage1, splits["test"], names, counts)
 
+    final = os.path.join(args.output_dir, "model")
     settings = dict(objective="min_recall", max_steps=args.stage2_steps, per_device_train_batch_size=args.batch_size // 2,
                     gain_refresh_steps=args.refresh_steps, learning_rate=3e-4, backbone_lr_ratio=0.1,
                     gain_estimator=args.gain_estimator)
     stage2 = SelMixTrainer(model=stage1.model, train_dataset=splits["train"], eval_dataset=splits["validation"],
-                           args=SelMixConfig(output_dir=os.path.join(args.output_dir, "stage2"), **settings, **common))
+                           args=SelMixConfig(output_dir=final, **settings, **common))
     print("\n== stage 2: SelMix for min recall")
     stage2.train()
     after = test_report(stage2, splits["test"], names, counts)
@@ -163,14 +114,16 @@ def main(argv: list[str] | None = None) -> dict:
     for key in SHOWN:
         if key in before:
             print(f"{key:40s} {before[key]:12.3f} {after[key]:17.3f}")
-    final = os.path.join(args.output_dir, "model")
     stage2.save_model(final)
     if tokenizer is not None:
         tokenizer.save_pretrained(final)
-    plot_recalls(before, after, names, os.path.join(args.output_dir, "per_class_recall.png"))
-    write_card(os.path.join(final, "README.md"), args.task, {"before": before, "after": after}, counts, names,
-               {"stage1": {"loss": "logit_adjusted", "steps": args.stage1_steps, "learning_rate": args.stage1_lr},
-                "stage2": settings, "seed": args.seed})
+    # the library's figures and card (model_cards/model_card.md), as the recipes write them
+    save_run_figures(stage2, final, names, after, before, ("stage 1 (logit adjusted)", "stage 2 (SelMix, min recall)"))
+    shutil.copy(os.path.join(final, "per_class_recall.png"), os.path.join(args.output_dir, "per_class_recall.png"))
+    stage2.create_model_card(
+        model_name=f"{MODEL_NAMES[args.task]}, SelMix for min recall (selmix-hf demo)", results=after, before=before,
+        eval_split="test", dataset_name=DATASET_NAMES[args.task], plot_file="per_class_recall.png",
+    )
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as fh:
         json.dump({"before": before, "after": after}, fh, indent=2)
     print(f"\nwrote {final} (model + card), per_class_recall.png and metrics.json to {args.output_dir} "
