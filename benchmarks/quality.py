@@ -132,9 +132,10 @@ def run_cell(dataset: str, seed: int, method: str, splits, model, text: bool, co
             per_device_train_batch_size=budget["batch"], learning_rate=1e-4, hyper_update_steps=budget["refresh"],
             hyper_batches=4, **options, **steps, **args))
     else:
+        settings = {"learning_rate": 3e-4, "backbone_lr_ratio": 0.1, **options}  # a probe may override the lrs
         trainer = SelMixTrainer(model=model, **data, args=SelMixConfig(
-            per_device_train_batch_size=budget["batch"] // 2, gain_refresh_steps=budget["refresh"], learning_rate=3e-4,
-            backbone_lr_ratio=0.1, **options, **steps, **args))
+            per_device_train_batch_size=budget["batch"] // 2, gain_refresh_steps=budget["refresh"], **settings, **steps,
+            **args))
     started = time.time()
     if kind != "none":
         trainer.train()
