@@ -21,7 +21,14 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from selmix_hf import SelMixConfig
 from selmix_hf.data import make_long_tailed
-from selmix_hf.recipe import CardArguments, StageArguments, hub_splits, parse_recipe_arguments, run_two_stages
+from selmix_hf.recipe import (
+    CardArguments,
+    SplitArguments,
+    StageArguments,
+    hub_splits,
+    parse_recipe_arguments,
+    run_two_stages,
+)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "bert_text_lt.yaml")
 BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -36,19 +43,12 @@ class ModelArguments:
 
 
 @dataclass
-class TextDataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id (or use the *_file flags)."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
+class TextDataArguments(SplitArguments):
     train_file: str | None = field(default=None, metadata={"help": "Local training file: csv, json, jsonl or parquet."})
     validation_file: str | None = field(default=None, metadata={"help": "Local validation file (else held out of train)."})
     test_file: str | None = field(default=None, metadata={"help": "Local test file (else held out of train)."})
     text_column: str = field(default="text", metadata={"help": "Column with the text."})
     text_pair_column: str | None = field(default=None, metadata={"help": "Column with a second text, for pair tasks."})
-    label_column: str = field(default="label", metadata={"help": "Column with the label (class id or name)."})
-    train_split: str = field(default="train", metadata={"help": "Name of the training split."})
-    validation_split: str = field(default="validation", metadata={"help": "Name of the validation split."})
-    test_split: str = field(default="test", metadata={"help": "Name of the test split."})
-    holdout_per_class: int = field(default=20, metadata={"help": "Per class, held out of train for a missing split."})
     imbalance_ratio: float | None = field(default=None, metadata={"help": "Subsample train to this max/min class ratio."})
     imbalance_n_max: int | None = field(default=None, metadata={"help": "Size of the largest class after subsampling."})
 
@@ -101,8 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         for column in filter(None, (data.text_column, data.text_pair_column)):
             if column not in split.column_names:
                 raise ValueError(f"no text column {column!r}; the columns are {split.column_names}")
-    split_names = {"train": data.train_split, "validation": data.validation_split, "test": data.test_split}
-    splits = hub_splits(raw, data.label_column, split_names, data.holdout_per_class, args.seed)
+    splits = hub_splits(raw, data.label_column, data.split_names(), data.holdout_per_class, args.seed)
     if data.imbalance_ratio:
         splits["train"] = make_long_tailed(splits["train"], data.imbalance_ratio, n_max=data.imbalance_n_max, seed=args.seed)
     source = stages.stage1_checkpoint or model_args.model_name_or_path

@@ -19,7 +19,14 @@ from dataclasses import dataclass, field
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from selmix_hf import SelMixConfig
-from selmix_hf.recipe import CardArguments, StageArguments, hub_splits, parse_recipe_arguments, run_two_stages
+from selmix_hf.recipe import (
+    CardArguments,
+    SplitArguments,
+    StageArguments,
+    hub_splits,
+    parse_recipe_arguments,
+    run_two_stages,
+)
 from selmix_hf.split_files import load_split_files, with_image_transform
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "vit_imagenet_lt.yaml")
@@ -36,21 +43,14 @@ class ModelArguments:
 
 
 @dataclass
-class ImageDataArguments:
+class ImageDataArguments(SplitArguments):
     image_root: str | None = field(default=None, metadata={"help": "Folder of the images (ImageNet-LT root)."})
     splits_dir: str | None = field(default=None, metadata={"help": "Folder of the split files; default image_root."})
     train_split_file: str = field(default="ImageNet_LT_train.txt", metadata={"help": "Training split file name."})
     validation_split_file: str = field(default="ImageNet_LT_val.txt", metadata={"help": "Validation split file name."})
     test_split_file: str = field(default="ImageNet_LT_test.txt", metadata={"help": "Test split file name."})
     check_images: bool = field(default=True, metadata={"help": "Check that every listed image exists before training."})
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id, used when image_root is not set."})
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
     image_column: str = field(default="image", metadata={"help": "Image column of the Hub dataset."})
-    label_column: str = field(default="label", metadata={"help": "Label column of the Hub dataset."})
-    train_split: str = field(default="train", metadata={"help": "Name of the Hub dataset's training split."})
-    validation_split: str = field(default="validation", metadata={"help": "Name of its validation split."})
-    test_split: str = field(default="test", metadata={"help": "Name of its test split."})
-    holdout_per_class: int = field(default=20, metadata={"help": "Per class, held out of train for a missing split."})
     num_labels: int | None = field(default=None, metadata={"help": "Number of classes; default the labels seen."})
     class_names_file: str | None = field(default=None, metadata={"help": "Class names, one per line, in label order."})
 
@@ -82,8 +82,7 @@ def load_splits(data: ImageDataArguments, seed: int) -> tuple[dict, list[str] | 
     from datasets import load_dataset
 
     dataset = load_dataset(data.dataset_name, data.dataset_config_name)
-    split_names = {"train": data.train_split, "validation": data.validation_split, "test": data.test_split}
-    splits = hub_splits(dataset, data.label_column, split_names, data.holdout_per_class, seed)
+    splits = hub_splits(dataset, data.label_column, data.split_names(), data.holdout_per_class, seed)
     feature = splits["train"].features["label"]
     return splits, list(feature.names) if hasattr(feature, "names") else None
 

@@ -56,6 +56,22 @@ class StageArguments:
 
 
 @dataclass
+class SplitArguments:
+    """Where the data's splits come from: a Hub dataset's split names, and what is held out when one is missing."""
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset id."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub dataset."})
+    label_column: str = field(default="label", metadata={"help": "Column with the label (class id or name)."})
+    train_split: str = field(default="train", metadata={"help": "Name of the training split."})
+    validation_split: str = field(default="validation", metadata={"help": "Name of the validation split."})
+    test_split: str = field(default="test", metadata={"help": "Name of the test split."})
+    holdout_per_class: int = field(default=20, metadata={"help": "Per class, held out of train for a missing split."})
+
+    def split_names(self) -> dict[str, str]:
+        return {"train": self.train_split, "validation": self.validation_split, "test": self.test_split}
+
+
+@dataclass
 class CardArguments:
     """What the model card says that the run cannot know."""
 
@@ -248,4 +264,4 @@ def finish(trainer: Any, after: dict[str, float], before: dict[str, float] | Non
     return {"before": before, "after": after, "figures": figures, "trainer": trainer, "pushed": pushed}
 
 
-__all__ = ["CardArguments", "StageArguments", "format_table", "hub_splits", "parse_recipe_arguments", "run_two_stages", "stage1_config"]
+__all__ = ["CardArguments", "SplitArguments", "StageArguments", "format_table", "hub_splits", "parse_recipe_arguments", "run_two_stages", "stage1_config"]
