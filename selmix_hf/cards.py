@@ -242,10 +242,13 @@ class ModelCardMixin:
             setattr(config, BASE_MODEL_ATTRIBUTE, name if looks_like_hub_id(name) else None)
         output = super().train(*args, **kwargs)
         if config is not None:
-            stage = {**self.card_stage(), "output_dir": self.args.output_dir}
-            stages = [s for s in (getattr(config, STAGES_ATTRIBUTE, None) or []) if s.get("output_dir") != stage["output_dir"]]
+            stage = {**self.card_stage(), "run": self._run_name()}  # the folder's name only: no local paths published
+            stages = [s for s in (getattr(config, STAGES_ATTRIBUTE, None) or []) if s.get("run") != stage["run"]]
             setattr(config, STAGES_ATTRIBUTE, stages + [stage])
         return output
+
+    def _run_name(self) -> str:
+        return os.path.basename(os.path.abspath(self.args.output_dir))
 
     def create_model_card(
         self,
@@ -282,7 +285,7 @@ class ModelCardMixin:
         id2label = getattr(config, "id2label", None) or {}
         names = [str(id2label.get(k, id2label.get(str(k), k))) for k in range(self.num_labels)]
         stages = list(getattr(config, STAGES_ATTRIBUTE, None) or [])
-        if not any(s.get("output_dir") == self.args.output_dir for s in stages) and self.state.global_step > 0:
+        if not any(s.get("run") == self._run_name() for s in stages) and self.state.global_step > 0:
             stages.append(self.card_stage())  # trained here but the stage was not recorded (train() not used)
         objective = next((s["objective"] for s in reversed(stages) if s.get("objective")), None)
         base_model = finetuned_from or getattr(config, BASE_MODEL_ATTRIBUTE, None)

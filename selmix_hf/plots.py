@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Sequence
 
 import numpy as np
 
+logger = logging.getLogger(__name__)
 MAX_TICK_LABELS = 60  # beyond this many classes the axes are not labelled class by class
 
 
@@ -99,6 +101,13 @@ def log_refresh_heatmaps(trainer: Any, names: Sequence[str]) -> bool:
     """At a SelMix refresh: the new G and P as TensorBoard images (when report_to has tensorboard); True if logged."""
     writer, owned = tensorboard_writer(trainer)
     if writer is None:
+        return False
+    try:
+        _pyplot()
+    except ImportError as err:  # the scalars still reach TensorBoard; only the images need matplotlib
+        if not getattr(trainer, "_warned_no_matplotlib", False):
+            logger.warning("no G / P heatmaps in TensorBoard: %s", err)
+            trainer._warned_no_matplotlib = True
         return False
     for attribute, title, bar in (("gains", "estimated gain G(i, j)", "gain"),
                                   ("distribution", "pair distribution P(i, j)", "probability")):
