@@ -71,3 +71,16 @@ def tiny_bert(folder: str, num_labels: int = 4) -> str:
                         intermediate_size=32, max_position_embeddings=32, num_labels=num_labels)
     BertForSequenceClassification(config).save_pretrained(folder)
     return folder
+
+
+def tiny_timm(folder: str, num_labels: int = 4, size: int = 16) -> str:
+    """A timm ResNet-10t through transformers' TimmWrapper, with timm's own transforms in its image processor."""
+    import torch
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    torch.manual_seed(0)
+    data = {"input_size": (3, size, size), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 1.0,
+            "interpolation": "bilinear"}  # timm's data config: the processor is built from it, as for Hub timm repos
+    config = TimmWrapperConfig(architecture="resnet10t", num_labels=num_labels, pretrained_cfg=data)
+    TimmWrapperForImageClassification(config).save_pretrained(folder)
+    return folder

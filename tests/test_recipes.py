@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from miniatures import imagenet_lt_folder, text_csv, tiny_bert, tiny_vit
+from miniatures import imagenet_lt_folder, text_csv, tiny_bert, tiny_timm, tiny_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_COUNTS = [24, 12, 6, 4]
@@ -99,6 +99,20 @@ def test_vit_recipe_end_to_end(image_data, tmp_path):
             events.Reload()
             tags |= set(events.Tags()["images"])
     assert {"selmix/gains", "selmix/distribution", "per_class_recall"} <= tags
+
+
+def test_vit_recipe_runs_a_timm_model_with_timms_own_transforms(image_data, tmp_path):
+    data, _ = image_data
+    timm_model = tiny_timm(str(tmp_path / "timm"))
+    out = tmp_path / "timm_run"
+    args = image_args((data, timm_model), out)
+    result = recipe("vit_imagenet_lt").main(args)
+    assert type(result["trainer"].model).__name__ == "TimmWrapperForImageClassification"
+    assert [s["method"] for s in json.load(open(out / "config.json"))["selmix_hf_stages"]] == ["logit_adjusted", "selmix"]
+    assert card_yaml(out)["pipeline_tag"] == "image-classification"
+    from transformers import AutoImageProcessor
+
+    assert type(AutoImageProcessor.from_pretrained(out)).__name__ == "TimmWrapperImageProcessor"  # transforms kept
 
 
 def test_text_recipe_end_to_end_with_string_labels(text_data, tmp_path):
