@@ -26,6 +26,7 @@ PUBLISHED_SETTINGS: dict[str, Any] = {
     "freeze_batchnorm": True,
     "gain_refresh_steps": 50,
     "sampling_temperature": 0.1,
+    "scale_free_temperature": False,  # T = 0.1 in the units of G, as published (not this library's default)
     "mix_lambda_min": 0.6,
     "gain_estimator": "selmix",
     "early_stop_on_gain_plateau": True,
@@ -87,12 +88,17 @@ class SelMixConfig(TrainingArguments):
         default="selmix",
         metadata={"help": f"Gain estimator: {' or '.join(ESTIMATORS)} ('selmix' is the published one; 'exact' adds the bias and per-sample terms)."},
     )
+    # Default scale-free T = 1 (not the published T = 0.1 on raw G): chosen on the validation split of the quality
+    # grid (docs/benchmarks.md), where the published T collapsed onto one pair; SelMixConfig.published() keeps 0.1.
     sampling_temperature: float = field(
-        default=0.1, metadata={"help": "Temperature T of the pair distribution softmax(G / T)."}
+        default=1.0,
+        metadata={"help": "Temperature T of the pair distribution softmax(G / T) (relative to max |G| when "
+                  "scale_free_temperature; the published 0.1 is on raw G)."},
     )
     scale_free_temperature: bool = field(
-        default=False,
-        metadata={"help": "Divide G by max |G| before softmax(G / T): T relative to the largest gain (not published)."},
+        default=True,
+        metadata={"help": "Divide G by max |G| before softmax(G / T): T relative to the largest gain (not published; "
+                  "False with sampling_temperature=0.1 is the paper's setting)."},
     )
     sampling_epsilon: float = field(
         default=1e-8, metadata={"help": "Mass added to every pair of the sampling distribution before normalising."}

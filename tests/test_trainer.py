@@ -251,6 +251,13 @@ def test_published_preset(tmp_path):
     args = SelMixConfig.published(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     for key, value in PUBLISHED_SETTINGS.items():
         assert getattr(args, key) == value or str(getattr(args, key)).endswith(str(value)), key
+    assert args.sampling_temperature == 0.1 and not args.scale_free_temperature  # the paper's T, on raw gains
+
+
+def test_default_temperature_is_scale_free(tmp_path):
+    """The library default (chosen on the quality grid's validation split) differs from the published T = 0.1."""
+    args = SelMixConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    assert args.scale_free_temperature and args.sampling_temperature == 1.0
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -332,7 +339,7 @@ def test_both_estimators_drive_the_sampler(estimator, tmp_path):
     trainer.train()
     assert torch.isfinite(trainer.gains).all() and trainer.gains.max() > 0
     torch.testing.assert_close(trainer.sampler.probabilities, trainer.distribution.double())
-    torch.testing.assert_close(trainer.distribution, sampling_distribution(trainer.gains, 0.1))
+    torch.testing.assert_close(trainer.distribution, sampling_distribution(trainer.gains, 1.0, scale_free=True))
     assert (trainer.distribution[trainer.gains <= 0] < 1e-6).all()  # pairs without gain are not drawn
 
 
