@@ -3,12 +3,15 @@
     .venv/bin/python benchmarks/speed.py                                   # MiniLM-shaped BERT and a small ViT
     .venv/bin/python benchmarks/speed.py --models minilm efficientnet      # the real pretrained models
     .venv/bin/python benchmarks/speed.py --models bert --steps 100 --pairs 16
+    .venv/bin/python benchmarks/speed.py --models efficientnet --repeats 5  # alternate, report medians
 
 Both forward 2B samples per step. SelMix's time includes its gain refreshes (every --refresh steps, a full
 pass over a validation set of --val-per-class x K samples), amortised over the run. Each run is a fresh
 process; peak memory is the growth of its maximum resident set during `train()`. Models are built from
 configs (random weights; speed does not depend on the weights), or loaded from the packaged real weights
 (`minilm`: MiniLM-L6, 26 classes; `efficientnet`: EfficientNet-Lite0 with ImageNet weights, 10 classes, 32 px).
+With --repeats N the Trainer and SelMix runs alternate N times; the table gives the medians (the ratio column is the
+median of the N paired ratios) and each pair's ratio and 1-minute load average are printed below it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -104,6 +108,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--refresh", type=int, default=50)
     parser.add_argument("--val-per-class", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1, help="alternate Trainer / SelMix runs this many times")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -113,17 +118,29 @@ def main() -> None:
           f"{args.refresh} steps over {args.val_per_class * K} validation samples, torch threads {torch.get_num_threads()}\n")
     print("| model | Trainer s/step | SelMixTrainer s/step | time ratio | Trainer peak MiB | SelMix peak MiB | memory ratio |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    notes = []
     for model_name in args.models:
-        rows = {}
-        for method in ("trainer", "selmix"):
-            cmd = [sys.executable, __file__, "--child", model_name, method, "--pairs", str(args.pairs), "--steps",
-                   str(args.steps), "--refresh", str(args.refresh), "--val-per-class", str(args.val_per_class)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            rows[method] = json.loads(out.strip().splitlines()[-1])
-        t, s = rows["trainer"], rows["selmix"]
-        print(f"| {model_name} | {t['seconds_per_step']:.3f} | {s['seconds_per_step']:.3f} | "
-              f"{s['seconds_per_step'] / t['seconds_per_step']:.2f}x | {t['peak_mib']:.0f} | {s['peak_mib']:.0f} | "
-              f"{s['peak_mib'] / t['peak_mib']:.2f}x |", flush=True)
+        runs: dict[str, list[dict]] = {"trainer": [], "selmix": []}
+        for repeat in range(args.repeats):
+            for method in ("trainer", "selmix"):
+                load = os.getloadavg()[0]
+                cmd = [sys.executable, __file__, "--child", model_name, method, "--pairs", str(args.pairs), "--steps",
+                       str(args.steps), "--refresh", str(args.refresh), "--val-per-class", str(args.val_per_class)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                runs[method].append({**json.loads(out.strip().splitlines()[-1]), "load": load})
+            t, s = runs["trainer"][-1], runs["selmix"][-1]
+            notes.append(f"{model_name} run {repeat + 1}: Trainer {t['seconds_per_step']:.3f} s/step (load {t['load']:.1f}), "
+                         f"SelMix {s['seconds_per_step']:.3f} s/step (load {s['load']:.1f}), ratio "
+                         f"{s['seconds_per_step'] / t['seconds_per_step']:.2f}x")
+        med = {m: {k: statistics.median(r[k] for r in rs) for k in ("seconds_per_step", "peak_mib")}
+               for m, rs in runs.items()}
+        ratio = statistics.median(s["seconds_per_step"] / t["seconds_per_step"]
+                                  for t, s in zip(runs["trainer"], runs["selmix"]))
+        t, s = med["trainer"], med["selmix"]
+        print(f"| {model_name} | {t['seconds_per_step']:.3f} | {s['seconds_per_step']:.3f} | {ratio:.2f}x | "
+              f"{t['peak_mib']:.0f} | {s['peak_mib']:.0f} | {s['peak_mib'] / t['peak_mib']:.2f}x |", flush=True)
+    if args.repeats > 1:
+        print("\n" + "\n".join(notes))
 
 
 if __name__ == "__main__":
