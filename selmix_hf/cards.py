@@ -115,13 +115,21 @@ def _data_profile(names: list[str], counts: Sequence[int] | None, dataset_name: 
     }
 
 
-def _how_to_load(repo_id: str, task: str) -> str:
-    auto = "AutoModelForSequenceClassification" if task == "text-classification" else "AutoModelForImageClassification"
-    if task == "text-classification":
-        return (f'from transformers import pipeline\n\nclassifier = pipeline("text-classification", model="{repo_id}")\n'
-                f'print(classifier("an example sentence"))\n\n# or: transformers.{auto}.from_pretrained("{repo_id}")')
-    return (f'from transformers import pipeline\n\nclassifier = pipeline("image-classification", model="{repo_id}")\n'
-            f'print(classifier("path/to/image.jpg"))\n\n# or: transformers.{auto}.from_pretrained("{repo_id}")')
+PROCESSOR_FILES = ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+
+
+def _how_to_load(repo_id: str, task: str, processor_saved: bool = True) -> str:
+    """Loading code; a pipeline only when a tokenizer / image processor is saved beside the weights."""
+    text = task == "text-classification"
+    auto = "AutoModelForSequenceClassification" if text else "AutoModelForImageClassification"
+    if not processor_saved:
+        inputs = "input_ids=..., attention_mask=..." if text else "pixel_values=..."
+        return (f'from transformers import {auto}\n\nmodel = {auto}.from_pretrained("{repo_id}")\n'
+                "# No tokenizer or image processor was saved with this model: prepare the inputs as in training.\n"
+                f"logits = model({inputs}).logits")
+    example = '"an example sentence"' if text else '"path/to/image.jpg"'
+    return (f'from transformers import pipeline\n\nclassifier = pipeline("{task}", model="{repo_id}")\n'
+            f'print(classifier({example}))\n\n# or: transformers.{auto}.from_pretrained("{repo_id}")')
 
 
 def _intended_use(objective: str | None, split: str, task: str) -> str:
@@ -156,6 +164,8 @@ def render_model_card(
     plot_file: str | None = None,
     versions: str | None = None,
     max_class_table: int = MAX_CLASS_TABLE,
+    how_to_load: str | None = None,
+    processor_saved: bool = True,
 ) -> ModelCard:
     """A `ModelCard` with model-index entries for the non-decomposable metrics; no network, unknown parts left out."""
     names = [str(n) for n in class_names]
@@ -211,7 +221,7 @@ def render_model_card(
                 for s in stages],
         versions=versions,
         intended_use=_intended_use(objective, eval_split, task),
-        how_to_load=_how_to_load(repo_id or "path/to/this/model", task),
+        how_to_load=how_to_load or _how_to_load(repo_id or "path/to/this/model", task, processor_saved),
         citations=citations,
     )
 
@@ -247,6 +257,12 @@ class ModelCardMixin:
             setattr(config, STAGES_ATTRIBUTE, stages + [stage])
         return output
 
+    def _processor_saved(self, model: Any) -> bool:
+        """Whether a pipeline can prepare inputs: a processing class, processor files or timm's pretrained_cfg."""
+        if self.processing_class is not None or getattr(model.config, "pretrained_cfg", None):
+            return True
+        return any(os.path.exists(os.path.join(self.args.output_dir, name)) for name in PROCESSOR_FILES)
+
     def _run_name(self) -> str:
         return os.path.basename(os.path.abspath(self.args.output_dir))
 
@@ -268,12 +284,15 @@ class ModelCardMixin:
         plot_file: str | None = None,
         dataset_name: str | None = None,
         max_class_table: int = MAX_CLASS_TABLE,
+        how_to_load: str | None = None,
     ) -> ModelCard | None:
         """Write ``README.md`` into ``output_dir`` from the selmix-hf template; `Trainer.push_to_hub` calls this.
 
         ``results`` (a `classification_report`, ideally with ``per_class=True``) and ``before`` (the starting
         model's) give the metric tables; without them the last evaluation in the log history is used, and without
-        an evaluation the card has no results section. Nothing is fetched from the Hub.
+        an evaluation the card has no results section. ``how_to_load`` replaces the loading code (e.g. to show a
+        custom preprocessing); by default it is a pipeline, or direct model use when no processor is saved.
+        Nothing is fetched from the Hub.
         """
         if not self.is_world_process_zero():
             return None
@@ -297,7 +316,8 @@ class ModelCardMixin:
             eval_split=eval_split or "test", objective=objective, stages=stages, task=task, base_model=base_model,
             dataset_name=dataset_name or dataset_id, dataset_id=dataset_id if looks_like_hub_id(dataset_id) else None,
             repo_id=repo_id, license=license, language=language, tags=[tags] if isinstance(tags, str) else tags or (),
-            plot_file=plot_file, versions=_versions(), max_class_table=max_class_table,
+            plot_file=plot_file, versions=_versions(), max_class_table=max_class_table, how_to_load=how_to_load,
+            processor_saved=self._processor_saved(model),
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))

@@ -127,6 +127,12 @@ def test_trainer_card_uses_its_last_evaluation_and_recorded_stages(no_network, t
     assert values["min_recall"] == pytest.approx(metrics["eval_min_recall"], abs=1e-4)
     assert card.data.eval_results[0].dataset_split == "evaluation"
     assert "SelMix fine-tuning for min_recall" in card.text and "logit-adjusted" in card.text
+    # no tokenizer / processor saved: the card must not promise a pipeline that cannot prepare inputs
+    assert "pipeline(" not in card.text and "No tokenizer or image processor was saved" in card.text
+    (tmp_path / "s2" / "tokenizer_config.json").write_text("{}")
+    assert 'pipeline("text-classification"' in stage2.create_model_card().text
+    custom = "model = load_it()\nlogits = model(preprocess(x)).logits"
+    assert custom in stage2.create_model_card(how_to_load=custom).text
 
 
 def test_card_renders_with_the_hub_offline(tmp_path):
