@@ -32,6 +32,18 @@ MODEL_NAMES = {"text": "MiniLM-L6 (all-MiniLM-L6-v2 weights) on WordNet-LT",
                "image": "EfficientNet-Lite0 (ImageNet weights) on Fashion-MNIST-LT"}
 DATASET_NAMES = {"text": "WordNet-LT (WordNet 3.0 noun glosses labelled by their 26 supersenses; demo-size split)",
                  "image": "Fashion-MNIST-LT (imbalance ratio 100, images at 32 px)"}
+# How to load the image model (the card's code): no image processor is saved, the inputs are prepared as in training.
+IMAGE_LOADING = """import numpy as np
+import torch
+from transformers import AutoModelForImageClassification
+from selmix_hf.pretrained import EFFICIENTNET_MEAN, EFFICIENTNET_STD
+
+model = AutoModelForImageClassification.from_pretrained("{path}")
+# as in training: a 28 x 28 grey Fashion-MNIST image (PIL or array) in [0, 1], resized to 32 px, copied to 3 channels
+image = torch.from_numpy(np.asarray(grey_image, dtype=np.float32) / 255.0)
+pixels = torch.nn.functional.interpolate(image[None, None], size=(32, 32), mode="bilinear").repeat(1, 3, 1, 1)
+pixels = (pixels - torch.tensor(EFFICIENTNET_MEAN).view(1, 3, 1, 1)) / torch.tensor(EFFICIENTNET_STD).view(1, 3, 1, 1)
+print(model.config.id2label[model(pixel_values=pixels).logits.argmax(-1).item()])"""
 SHOWN = ["mean_recall", "min_recall", "h_mean", "g_mean", "min_coverage", "many_shot_recall", "medium_shot_recall",
          "few_shot_recall"]
 
@@ -77,12 +89,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output-dir", default="outputs/demo")
     parser.add_argument("--stage1-steps", type=int, default=300)
     parser.add_argument("--stage1-lr", type=float, default=3e-4)
-    parser.add_argument("--stage2-steps", type=int, default=150)
+    parser.add_argument("--stage2-steps", type=int, default=None,
+                        help="default 300 for text (it takes that long to reach the class Tops, see docs/benchmarks.md), "
+                        "150 for image")
     parser.add_argument("--refresh-steps", type=int, default=25)
     parser.add_argument("--gain-estimator", choices=["selmix", "exact"], default="selmix")
     parser.add_argument("--batch-size", type=int, default=32, help="stage 1 samples per step; stage 2 uses half as pairs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.stage2_steps is None:
+        args.stage2_steps = 300 if args.task == "text" else 150
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(args.seed)
     started = time.time()
@@ -123,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     stage2.create_model_card(
         model_name=f"{MODEL_NAMES[args.task]}, SelMix for min recall (selmix-hf demo)", results=after, before=before,
         eval_split="test", dataset_name=DATASET_NAMES[args.task], plot_file="per_class_recall.png",
+        how_to_load=IMAGE_LOADING.format(path="path/to/this/model") if args.task == "image" else None,
     )
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as fh:
         json.dump({"before": before, "after": after}, fh, indent=2)
