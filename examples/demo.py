@@ -39,7 +39,7 @@ from transformers import AutoModelForImageClassification
 from selmix_hf.pretrained import EFFICIENTNET_MEAN, EFFICIENTNET_STD
 
 model = AutoModelForImageClassification.from_pretrained("{path}")
-# as in training: a 28 x 28 grey Fashion-MNIST image (PIL or array) in [0, 1], resized to 32 px, copied to 3 channels
+# as in training: a 28 x 28 grey Fashion-MNIST image (PIL or uint8 array), scaled to [0, 1], resized to 32 px, 3 channels
 image = torch.from_numpy(np.asarray(grey_image, dtype=np.float32) / 255.0)
 pixels = torch.nn.functional.interpolate(image[None, None], size=(32, 32), mode="bilinear").repeat(1, 3, 1, 1)
 pixels = (pixels - torch.tensor(EFFICIENTNET_MEAN).view(1, 3, 1, 1)) / torch.tensor(EFFICIENTNET_STD).view(1, 3, 1, 1)

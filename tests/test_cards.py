@@ -147,3 +147,18 @@ def test_card_renders_with_the_hub_offline(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "min_recall" in (tmp_path / "README.md").read_text()
+
+
+RENDERED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model_cards", "rendered")
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(RENDERED)))
+def test_committed_benchmark_cards_load_and_mark_their_objective(name):
+    """The committed cards of the demo models: valid Hub metadata, objective marked, plot present, no placeholders."""
+    path = os.path.join(RENDERED, name, "README.md")
+    card = ModelCard.load(path)
+    front_matter(card)
+    marked = [r for r in card.data.eval_results if r.metric_config]
+    assert [r.metric_type for r in marked] == ["min_recall"] and card.data.eval_results[0].dataset_split == "test"
+    assert 0 < marked[0].metric_value <= 1
+    assert os.path.isfile(os.path.join(RENDERED, name, "per_class_recall.png"))
