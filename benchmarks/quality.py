@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/quality.py                         # the whole grid (skips finished cells)
     .venv/bin/python benchmarks/quality.py --datasets wordnet --seeds 0 --methods la selmix_min_recall
+    .venv/bin/python benchmarks/quality.py --datasets wordnet-long # WordNet again, 300 stage-2 steps per method
     .venv/bin/python benchmarks/quality.py --report                # only rewrite the tables from finished cells
     .venv/bin/python benchmarks/quality.py --revalidate --datasets fashion   # redo cells that lack validation metrics
 
