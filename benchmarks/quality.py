@@ -255,8 +255,10 @@ def write_report() -> None:
         count = sum(len(v) for v in cells.values())
         seconds = sum(x["seconds"] for v in cells.values() for x in v)
         validated = sum("validation_metrics" in x for v in cells.values() for x in v)
-        lines = [f"**{dataset}**, test split ({count} cells; seeds per method in the last column; compute "
-                 f"{(seconds + stage1) / 60:.0f} min = cells {seconds / 60:.0f} min + stage 1 {stage1 / 60:.0f} min)", ""]
+        task = BUDGET.get(dataset, {}).get("task", dataset)
+        compute = (f"{(seconds + stage1) / 60:.0f} min = cells {seconds / 60:.0f} min + stage 1 {stage1 / 60:.0f} min"
+                   if task == dataset else f"cells {seconds / 60:.0f} min; stage 1 is the {task} grid's checkpoints")
+        lines = [f"**{dataset}**, test split ({count} cells; seeds per method in the last column; compute {compute})", ""]
         lines += table(cells, "metrics", COLUMNS)
         lines += ["", f"**{dataset}**, validation split, final model ({validated} cells record it; seeds per method in "
                   "the last column)", ""]
