@@ -286,7 +286,7 @@ def run_probe(dataset: str, seed: int, name: str, method: str, overrides: dict, 
     cell = run_cell(dataset, seed, method, splits, start_model, text, counts, names, overrides, budget_overrides,
                     out_name=f"probe_{name}")
     cell["probe"] = {"name": name, "base_method": method, "overrides": overrides, "budget_overrides": budget_overrides,
-                     "command": " ".join(["benchmarks/quality.py", *sys.argv[1:]])}
+                     "command": " ".join([os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]])}
     write_json(os.path.join(PROBES, dataset, f"seed{seed}", f"{name}.json"), cell)
     m, v = cell["metrics"], cell["validation_metrics"]
     print(f"  probe {name} ({dataset} seed {seed}): test mean recall {m['mean_recall']:.3f}, min recall "
