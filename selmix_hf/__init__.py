@@ -3,7 +3,7 @@
 from .autobalance import AutoBalanceConfig, AutoBalanceTrainer
 from .config import SelMixConfig
 from .features import find_head, register_head
-from .gains import class_prototypes, gain_matrix, sampling_distribution
+from .gains import class_prototypes, equal_norm_prototypes, gain_matrix, sampling_distribution
 from .longtail_trainer import LongTailConfig, LongTailTrainer
 from .losses import build_loss
 from .metrics import classification_report, confusion_counts, make_compute_metrics, normalized_confusion
@@ -23,6 +23,7 @@ __all__ = [
     "SelMixConfig",
     "SelMixTrainer",
     "class_prototypes",
+    "equal_norm_prototypes",
     "build_loss",
     "classification_report",
     "confusion_counts",

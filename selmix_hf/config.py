@@ -50,8 +50,8 @@ class SelMixConfig(TrainingArguments):
     """`TrainingArguments` plus the SelMix settings.
 
     Objective: ``objective``, ``objective_options``, ``class_prior``, ``tail_fraction``.
-    Gains and pairs: ``gain_refresh_steps``, ``gain_estimator``, ``sampling_temperature``, ``scale_free_temperature``,
-    ``sampling_epsilon``,
+    Gains and pairs: ``gain_refresh_steps``, ``gain_estimator``, ``equal_norm_prototypes``, ``sampling_temperature``,
+    ``scale_free_temperature``, ``sampling_epsilon``,
     ``mix_lambda_min``, ``pair_distribution``, ``early_stop_on_gain_plateau``, ``plateau_window``, ``plateau_tolerance``.
     Optimisation: ``backbone_lr_ratio``, ``freeze_batchnorm``.
 
@@ -87,6 +87,11 @@ class SelMixConfig(TrainingArguments):
     gain_estimator: str = field(
         default="selmix",
         metadata={"help": f"Gain estimator: {' or '.join(ESTIMATORS)} ('selmix' is the published one; 'exact' adds the bias and per-sample terms)."},
+    )
+    equal_norm_prototypes: bool = field(
+        default=False,
+        metadata={"help": "Rescale the class prototypes to their mean norm before the 'selmix' estimator reads them, so "
+                  "classes with larger embeddings do not weigh more in G (not published; see docs/benchmarks.md)."},
     )
     # Default scale-free T = 1 (not the published T = 0.1 on raw G): chosen on the validation split of the quality
     # grid (docs/benchmarks.md), where the published T collapsed onto one pair; SelMixConfig.published() keeps 0.1.
@@ -138,6 +143,9 @@ class SelMixConfig(TrainingArguments):
             raise ValueError(f"unknown objective {self.objective!r}; valid objectives are: {', '.join(sorted(OBJECTIVES))}")
         if self.gain_estimator not in ESTIMATORS:
             raise ValueError(f"unknown gain_estimator {self.gain_estimator!r}; valid: {', '.join(ESTIMATORS)}")
+        if self.equal_norm_prototypes and self.gain_estimator != "selmix":
+            raise ValueError("equal_norm_prototypes applies to gain_estimator='selmix' only (the 'exact' estimator reads "
+                             "every validation feature, not the prototypes' Gram): drop one of the two settings")
         if self.pair_distribution not in PAIR_DISTRIBUTIONS:
             raise ValueError(f"unknown pair_distribution {self.pair_distribution!r}; valid: {', '.join(PAIR_DISTRIBUTIONS)}")
         if self.gain_refresh_steps < 1:

@@ -25,6 +25,13 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     return sums / counts.to(features.dtype).unsqueeze(1)
 
 
+def equal_norm_prototypes(prototypes: torch.Tensor) -> torch.Tensor:
+    """Prototypes rescaled to their mean norm: the Gram z_i . z_q then weighs classes by direction, not norm."""
+    _check_features(prototypes, "prototypes")
+    norms = prototypes.norm(dim=1, keepdim=True)
+    return prototypes / norms.clamp_min(torch.finfo(prototypes.dtype).tiny) * norms.mean()
+
+
 def logit_gradient(objective: Objective, confusion: torch.Tensor, class_prior: torch.Tensor) -> torch.Tensor:
     """D[q, l] = dpsi/dA_ql through C_q. = pi_q softmax(A_q), at the clipped empirical C."""
     clipped = confusion.clamp_min(CONFUSION_CLIP)

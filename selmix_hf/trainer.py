@@ -23,7 +23,7 @@ from .cards import ModelCardMixin, optimisation_settings
 from .config import SelMixConfig
 from .data import dataset_labels
 from .features import PooledFeatures, find_head, num_labels_of, unwrap
-from .gains import class_prototypes, gain_matrix, sampling_distribution
+from .gains import class_prototypes, equal_norm_prototypes, gain_matrix, sampling_distribution
 from .metrics import check_labels, confusion_counts, normalized_confusion
 from .objectives import Objective, multiplier_logs, objective_for_training
 from .plots import log_refresh_heatmaps
@@ -146,6 +146,10 @@ class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
         self.last_confusion_counts = confusion_counts(labels.cpu(), logits.argmax(dim=1).cpu(), self.num_labels)
         confusion = normalized_confusion(self.last_confusion_counts, self.class_prior)
         prototypes = class_prototypes(features, labels, self.num_labels)
+        norms = prototypes.norm(dim=1)  # logged: how unequal the classes' weights in the Gram z_i . z_q are
+        self.prototype_norm_ratio = float(norms.max() / norms.min().clamp_min(torch.finfo(norms.dtype).tiny))
+        if self.args.equal_norm_prototypes:
+            prototypes = equal_norm_prototypes(prototypes)
         self.objective.update(confusion)
         head = self.pooled.head
         gains = gain_matrix(
@@ -234,6 +238,7 @@ class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
         logs = {f"selmix/{key}": value for key, value in self.objective.report(confusion).items()}
         logs["selmix/max_gain"] = float(self.gains.max())
         logs["selmix/pair_entropy"] = float(-(p * torch.log(p.clamp_min(1e-30))).sum())
+        logs["selmix/prototype_norm_ratio"] = self.prototype_norm_ratio
         logs.update(multiplier_logs(self.objective, "selmix"))
         return logs
 
@@ -269,6 +274,7 @@ class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
             "settings": {
                 **optimisation_settings(self, "pairs per step"), "objective_options": a.objective_options or None,
                 "backbone_lr_ratio": a.backbone_lr_ratio, "gain_estimator": a.gain_estimator,
+                "equal_norm_prototypes": a.equal_norm_prototypes,
                 "gain_refresh_steps": a.gain_refresh_steps, "sampling_temperature": a.sampling_temperature,
                 "scale_free_temperature": a.scale_free_temperature, "mix_lambda_min": a.mix_lambda_min,
                 "pair_distribution": a.pair_distribution,

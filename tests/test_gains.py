@@ -7,6 +7,7 @@ from selmix_hf import gains as gains_module
 from selmix_hf import metrics
 from selmix_hf.gains import (
     class_prototypes,
+    equal_norm_prototypes,
     gain_matrix,
     gain_matrix_reference,
     logit_gradient,
@@ -252,6 +253,16 @@ def test_bad_input_is_a_clear_error(change, message):
 def test_prototypes_need_every_class():
     with pytest.raises(ValueError, match=r"\[2\]"):
         class_prototypes(torch.randn(4, 3), torch.tensor([0, 1, 0, 3]), 4)
+
+
+def test_equal_norm_prototypes_by_hand():
+    """Norms 5 and 1 have mean 3: each row keeps its direction and gets norm 3; a zero row stays zero."""
+    protos = torch.tensor([[3.0, 4.0], [0.0, 1.0]], dtype=F64)
+    torch.testing.assert_close(equal_norm_prototypes(protos), torch.tensor([[1.8, 2.4], [0.0, 3.0]], dtype=F64))
+    with_zero = torch.tensor([[3.0, 4.0], [0.0, 0.0]], dtype=F64)
+    torch.testing.assert_close(equal_norm_prototypes(with_zero), torch.tensor([[1.5, 2.0], [0.0, 0.0]], dtype=F64))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        equal_norm_prototypes(torch.tensor([[float("nan"), 1.0]]))
 
 
 def test_scale_free_temperature_ignores_the_units_of_the_gains():

@@ -267,10 +267,12 @@ def test_default_temperature_is_scale_free(tmp_path):
     ("sampling_temperature", 0.0, "positive"),
     ("ignore_data_skip", False, "ignore_data_skip=True"),
     ("objective_options", "{alpha: 1", "not valid JSON"),
+    ("equal_norm_prototypes", True, "gain_estimator='selmix' only"),  # with gain_estimator="exact" below
 ])
 def test_bad_config_is_a_clear_error(field, value, message, tmp_path):
+    extra = {"gain_estimator": "exact"} if field == "equal_norm_prototypes" else {}
     with pytest.raises(ValueError, match=message):
-        config(tmp_path, **{field: value})
+        config(tmp_path, **{field: value, **extra})
 
 
 def with_label(dataset, index: int, label: int):
@@ -341,6 +343,27 @@ def test_both_estimators_drive_the_sampler(estimator, tmp_path):
     torch.testing.assert_close(trainer.sampler.probabilities, trainer.distribution.double())
     torch.testing.assert_close(trainer.distribution, sampling_distribution(trainer.gains, 1.0, scale_free=True))
     assert (trainer.distribution[trainer.gains <= 0] < 1e-6).all()  # pairs without gain are not drawn
+
+
+@pytest.mark.parametrize("equal_norm", [False, True])
+def test_equal_norm_prototypes_reach_the_gain_estimate(equal_norm, tmp_path, monkeypatch):
+    import selmix_hf.trainer as trainer_module
+    from selmix_hf import equal_norm_prototypes
+
+    seen = {}
+    original_prototypes, original_gains = trainer_module.class_prototypes, trainer_module.gain_matrix
+    monkeypatch.setattr(trainer_module, "class_prototypes",
+                        lambda *a: seen.setdefault("raw", original_prototypes(*a)))
+    monkeypatch.setattr(trainer_module, "gain_matrix",
+                        lambda objective, confusion, prototypes, *a, **kw: (
+                            seen.setdefault("used", prototypes), original_gains(objective, confusion, prototypes, *a, **kw))[1])
+    trainer = mlp_run(tmp_path, "norm", max_steps=1, equal_norm_prototypes=equal_norm)
+    logs = trainer.refresh()
+    raw_norms = seen["raw"].norm(dim=1)
+    assert raw_norms.max() > 1.05 * raw_norms.min()  # the tiny model's prototypes differ in norm to begin with
+    assert logs["selmix/prototype_norm_ratio"] == pytest.approx(float(raw_norms.max() / raw_norms.min()))
+    torch.testing.assert_close(seen["used"], equal_norm_prototypes(seen["raw"]) if equal_norm else seen["raw"])
+    assert trainer.card_stage()["settings"]["equal_norm_prototypes"] is equal_norm
 
 
 def test_bf16_mixed_precision_runs(tmp_path):
