@@ -145,11 +145,8 @@ class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
         features, logits, labels = gathered_validation_pass(self, self.validation_dataset, self.pooled)
         self.last_confusion_counts = confusion_counts(labels.cpu(), logits.argmax(dim=1).cpu(), self.num_labels)
         confusion = normalized_confusion(self.last_confusion_counts, self.class_prior)
-        prototypes = class_prototypes(features, labels, self.num_labels)
-        norms = prototypes.norm(dim=1)  # logged: how unequal the classes' weights in the Gram z_i . z_q are
-        self.prototype_norm_ratio = float(norms.max() / norms.min().clamp_min(torch.finfo(norms.dtype).tiny))
-        if self.args.equal_norm_prototypes:
-            prototypes = equal_norm_prototypes(prototypes)
+        raw_prototypes = class_prototypes(features, labels, self.num_labels)
+        prototypes = equal_norm_prototypes(raw_prototypes) if self.args.equal_norm_prototypes else raw_prototypes
         self.objective.update(confusion)
         head = self.pooled.head
         gains = gain_matrix(
@@ -176,7 +173,7 @@ class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
         if self.sampler is not None:
             self.sampler.set_distribution(self.distribution)
         self.max_gain_history.append(float(self.gains.max()))
-        return self._refresh_logs(confusion)
+        return self._refresh_logs(confusion, raw_prototypes)
 
     def compute_loss(
         self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -233,12 +230,13 @@ class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
         return self.optimizer
 
     # -- logging, early stop ----------------------------------------------------------------------
-    def _refresh_logs(self, confusion: torch.Tensor) -> dict[str, float]:
+    def _refresh_logs(self, confusion: torch.Tensor, prototypes: torch.Tensor) -> dict[str, float]:
         p = self.distribution
+        norms = prototypes.norm(dim=1)  # how unequal the classes' weights in the Gram z_i . z_q are
         logs = {f"selmix/{key}": value for key, value in self.objective.report(confusion).items()}
         logs["selmix/max_gain"] = float(self.gains.max())
         logs["selmix/pair_entropy"] = float(-(p * torch.log(p.clamp_min(1e-30))).sum())
-        logs["selmix/prototype_norm_ratio"] = self.prototype_norm_ratio
+        logs["selmix/prototype_norm_ratio"] = float(norms.max() / norms.min().clamp_min(torch.finfo(norms.dtype).tiny))
         logs.update(multiplier_logs(self.objective, "selmix"))
         return logs
 

@@ -260,19 +260,18 @@ def test_default_temperature_is_scale_free(tmp_path):
     assert args.scale_free_temperature and args.sampling_temperature == 1.0
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("objective", "worst_recall", "valid objectives are: .*min_recall"),
-    ("gain_estimator", "taylor", "selmix, exact"),
-    ("pair_distribution", "random", "gain, uniform"),
-    ("sampling_temperature", 0.0, "positive"),
-    ("ignore_data_skip", False, "ignore_data_skip=True"),
-    ("objective_options", "{alpha: 1", "not valid JSON"),
-    ("equal_norm_prototypes", True, "gain_estimator='selmix' only"),  # with gain_estimator="exact" below
+@pytest.mark.parametrize("settings, message", [
+    ({"objective": "worst_recall"}, "valid objectives are: .*min_recall"),
+    ({"gain_estimator": "taylor"}, "selmix, exact"),
+    ({"pair_distribution": "random"}, "gain, uniform"),
+    ({"sampling_temperature": 0.0}, "positive"),
+    ({"ignore_data_skip": False}, "ignore_data_skip=True"),
+    ({"objective_options": "{alpha: 1"}, "not valid JSON"),
+    ({"equal_norm_prototypes": True, "gain_estimator": "exact"}, "gain_estimator='selmix' only"),
 ])
-def test_bad_config_is_a_clear_error(field, value, message, tmp_path):
-    extra = {"gain_estimator": "exact"} if field == "equal_norm_prototypes" else {}
+def test_bad_config_is_a_clear_error(settings, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        config(tmp_path, **{field: value, **extra})
+        config(tmp_path, **settings)
 
 
 def with_label(dataset, index: int, label: int):
@@ -352,11 +351,17 @@ def test_equal_norm_prototypes_reach_the_gain_estimate(equal_norm, tmp_path, mon
 
     seen = {}
     original_prototypes, original_gains = trainer_module.class_prototypes, trainer_module.gain_matrix
-    monkeypatch.setattr(trainer_module, "class_prototypes",
-                        lambda *a: seen.setdefault("raw", original_prototypes(*a)))
-    monkeypatch.setattr(trainer_module, "gain_matrix",
-                        lambda objective, confusion, prototypes, *a, **kw: (
-                            seen.setdefault("used", prototypes), original_gains(objective, confusion, prototypes, *a, **kw))[1])
+
+    def spy_prototypes(*args):
+        seen["raw"] = original_prototypes(*args)
+        return seen["raw"]
+
+    def spy_gains(objective, confusion, prototypes, *args, **kwargs):
+        seen["used"] = prototypes
+        return original_gains(objective, confusion, prototypes, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "class_prototypes", spy_prototypes)
+    monkeypatch.setattr(trainer_module, "gain_matrix", spy_gains)
     trainer = mlp_run(tmp_path, "norm", max_steps=1, equal_norm_prototypes=equal_norm)
     logs = trainer.refresh()
     raw_norms = seen["raw"].norm(dim=1)
