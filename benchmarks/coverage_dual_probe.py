@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/coverage_dual_probe.py --datasets fashion --seeds 0 \\
         --methods selmix_mean_recall_min_coverage_sf --probe cov_dual300 --options '{"objective_options": {"dual_step": 300}}'
 
-The library sets mu_l = max(0, mu_max (1 - exp((cov_l - alpha pi_l) / tau))) afresh at each refresh (selmix-math.md).
+The library sets mu_l = max(0, mu_max (1 - exp((cov_l - alpha pi_l) / tau))) afresh at each refresh
+(docs/engine.md, M4. Coverage multiplier).
 Here mu_l <- clip(mu_l + dual_step (alpha pi_l - cov_l), 0, mu_max) accumulates over refreshes instead, to test
 whether the coverage row's swings between refreshes come from the reset rule. Every other argument is quality.py's.
 """

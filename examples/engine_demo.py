@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from selmix_hf import (
+    OBJECTIVES,
     class_prototypes,
     confusion_counts,
     gain_matrix,
@@ -94,7 +95,7 @@ def run(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         F.cross_entropy(head(train_x[batch]), train_y[batch]).backward()
         optimiser.step()
 
-    options = {"class_counts": train_counts} if "head_tail" in args.objective else {}
+    options = {"class_counts": train_counts} if OBJECTIVES[args.objective].needs_class_counts else {}
     reports = {"CE head": classification_report(test_y, validation_pass(head, test_x, test_y, k)[1], k,
                                                 class_counts=train_counts)}
     for label, uniform in (("uniform mixup", True), ("SelMix", False)):

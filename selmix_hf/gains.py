@@ -1,6 +1,11 @@
-"""Gain matrix G_ij (first-order change of the objective from an (i, j) feature mixup) and the pair distribution."""
+"""Gain matrix G_ij (first-order change of the objective from an (i, j) feature mixup) and the pair distribution.
+
+The formulas are written out in docs/engine.md, "The mathematics": M7 to M11.
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -33,36 +38,33 @@ def equal_norm_prototypes(prototypes: torch.Tensor) -> torch.Tensor:
 
 
 def logit_gradient(objective: Objective, confusion: torch.Tensor, class_prior: torch.Tensor) -> torch.Tensor:
-    """D[q, l] = dpsi/dA_ql through C_q. = pi_q softmax(A_q), at the clipped empirical C."""
+    """D[q, l] = dpsi/dA_ql through C_q. = pi_q softmax(A_q), at the clipped empirical C (docs/engine.md, M7)."""
     clipped = confusion.clamp_min(CONFUSION_CLIP)
     grad = objective.gradient(clipped)
     row_term = (clipped * grad).sum(dim=1, keepdim=True) / class_prior.unsqueeze(1)
     return clipped * (grad - row_term)
 
 
-def gain_matrix(
+class _Head(NamedTuple):
+    """The checked inputs both estimators share: head, prior, mean mixing weight and prototype logits."""
+
+    prototypes: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    prior: torch.Tensor
+    lam_bar: float
+    logits: torch.Tensor
+
+
+def _checked_head(
     objective: Objective,
-    confusion: torch.Tensor | None,
     prototypes: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    *,
-    mix_lambda_min: float = 0.6,
-    estimator: str = "selmix",
-    class_prior: torch.Tensor | None = None,
-    features: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """K x K gain matrix G: G_ij estimates the change of the objective from one SGD step on (i, j) mixups.
-
-    ``estimator="selmix"`` is the published estimator: it uses the (normalised) validation ``confusion``
-    and the class ``prototypes``. ``estimator="exact"`` is the per-sample first-order gain including the
-    bias: it needs the validation ``features`` (N x d) and ``labels`` (N,), builds its own soft confusion
-    matrix from them and does not use ``confusion`` (pass None). ``weight`` (K x d) and ``bias`` (K) are
-    the classifier head; computation runs in the dtype and on the device of ``prototypes``.
-    """
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown gain estimator {estimator!r}; valid estimators are: {', '.join(ESTIMATORS)}")
+    mix_lambda_min: float,
+    class_prior: torch.Tensor | None,
+) -> _Head:
+    """Validate the arguments common to both estimators and bring them to the dtype and device of the prototypes."""
     if not 0.0 <= mix_lambda_min <= 1.0:
         raise ValueError(f"mix_lambda_min must lie in [0, 1], got {mix_lambda_min}")
     num_classes = objective.num_classes
@@ -81,28 +83,94 @@ def gain_matrix(
     bias = bias.detach().to(dtype=dtype, device=device)
     prior = objective.class_prior if class_prior is None else torch.as_tensor(class_prior, dtype=torch.float64)
     prior = check_prior(prior.detach().cpu().to(torch.float64), num_classes).to(dtype=dtype, device=device)
-    lam_bar = (mix_lambda_min + 1.0) / 2.0
     prototypes = prototypes.detach()
     logits = torch.addmm(bias, prototypes, weight.T)  # A_q = W z_q + b
+    return _Head(prototypes, weight, bias, prior, (mix_lambda_min + 1.0) / 2.0, logits)
 
+
+def selmix_gain_matrix(
+    objective: Objective,
+    confusion: torch.Tensor,
+    prototypes: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    mix_lambda_min: float = 0.6,
+    class_prior: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The published K x K gain estimator, from the normalised validation ``confusion`` and the class ``prototypes``.
+
+    ``weight`` (K x d) and ``bias`` (K, or None) are the classifier head; the bias enters the prototype logits only.
+    Formulas: docs/engine.md, M8 (Gain matrix: the published estimator); the computation runs in the dtype and on
+    the device of ``prototypes``.
+    """
+    head = _checked_head(objective, prototypes, weight, bias, mix_lambda_min, class_prior)
+    if confusion is None:
+        raise ValueError("estimator='selmix' needs the normalised validation confusion matrix")
+    num_classes = objective.num_classes
+    confusion = _checked_confusion(confusion, num_classes).to(head.prototypes)
+    # H = S D with S = Z Z^T, the prototype Gram; as Z (Z^T D) it costs O(K^2 d) instead of O(K^3)
+    value = head.prototypes @ (head.prototypes.T @ logit_gradient(objective, confusion, head.prior))
+    gains = torch.diagonal(value).unsqueeze(1).expand(-1, num_classes).clone()
+    return gains - _mixed_expectation(head.logits, value, head.lam_bar)
+
+
+def exact_gain_matrix(
+    objective: Objective,
+    prototypes: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    mix_lambda_min: float = 0.6,
+    class_prior: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The per-sample first-order K x K gain with the bias, from the validation ``features`` (N x d) and ``labels``.
+
+    It builds its own soft confusion matrix from the per-sample softmax, so it needs no confusion matrix.
+    Formulas: docs/engine.md, M9 (Gain matrix: the exact estimator); the computation runs in the dtype and on the
+    device of ``prototypes``.
+    """
+    head = _checked_head(objective, prototypes, weight, bias, mix_lambda_min, class_prior)
+    if features is None or labels is None:
+        raise ValueError("estimator='exact' needs the per-sample validation features=(N x d) and labels=(N,)")
+    value = _exact_sensitivity(objective, features, labels, head.prototypes, head.weight, head.bias, head.prior)  # Q
+    gains = head.lam_bar * torch.diagonal(value).unsqueeze(1) + (1.0 - head.lam_bar) * value.T
+    return gains - _mixed_expectation(head.logits, value, head.lam_bar)
+
+
+def gain_matrix(
+    objective: Objective,
+    confusion: torch.Tensor | None,
+    prototypes: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    mix_lambda_min: float = 0.6,
+    estimator: str = "selmix",
+    class_prior: torch.Tensor | None = None,
+    features: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """K x K gain matrix G, dispatched on ``estimator``: G_ij estimates the objective's change from (i, j) mixups.
+
+    ``estimator="selmix"`` calls `selmix_gain_matrix` (uses ``confusion``); ``estimator="exact"`` calls
+    `exact_gain_matrix` (uses ``features`` and ``labels``, ignores ``confusion``: pass None).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown gain estimator {estimator!r}; valid estimators are: {', '.join(ESTIMATORS)}")
     if estimator == "selmix":
-        if confusion is None:
-            raise ValueError("estimator='selmix' needs the normalised validation confusion matrix")
-        confusion = _checked_confusion(confusion, num_classes).to(dtype=dtype, device=device)
-        # H = S D with S = Z Z^T, the prototype Gram; as Z (Z^T D) it costs O(K^2 d) instead of O(K^3)
-        value = prototypes @ (prototypes.T @ logit_gradient(objective, confusion, prior))
-        gains = torch.diagonal(value).unsqueeze(1).expand(-1, num_classes).clone()
-    else:
-        if features is None or labels is None:
-            raise ValueError("estimator='exact' needs the per-sample validation features=(N x d) and labels=(N,)")
-        value = _exact_sensitivity(objective, features, labels, prototypes, weight, bias, prior)  # Q
-        gains = lam_bar * torch.diagonal(value).unsqueeze(1) + (1.0 - lam_bar) * value.T
-    gains -= _mixed_expectation(logits, value, lam_bar)
-    return gains
+        return selmix_gain_matrix(
+            objective, confusion, prototypes, weight, bias, mix_lambda_min=mix_lambda_min, class_prior=class_prior
+        )
+    return exact_gain_matrix(
+        objective, prototypes, weight, bias, features, labels, mix_lambda_min=mix_lambda_min, class_prior=class_prior
+    )
 
 
 def _mixed_expectation(logits: torch.Tensor, value: torch.Tensor, lam_bar: float) -> torch.Tensor:
-    """E_ij = p_ij . (lam_bar V_i. + (1 - lam_bar) V_j.), p_ij = softmax(lam_bar A_i + (1 - lam_bar) A_j).
+    """E_ij = p_ij . (lam_bar V_i. + (1 - lam_bar) V_j.), p_ij = softmax(lam_bar A_i + (1 - lam_bar) A_j) (M10).
 
     The pair softmax factorises, p_ij,l = a_il c_jl / (a c^T)_ij, so each reduction is a matrix product;
     rows whose denominators underflow are redone in float64 and, failing that, in log space.
@@ -229,7 +297,7 @@ def gain_matrix_reference(
 def sampling_distribution(
     gains: torch.Tensor, temperature: float = 0.1, epsilon: float = 1e-8, scale_free: bool = False
 ) -> torch.Tensor:
-    """P = softmax(G / T) over all K^2 pairs, kept only where G > 0, plus epsilon everywhere, normalised.
+    """P = softmax(G / T) over all K^2 pairs, kept only where G > 0, plus epsilon everywhere, normalised (M11).
 
     ``scale_free=True`` divides G by max |G| first, so T is relative to the largest gain rather than in the units
     of G (which grow with the squared norm of the pooled embeddings).

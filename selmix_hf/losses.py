@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +67,21 @@ def _weighted_mean(per_sample: torch.Tensor, labels: torch.Tensor, weight: torch
     return per_sample.mean()
 
 
-class CrossEntropy(nn.Module):
+class LongTailLoss(nn.Module):
+    """Base of the losses: class attributes declare what a trainer must provide and what a model card cites."""
+
+    # key of selmix_hf.citations.CITATIONS for the loss's paper, None when there is nothing to cite
+    citation: ClassVar[str | None] = None
+    # True when the trainer must call update(confusion) with validation confusion matrices during training
+    needs_validation: ClassVar[bool] = False
+    # True when the loss has set_reweighting(enabled), the deferred re-weighting (DRW) stage a trainer switches on
+    has_deferred_reweighting: ClassVar[bool] = False
+
+
+class CrossEntropy(LongTailLoss):
     """-log softmax(f)_y, optionally weighted per class: the baseline."""
+
+    citation = None
 
     def __init__(self, weight: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -81,6 +94,8 @@ class CrossEntropy(nn.Module):
 class WeightedCrossEntropy(CrossEntropy):
     """w_y CE(f, y) with class-balanced (effective number, beta) or inverse-frequency weights summing to K."""
 
+    citation = "class_balanced"
+
     def __init__(self, class_counts: Counts, weighting: str = "class_balanced", beta: float = 0.9999) -> None:
         if weighting == "class_balanced":
             weight = class_balanced_weights(class_counts, beta)
@@ -91,8 +106,10 @@ class WeightedCrossEntropy(CrossEntropy):
         super().__init__(weight)
 
 
-class FocalLoss(nn.Module):
+class FocalLoss(LongTailLoss):
     """-(1 - p_y)^gamma log p_y (Lin et al., 2017): down-weights examples the model already gets right."""
+
+    citation = "focal"
 
     def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -106,8 +123,10 @@ class FocalLoss(nn.Module):
         return _weighted_mean(-((1.0 - log_p.exp()) ** self.gamma) * log_p, labels, self.weight)
 
 
-class LogitAdjustedLoss(nn.Module):
+class LogitAdjustedLoss(LongTailLoss):
     """CE(f + tau log pi_train, y) (Menon et al., ICLR 2021); tau = 1 is the balanced softmax."""
+
+    citation = "logit_adjusted"
 
     def __init__(self, class_counts: Counts, tau: float = 1.0) -> None:
         super().__init__()
@@ -121,6 +140,8 @@ class LogitAdjustedLoss(nn.Module):
 class BalancedSoftmaxLoss(LogitAdjustedLoss):
     """Balanced softmax (Ren et al., NeurIPS 2020): logit adjustment with tau = 1."""
 
+    citation = "balanced_softmax"
+
     def __init__(self, class_counts: Counts) -> None:
         super().__init__(class_counts, tau=1.0)
 
@@ -131,13 +152,16 @@ def ldam_margins(class_counts: Counts, max_margin: float = 0.5) -> torch.Tensor:
     return (margins * (max_margin / margins.max())).float()
 
 
-class LDAMLoss(nn.Module):
+class LDAMLoss(LongTailLoss):
     """CE(s (f - m_y e_y), y), m_k ~ n_k^(-1/4) (Cao et al., NeurIPS 2019), with deferred re-weighting (DRW).
 
     The published scale s = 30 is for cosine-normalised logits (a normalised head); every head this library finds
     is an ordinary linear layer with raw logits, so the default here is s = 1. ``set_reweighting(True)`` switches on the class-balanced
     weights (the DRW stage); the trainer does it at ``drw_start_epoch``.
     """
+
+    citation = "ldam"
+    has_deferred_reweighting = True
 
     def __init__(self, class_counts: Counts, max_margin: float = 0.5, scale: float = 1.0, drw_beta: float = 0.9999) -> None:
         super().__init__()
@@ -161,8 +185,10 @@ class LDAMLoss(nn.Module):
         self.reweighting = bool(state["reweighting"])
 
 
-class VSLoss(nn.Module):
+class VSLoss(LongTailLoss):
     """Vector-scaling loss CE(Delta * f + iota, y), Delta_k = (n_k / n_max)^gamma, iota_k = tau log pi_k (Kini et al., 2021)."""
+
+    citation = "vs"
 
     def __init__(self, class_counts: Counts, gamma: float = 0.2, tau: float = 1.0) -> None:
         super().__init__()
@@ -197,13 +223,15 @@ def frequency_groups(class_counts: Counts, num_groups: int | None) -> torch.Tens
     return groups
 
 
-class ParametricCrossEntropy(nn.Module):
+class ParametricCrossEntropy(LongTailLoss):
     """-w_y log softmax(Delta * f + l)_y: AutoBalance's loss family (Li et al., NeurIPS 2021).
 
     Delta (multiplicative, through ``delta_activation``), l (additive) and w (per-class weight) are parameters,
     optionally tied over ``num_groups`` groups of frequency-sorted classes. Special cases: CE (Delta = 1, l = 0,
     w = 1), logit adjustment (l = tau log pi), CDT (Delta_k = (n_k / n_max)^gamma) and VS (both).
     """
+
+    citation = "autobalance"
 
     def __init__(
         self,
@@ -269,7 +297,7 @@ class ParametricCrossEntropy(nn.Module):
         return (self.class_weight()[labels] * per_sample).mean()
 
 
-class CostSensitiveLoss(nn.Module):
+class CostSensitiveLoss(LongTailLoss):
     """Gain-matrix loss for a non-decomposable objective (Narasimhan & Menon, NeurIPS 2021).
 
     With the gain matrix Gm = dpsi/dC at the last validation confusion matrix, Dg = diag(Gm) and
@@ -277,6 +305,9 @@ class CostSensitiveLoss(nn.Module):
     CE(f + tau log pi - log lam, y) with lam <- lam exp(-eta recall) normalised (eta = 0.1), the default options.
     Call ``update(confusion)`` with each new validation confusion matrix; before the first it is logit adjustment.
     """
+
+    citation = "cost_sensitive"
+    needs_validation = True
 
     DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"min_recall": {"omega": 0.1, "beta": 1.0}}
 
@@ -314,7 +345,7 @@ class CostSensitiveLoss(nn.Module):
         self.objective.load_state_dict(state["objective"])
 
 
-LOSSES: dict[str, type[nn.Module]] = {
+LOSSES: dict[str, type[LongTailLoss]] = {
     "ce": CrossEntropy,
     "weighted_ce": WeightedCrossEntropy,
     "focal": FocalLoss,
@@ -350,6 +381,6 @@ def build_loss(loss_type: str, class_counts: Counts, **options: Any) -> nn.Modul
 
 __all__ = [
     "LOSSES", "BalancedSoftmaxLoss", "CostSensitiveLoss", "CrossEntropy", "FocalLoss", "LDAMLoss", "LogitAdjustedLoss",
-    "ParametricCrossEntropy", "VSLoss", "WeightedCrossEntropy", "build_loss", "class_balanced_weights",
+    "LongTailLoss", "ParametricCrossEntropy", "VSLoss", "WeightedCrossEntropy", "build_loss", "class_balanced_weights",
     "inverse_frequency_weights", "ldam_margins",
 ]

@@ -1,4 +1,7 @@
-"""Non-decomposable objectives psi(C) of a confusion matrix: reported value, surrogate, multipliers."""
+"""Non-decomposable objectives psi(C) of a confusion matrix: reported value, surrogate, multipliers.
+
+The formulas are written out in docs/engine.md, "The mathematics": M2 to M6.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import torch
 from . import metrics
 from .metrics import HeadTailSplit
 
-CONFUSION_CLIP = 1e-7  # C is clipped to at least this before any derivative (selmix-math.md)
+CONFUSION_CLIP = 1e-7  # C is clipped to at least this before any derivative (docs/engine.md, M6. Clipping)
 
 
 class Objective:
@@ -23,6 +26,10 @@ class Objective:
     """
 
     name: ClassVar[str] = "objective"
+    # True when the objective splits the classes into head and tail, so it needs the training class counts
+    needs_class_counts: ClassVar[bool] = False
+    # the keys of metrics.classification_report this objective optimises (the model card marks them)
+    optimised_metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, num_classes: int, *, class_prior: Sequence[float] | torch.Tensor | None = None) -> None:
         if not isinstance(num_classes, int) or num_classes < 2:
@@ -99,6 +106,7 @@ class MeanRecall(Objective):
     """Mean of per-class recalls; with a uniform prior the surrogate is trace(C)."""
 
     name = "mean_recall"
+    optimised_metrics = ("mean_recall",)
 
     def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
         return _diag_recall(confusion, self._prior(confusion)).mean()
@@ -111,6 +119,7 @@ class Accuracy(Objective):
     """Accuracy under the class prior (trace of C): the decomposable baseline."""
 
     name = "accuracy"
+    optimised_metrics = ("accuracy",)
 
     def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
         return torch.trace(confusion)
@@ -123,6 +132,7 @@ class GMean(Objective):
     """Geometric mean of recalls, (prod_i C_ii / R_i)^(1/K)."""
 
     name = "g_mean"
+    optimised_metrics = ("g_mean",)
 
     def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
         row = confusion.sum(dim=1)
@@ -136,6 +146,7 @@ class HMean(Objective):
     """Harmonic mean of recalls, K / sum_i (R_i / C_ii)."""
 
     name = "h_mean"
+    optimised_metrics = ("h_mean",)
 
     def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
         row = confusion.sum(dim=1)
@@ -152,6 +163,7 @@ class MinRecall(Objective):
     """
 
     name = "min_recall"
+    optimised_metrics = ("min_recall",)
 
     def __init__(self, num_classes: int, *, omega: float = 50.0, beta: float = 0.0, class_prior: Any = None) -> None:
         super().__init__(num_classes, class_prior=class_prior)
@@ -213,6 +225,8 @@ class MinHeadTailRecall(_HeadTailMixin, MinRecall):
     """min(mean head recall, mean tail recall) with (lam_h, lam_t) = softmax(-omega [head, tail recall])."""
 
     name = "min_head_tail_recall"
+    needs_class_counts = True
+    optimised_metrics = ("min_head_tail_recall",)
 
     def __init__(
         self,
@@ -246,7 +260,7 @@ class MinHeadTailRecall(_HeadTailMixin, MinRecall):
 
 
 def coverage_multiplier(coverage: torch.Tensor, target: torch.Tensor, mu_max: float, tau: float) -> torch.Tensor:
-    """mu = max(0, mu_max (1 - exp((coverage - target) / tau))): zero once the target is met."""
+    """mu = max(0, mu_max (1 - exp((coverage - target) / tau))): zero once the target is met (docs/engine.md, M4)."""
     return (mu_max * (1.0 - torch.exp((coverage - target) / tau))).clamp_min(0.0)
 
 
@@ -299,17 +313,25 @@ class _CoverageConstrained(Objective):
 
 
 class MeanRecallMinCoverage(_CoverageConstrained):
+    """Mean recall under per-class coverage >= alpha pi_l."""
+
     name = "mean_recall_min_coverage"
     base_class = MeanRecall
+    optimised_metrics = ("mean_recall", "min_coverage")
 
 
 class HMeanMinCoverage(_CoverageConstrained):
+    """H-mean of recalls under per-class coverage >= alpha pi_l."""
+
     name = "h_mean_min_coverage"
     base_class = HMean
+    optimised_metrics = ("h_mean", "min_coverage")
 
 
 class _HeadTailCoverageConstrained(_HeadTailMixin, _CoverageConstrained):
     """Coverage constraint on the mean head coverage and the mean tail coverage (mu_h, mu_t)."""
+
+    needs_class_counts = True
 
     def __init__(
         self,
@@ -353,13 +375,19 @@ class _HeadTailCoverageConstrained(_HeadTailMixin, _CoverageConstrained):
 
 
 class MeanRecallMinHeadTailCoverage(_HeadTailCoverageConstrained):
+    """Mean recall under mean head and mean tail coverage >= alpha times their mean prior."""
+
     name = "mean_recall_min_head_tail_coverage"
     base_class = MeanRecall
+    optimised_metrics = ("mean_recall",)  # classification_report has no head/tail coverage key
 
 
 class HMeanMinHeadTailCoverage(_HeadTailCoverageConstrained):
+    """H-mean of recalls under mean head and mean tail coverage >= alpha times their mean prior."""
+
     name = "h_mean_min_head_tail_coverage"
     base_class = HMean
+    optimised_metrics = ("h_mean",)  # classification_report has no head/tail coverage key
 
 
 class CustomObjective(Objective):
@@ -427,10 +455,19 @@ def get_objective(name: str | Objective, num_classes: int, **options: Any) -> Ob
 def objective_for_training(
     name: str, num_classes: int, class_counts: Sequence[int], tail_fraction: float = 0.1, **options: Any
 ) -> Objective:
-    """`get_objective`, giving head/tail objectives the training counts unless the options already split the classes."""
-    if "head_tail" in name and not {"head", "tail", "class_counts"} & set(options):
+    """`get_objective`, giving the training counts to objectives that need them unless the options split the classes."""
+    cls = OBJECTIVES.get(name) if isinstance(name, str) else None
+    if cls is not None and cls.needs_class_counts and not {"head", "tail", "class_counts"} & set(options):
         options.update(class_counts=list(class_counts), tail_fraction=tail_fraction)
     return get_objective(name, num_classes, **options)
+
+
+def optimised_metrics(name: str | None) -> list[str]:
+    """The `classification_report` keys the named objective optimises: [name] for a custom name, [] for none."""
+    if not name:
+        return []
+    cls = OBJECTIVES.get(name)
+    return [name] if cls is None else list(cls.optimised_metrics)
 
 
 def multiplier_logs(objective: Objective, prefix: str, max_entries: int = 16) -> dict[str, float]:

@@ -8,10 +8,12 @@ from selmix_hf import metrics
 from selmix_hf.gains import (
     class_prototypes,
     equal_norm_prototypes,
+    exact_gain_matrix,
     gain_matrix,
     gain_matrix_reference,
     logit_gradient,
     sampling_distribution,
+    selmix_gain_matrix,
 )
 from selmix_hf.objectives import OBJECTIVES, get_objective
 
@@ -32,7 +34,8 @@ def problem(seed: int, num_classes: int = 6, dim: int = 5, dtype=F64, prior=None
 
 def objective(name: str, num_classes: int, confusion: torch.Tensor, prior=None):
     counts = list(range(10 * num_classes, 0, -10))
-    obj = get_objective(name, num_classes, class_prior=prior, **({"class_counts": counts} if "head_tail" in name else {}))
+    options = {"class_counts": counts} if OBJECTIVES[name].needs_class_counts else {}
+    obj = get_objective(name, num_classes, class_prior=prior, **options)
     obj.update(confusion.double())  # non-trivial multipliers
     return obj
 
@@ -107,6 +110,61 @@ def test_exact_estimator_predicts_the_change_after_a_head_step(name):
             measured[i, j] = (up - down) / (2 * eps)
     torch.testing.assert_close(predicted, measured, rtol=1e-3, atol=1e-3 * float(measured.abs().max()))
     assert measured.abs().max() > 1e-4
+
+
+def validation_sample(seed: int, num_classes: int = 6, dim: int = 5, per_class: int = 4):
+    """Per-sample validation features around random class centres, every class present."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    centres = torch.randn(num_classes, dim, generator=gen, dtype=F64)
+    return centres[labels] + 0.5 * torch.randn(labels.numel(), dim, generator=gen, dtype=F64), labels
+
+
+@pytest.mark.parametrize("name", ["mean_recall", "min_recall", "h_mean_min_coverage", "min_head_tail_recall"])
+@pytest.mark.parametrize("prior", [None, SKEWED], ids=["uniform", "skewed"])
+def test_selmix_gain_matrix_is_the_dispatchers_selmix_estimator(name, prior):
+    confusion, protos, weight, bias = problem(13, prior=prior)
+    obj = objective(name, 6, confusion, prior)
+    direct = selmix_gain_matrix(obj, confusion, protos, weight, bias, mix_lambda_min=0.7, class_prior=prior)
+    dispatched = gain_matrix(obj, confusion, protos, weight, bias, mix_lambda_min=0.7, estimator="selmix",
+                             class_prior=prior)
+    torch.testing.assert_close(direct, dispatched, rtol=0, atol=0)
+    torch.testing.assert_close(selmix_gain_matrix(obj, confusion, protos, weight, None),
+                               gain_matrix(obj, confusion, protos, weight, None), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["mean_recall", "g_mean", "mean_recall_min_coverage"])
+@pytest.mark.parametrize("prior", [None, SKEWED], ids=["uniform", "skewed"])
+def test_exact_gain_matrix_is_the_dispatchers_exact_estimator(name, prior):
+    confusion, _, weight, bias = problem(14, prior=prior)
+    features, labels = validation_sample(14)
+    protos = class_prototypes(features, labels, 6)
+    obj = objective(name, 6, confusion, prior)
+    direct = exact_gain_matrix(obj, protos, weight, bias, features, labels, mix_lambda_min=0.5, class_prior=prior)
+    dispatched = gain_matrix(obj, None, protos, weight, bias, mix_lambda_min=0.5, estimator="exact",
+                             class_prior=prior, features=features, labels=labels)
+    torch.testing.assert_close(direct, dispatched, rtol=0, atol=0)
+    assert direct.abs().max() > 1e-6
+
+
+def test_the_two_estimators_check_their_arguments_alike():
+    confusion, protos, weight, bias = problem(15)
+    features, labels = validation_sample(15)
+    obj = get_objective("mean_recall", 6)
+    for call in (lambda: selmix_gain_matrix(obj, confusion, protos[:5], weight, bias),
+                 lambda: exact_gain_matrix(obj, protos[:5], weight, bias, features, labels)):
+        with pytest.raises(ValueError, match="prototypes has 5 rows"):
+            call()
+    for call in (lambda: selmix_gain_matrix(obj, confusion, protos, weight, bias, mix_lambda_min=1.5),
+                 lambda: exact_gain_matrix(obj, protos, weight, bias, features, labels, mix_lambda_min=1.5)):
+        with pytest.raises(ValueError, match="mix_lambda_min"):
+            call()
+
+
+def test_dispatcher_rejects_an_unknown_estimator_before_reading_the_inputs():
+    with pytest.raises(ValueError, match="unknown gain estimator 'taylor'; valid estimators are: selmix, exact"):
+        gain_matrix(get_objective("mean_recall", 3), None, torch.zeros(2, 2), torch.zeros(3, 2), None,
+                    estimator="taylor")
 
 
 def test_float32_agrees_with_float64():

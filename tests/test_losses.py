@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from selmix_hf.citations import CITATIONS
 from selmix_hf.losses import (
     LOSSES,
     CostSensitiveLoss,
@@ -221,3 +222,38 @@ def test_unknown_option_lists_accepted_ones():
 def test_class_with_zero_training_samples_is_named(loss_type):
     with pytest.raises(ValueError, match=r"classes \[2\] have zero training samples"):
         build_loss(loss_type, [10, 5, 0, 3])
+
+
+# -- declared attributes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_every_loss_declares_citation_validation_and_reweighting(loss_type):
+    cls = LOSSES[loss_type]
+    assert cls.citation is None or isinstance(cls.citation, str)
+    assert isinstance(cls.needs_validation, bool) and isinstance(cls.has_deferred_reweighting, bool)
+    assert cls.needs_validation == hasattr(cls, "update")
+    assert cls.has_deferred_reweighting == hasattr(cls, "set_reweighting")
+    assert isinstance(build_loss(loss_type, COUNTS), cls)
+
+
+def test_every_cited_key_is_a_citation():
+    cited = {name: cls.citation for name, cls in LOSSES.items() if cls.citation is not None}
+    assert set(cited.values()) <= set(CITATIONS)
+    assert set(LOSSES) - set(cited) == {"ce"}  # every loss but plain cross-entropy has a paper
+
+
+def test_the_trainer_facing_flags_are_set_where_the_losses_need_them():
+    assert {name for name, cls in LOSSES.items() if cls.needs_validation} == {"cost_sensitive"}
+    assert {name for name, cls in LOSSES.items() if cls.has_deferred_reweighting} == {"ldam"}
+    assert LOSSES["balanced_softmax"].citation == "balanced_softmax"  # not inherited from logit adjustment
+    assert LOSSES["logit_adjusted"].citation == "logit_adjusted"
+
+
+def test_citations_are_bibtex_entries_with_unique_keys():
+    bibtex_keys = [entry.split("{", 1)[1].split(",", 1)[0] for entry in CITATIONS.values()]
+    assert len(set(bibtex_keys)) == len(CITATIONS)
+    for entry in CITATIONS.values():
+        assert entry.startswith("@inproceedings{") and entry.endswith("}")
+        assert all(f"{field} " in entry for field in ("title", "author", "booktitle", "year"))
+        assert entry.count("{") == entry.count("}")

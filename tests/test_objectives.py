@@ -1,4 +1,4 @@
-"""Objectives: autograd gradients against the closed forms of selmix-math.md, reported values, multipliers."""
+"""Objectives: autograd gradients against the closed forms of docs/engine.md (M3), reported values, multipliers."""
 
 import math
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from selmix_hf import metrics
-from selmix_hf.objectives import OBJECTIVES, CustomObjective, get_objective
+from selmix_hf.cards import objective_metrics
+from selmix_hf.objectives import OBJECTIVES, CustomObjective, get_objective, objective_for_training, optimised_metrics
 
 K = 5
 COUNTS = [500, 300, 120, 40, 8]  # training counts: class 4 is the tail (ceil(0.1 * 5) = 1 class)
@@ -22,7 +23,7 @@ def random_confusion(seed: int, num_classes: int = K, prior: torch.Tensor | None
 
 
 def options(name: str) -> dict:
-    return {"class_counts": COUNTS} if "head_tail" in name else {}
+    return {"class_counts": COUNTS} if OBJECTIVES[name].needs_class_counts else {}
 
 
 def per_class(head_value: float, tail_value: float) -> torch.Tensor:
@@ -117,7 +118,7 @@ HAND_VALUES = {
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_reported_value_on_hand_computed_confusion(name):
     c = metrics.normalized_confusion(metrics.confusion_counts(HAND_LABELS, HAND_PREDS, 3))
-    obj = get_objective(name, 3, **({"class_counts": HAND_COUNTS} if "head_tail" in name else {}))
+    obj = get_objective(name, 3, **({"class_counts": HAND_COUNTS} if OBJECTIVES[name].needs_class_counts else {}))
     assert obj.value(c) == pytest.approx(HAND_VALUES[name], abs=1e-12)
     report = obj.report(c)
     if name.endswith("_min_coverage"):
@@ -238,3 +239,41 @@ def test_head_tail_objective_without_split_is_a_clear_error():
 def test_bad_confusion_is_rejected(bad):
     with pytest.raises(ValueError):
         get_objective("h_mean", K).gradient(bad)
+
+
+HEAD_TAIL_OBJECTIVES = {"min_head_tail_recall", "mean_recall_min_head_tail_coverage", "h_mean_min_head_tail_coverage"}
+
+
+def test_exactly_the_head_tail_objectives_need_class_counts():
+    assert {name for name, cls in OBJECTIVES.items() if cls.needs_class_counts} == HEAD_TAIL_OBJECTIVES
+    assert CustomObjective.needs_class_counts is False
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_objective_for_training_gives_class_counts_to_exactly_the_objectives_that_need_them(name):
+    obj = objective_for_training(name, K, COUNTS, tail_fraction=0.2)  # an objective without the option would refuse it
+    if OBJECTIVES[name].needs_class_counts:
+        assert obj.split.tail == (4,) and obj.split.head == (0, 1, 2, 3)
+    else:
+        assert not hasattr(obj, "split")
+
+
+def test_objective_for_training_keeps_an_explicit_split():
+    obj = objective_for_training("mean_recall_min_head_tail_coverage", K, COUNTS, tail=[0, 1])
+    assert obj.split.tail == (0, 1)
+
+
+def test_optimised_metrics_are_keys_of_the_classification_report():
+    report = metrics.classification_report(HAND_LABELS, HAND_PREDS, 3, class_counts=HAND_COUNTS)
+    for name, cls in OBJECTIVES.items():
+        assert cls.optimised_metrics, name
+        assert set(cls.optimised_metrics) <= set(report), name
+        assert optimised_metrics(name) == list(cls.optimised_metrics) == objective_metrics(name)
+
+
+def test_optimised_metrics_by_name():
+    assert optimised_metrics("mean_recall") == ["mean_recall"]
+    assert optimised_metrics("mean_recall_min_coverage") == ["mean_recall", "min_coverage"]
+    assert optimised_metrics("h_mean_min_head_tail_coverage") == ["h_mean"]  # the report has no head/tail coverage
+    assert optimised_metrics("tail_recall") == ["tail_recall"]  # a custom objective's name
+    assert optimised_metrics(None) == []
