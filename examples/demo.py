@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.copy(os.path.join(final, "per_class_recall.png"), os.path.join(args.output_dir, "per_class_recall.png"))
     stage2.create_model_card(
         model_name=f"{MODEL_NAMES[args.task]}, SelMix for min recall (selmix-hf demo)", results=after, before=before,
-        eval_split="test", dataset_name=DATASET_NAMES[args.task], plot_file="per_class_recall.png",
+        eval_split="test", eval_counts=np.bincount(splits["test"]["label"], minlength=len(names)).tolist(),
+        dataset_name=DATASET_NAMES[args.task], plot_file="per_class_recall.png",
         how_to_load=IMAGE_LOADING.format(path="path/to/this/model") if args.task == "image" else None,
     )
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as fh:

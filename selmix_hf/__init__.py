@@ -1,12 +1,21 @@
 """selmix-hf: fine-tune Hugging Face classifiers for non-decomposable metrics with SelMix."""
 
 from .autobalance import AutoBalanceConfig, AutoBalanceTrainer
+from .base_trainer import BaseTrainer
 from .config import SelMixConfig
 from .features import find_head, register_head
-from .gains import class_prototypes, equal_norm_prototypes, gain_matrix, sampling_distribution
+from .gains import (
+    class_prototypes,
+    equal_norm_prototypes,
+    exact_gain_matrix,
+    gain_matrix,
+    sampling_distribution,
+    selmix_gain_matrix,
+)
 from .longtail_trainer import LongTailConfig, LongTailTrainer
 from .losses import build_loss
 from .metrics import classification_report, confusion_counts, make_compute_metrics, normalized_confusion
+from .nonfinite import NonFiniteError
 from .objectives import OBJECTIVES, CustomObjective, Objective, get_objective
 from .trainer import SelMixTrainer
 
@@ -15,8 +24,10 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "AutoBalanceConfig",
     "AutoBalanceTrainer",
+    "BaseTrainer",
     "LongTailConfig",
     "LongTailTrainer",
+    "NonFiniteError",
     "OBJECTIVES",
     "CustomObjective",
     "Objective",
@@ -24,6 +35,7 @@ __all__ = [
     "SelMixTrainer",
     "class_prototypes",
     "equal_norm_prototypes",
+    "exact_gain_matrix",
     "build_loss",
     "classification_report",
     "confusion_counts",
@@ -34,4 +46,5 @@ __all__ = [
     "normalized_confusion",
     "register_head",
     "sampling_distribution",
+    "selmix_gain_matrix",
 ]

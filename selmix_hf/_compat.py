@@ -12,8 +12,9 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 __all__ = [
-    "PREFIX_CHECKPOINT_DIR", "checkpoint_folder", "disable_loss_kwargs", "drop_unused_columns", "get_last_checkpoint",
-    "prepare_inputs",
+    "PREFIX_CHECKPOINT_DIR", "base_model_of", "checkpoint_folder", "classifier_classes", "disable_loss_kwargs",
+    "drop_unused_columns", "get_last_checkpoint", "is_headless", "is_peft_model", "peft_base_model_name", "prepare_inputs",
+    "restore_best_weights",
 ]
 
 
@@ -62,3 +63,71 @@ def validation_dataloader(trainer: Trainer, dataset: Any) -> DataLoader:
         pin_memory=trainer.args.dataloader_pin_memory,
     )
     return trainer.accelerator.prepare(loader)
+
+
+def classifier_classes(model_type: str | None) -> list[str]:
+    """The transformers classifier classes (text, image) of a model type, e.g. ['BertForSequenceClassification']."""
+    from transformers.models.auto import modeling_auto
+
+    if not model_type:
+        return []
+    found = [mapping.get(model_type) for mapping in (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+                                                     modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)]
+    return [name for name in found if name]
+
+
+def is_headless(model: Any) -> bool:
+    """Whether the model is a transformers base model (``AutoModel`` class: hidden states out, no classifier)."""
+    from transformers.models.auto import modeling_auto
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return bool(model_type) and modeling_auto.MODEL_MAPPING_NAMES.get(model_type) == type(model).__name__
+
+
+def _peft_model_class() -> type | None:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return None
+    return PeftModel
+
+
+def base_model_of(model: Any) -> Any:
+    """The transformers model inside a PEFT adapter model (the model itself when it is not one)."""
+    peft_class = _peft_model_class()
+    if peft_class is not None and isinstance(model, peft_class):
+        return model.get_base_model()
+    return model
+
+
+def is_peft_model(model: Any) -> bool:
+    """Whether the model is a PEFT adapter model."""
+    peft_class = _peft_model_class()
+    return peft_class is not None and isinstance(model, peft_class)
+
+
+def peft_base_model_name(model: Any) -> str | None:
+    """The checkpoint a PEFT adapter model was built on (None when unknown or when the model is not a PEFT model)."""
+    peft_class = _peft_model_class()
+    if peft_class is None or not isinstance(model, peft_class):
+        return None
+    config = model.peft_config.get(model.active_adapter) if hasattr(model, "peft_config") else None
+    return getattr(config, "base_model_name_or_path", None) or None
+
+
+def restore_best_weights(model: Any, checkpoint: str) -> None:
+    """Reload the best checkpoint's weights through `from_pretrained`, which applies the checkpoint conversions.
+
+    `Trainer._load_best_model` loads the state dict as saved; when a transformers release lays a model out
+    differently in memory than on disk (ViT's attention in 5.24: ``encoder.layer.0.attention.attention.query`` on
+    disk, ``layers.0.attention.q_proj`` in memory), it misses those weights and the model keeps the last step's.
+    """
+    from transformers import PreTrainedModel
+
+    inner = model
+    while hasattr(inner, "module") and not isinstance(inner, PreTrainedModel):
+        inner = inner.module
+    if not isinstance(inner, PreTrainedModel) or is_peft_model(inner):
+        return
+    loaded = type(inner).from_pretrained(checkpoint)
+    inner.load_state_dict(loaded.state_dict(), strict=True)

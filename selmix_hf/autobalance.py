@@ -9,30 +9,26 @@ a Neumann series (or a one-step unrolled approximation), then one step of the hy
 from __future__ import annotations
 
 import json
+import math
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler
 
 from . import _compat
-from .cards import optimisation_settings
-from .config import parse_options
-from .features import PooledFeatures, find_head, unwrap
-from .losses import ParametricCrossEntropy, class_balanced_weights
-from .longtail_trainer import LongTailConfig, LongTailTrainer
+from .base_trainer import BaseTrainer
+from .config import HYPERGRADIENTS, AutoBalanceConfig
+from .features import PooledFeatures, logits_of, unwrap
+from .losses import ParametricCrossEntropy, build_loss, class_balanced_weights
+from .longtail_trainer import LongTailTrainer
 from .metrics import confusion_counts, normalized_confusion
-from .objectives import OBJECTIVES, objective_for_training
+from .nonfinite import NonFiniteError, bad_input_rows, first_bad, row_is_finite
+from .objectives import objective_for_training
 from .sampling import rank_seed
-from .validation import PeriodicRefresh, check_every_class, gathered_validation_pass, pick_validation_set, require_whole_head
 
-HYPERGRADIENTS = ("neumann", "unrolled")
-UPPER_OBJECTIVES = ("balanced_ce", *sorted(OBJECTIVES))
 
 
 def hypergradient(
@@ -75,103 +71,46 @@ def _zeros_for_none(grads: tuple | list, like: list[torch.Tensor]) -> list[torch
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, like)]
 
 
-@dataclass
-class AutoBalanceConfig(LongTailConfig):
-    """`LongTailConfig` plus the AutoBalance search.
-
-    Loss family: ``num_groups`` (tie parameters over groups of frequency-sorted classes), ``init`` (ones, la, cdt),
-    ``delta_activation``, ``learn_delta``, ``learn_weights``. Search: ``hyper_update_steps`` (20), ``hypergradient`` (neumann or
-    unrolled), ``neumann_steps`` (5), ``neumann_lr`` (1.0), ``hyper_batches`` (10), ``hyper_learning_rate``,
-    ``hyper_optimizer``, ``search_steps`` (after it the parameters are frozen), ``hypergradient_params``. Upper objective: ``upper_objective`` (class-balanced CE as published, or any objective of
-    the engine through its surrogate on a soft confusion matrix) and ``upper_objective_options``.
-    Defaults: ``loss_type`` is "parametric" (the searched loss); ``hypergradient_params`` is "head": the IFT
-    treats the backbone as fixed, because PyTorch's fused attention kernels (SDPA, the default of transformers
-    models) have no second derivative on CPU. "all" is the published setting and needs eager attention.
-    """
-
-    loss_type: str = field(default="parametric", metadata={"help": "Must be 'parametric' for AutoBalance."})
-    num_groups: int | None = field(default=None, metadata={"help": "Tie the loss parameters over this many groups."})
-    init: str = field(default="ones", metadata={"help": "Initial loss: ones (CE), la (logit adjustment) or cdt."})
-    delta_activation: str = field(
-        default="exp", metadata={"help": "Delta = activation(raw): exp (positive, starts at 1), sigmoid (published), identity."}
-    )
-    learn_weights: bool = field(default=False, metadata={"help": "Also learn the per-class weights w."})
-    learn_delta: bool = field(default=True, metadata={"help": "Learn the multiplicative Delta (else only l, and w if asked)."})
-    hyper_update_steps: int = field(default=20, metadata={"help": "Optimiser steps between hypergradient updates."})
-    hypergradient: str = field(default="neumann", metadata={"help": "neumann (IFT + Neumann series) or unrolled (one step)."})
-    neumann_steps: int = field(default=5, metadata={"help": "Terms of the Neumann series."})
-    neumann_lr: float = field(default=1.0, metadata={"help": "Step size eta of the Neumann series."})
-    hyper_batches: int = field(default=10, metadata={"help": "Train and validation batches averaged per hypergradient."})
-    hyper_learning_rate: float = field(default=0.01, metadata={"help": "Learning rate of the loss parameters."})
-    hyper_optimizer: str = field(default="adam", metadata={"help": "adam or sgd, for the loss parameters."})
-    search_steps: int | None = field(
-        default=None, metadata={"help": "Stop updating the loss parameters after this step (frozen afterwards)."}
-    )
-    hypergradient_params: str = field(
-        default="head",
-        metadata={"help": "Lower-level weights in the hypergradient: head (final layer; works with every model) or all."},
-    )
-    upper_objective: str = field(
-        default="balanced_ce",
-        metadata={"help": f"Validation objective: {', '.join(UPPER_OBJECTIVES)} (engine objectives use a soft confusion matrix)."},
-    )
-    upper_objective_options: dict | str | None = field(default=None, metadata={"help": "Options of the upper objective (JSON)."})
-
-    def __post_init__(self) -> None:
-        if self.loss_type != "parametric":
-            raise ValueError("AutoBalanceConfig searches the parametric loss: loss_type must be 'parametric'")
-        self.upper_objective_options = parse_options(self.upper_objective_options, "upper_objective_options")
-        for name, value, valid in (
-            ("hypergradient", self.hypergradient, HYPERGRADIENTS),
-            ("upper_objective", self.upper_objective, UPPER_OBJECTIVES),
-            ("hyper_optimizer", self.hyper_optimizer, ("adam", "sgd")),
-            ("hypergradient_params", self.hypergradient_params, ("all", "head")),
-        ):
-            if value not in valid:
-                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
-        if self.hyper_update_steps < 1 or self.hyper_batches < 1:
-            raise ValueError("hyper_update_steps and hyper_batches must be >= 1")
-        self.loss_options = {
-            **parse_options(self.loss_options, "loss_options"),
-            "num_groups": self.num_groups, "init": self.init, "delta_activation": self.delta_activation,
-            "learn_weights": self.learn_weights, "learn_delta": self.learn_delta,
-        }
-        super().__post_init__()
-
-
 class AutoBalanceTrainer(LongTailTrainer):
     """`LongTailTrainer` with the parametric loss learned on the validation split (bilevel, every few steps).
 
     The learned parameters are logged at each update, saved with checkpoints (with the hyper-optimiser state), and
     written to ``<output_dir>/autobalance_loss.json`` at the end of training; ``load_parametric_loss`` reads that file
-    back for a fresh run with the loss frozen (``LongTailTrainer(loss=...)``).
+    back for a fresh run with the loss frozen (``LongTailTrainer(loss=...)``). The hyper-batches hold
+    ``per_device_train_batch_size x gradient_accumulation_steps`` samples each (one optimiser step's worth, whatever
+    the micro-batch size), drawn from this rank's own random stream, which checkpoints save.
     """
 
-    state_file = "autobalance_state_rank{rank}.pt"
+    config_class = AutoBalanceConfig
+    _name = "autobalance"
+    _paper = ("autobalance",)
+    _tag_names = ("bilevel-optimisation",)
+    state_stem = "autobalance_state"
+    reads_head_weights = True
 
     def __init__(self, model: nn.Module | None = None, args: AutoBalanceConfig | None = None, *,
                  validation_dataset: Any = None, **kwargs: Any) -> None:
-        if not isinstance(args, AutoBalanceConfig):
-            raise TypeError("AutoBalanceTrainer needs args=AutoBalanceConfig(...)")
         super().__init__(model=model, args=args, validation_dataset=validation_dataset, **kwargs)
-        require_whole_head(self, "AutoBalanceTrainer")
-        self.validation_dataset = pick_validation_set(validation_dataset, self.eval_dataset, "AutoBalance")
-        val_labels = check_every_class(self.validation_dataset, self.num_labels, "validation")
-        self.upper_weights = class_balanced_weights(np.bincount(val_labels, minlength=self.num_labels)).to(args.device)
+        self.use_validation_set("AutoBalance")
+        self.upper_weights = class_balanced_weights(self.validation_counts).to(args.device)
         self.upper_objective = None
         if args.upper_objective != "balanced_ce":
             self.upper_objective = objective_for_training(
                 args.upper_objective, self.num_labels, self.class_counts, **args.upper_objective_options
             )
-        self.pooled = PooledFeatures(find_head(self.model, self.num_labels)[1])
+        self.pooled = PooledFeatures(self.head)
         self.hyperparameters = self.loss_fn.hyperparameters()
         for p in self.hyperparameters:  # learned by the hyper-optimiser only, never by the training backward
             p.requires_grad_(False)
         optimiser = torch.optim.Adam if args.hyper_optimizer == "adam" else torch.optim.SGD
         self.hyper_optimizer = optimiser(self.hyperparameters, lr=args.hyper_learning_rate)
         self._hyper_generator = torch.Generator().manual_seed(rank_seed(args.seed, args.process_index) ^ 0xAB)
-        self._batches: dict[str, Iterator] = {}
-        self.add_callback(PeriodicRefresh(self, args.hyper_update_steps))
+        self._collators: dict[str, tuple[Any, Any]] = {}
+        self.schedule_refresh(args.hyper_update_steps)
+
+    def build_loss(self) -> nn.Module:
+        """The searched `ParametricCrossEntropy`, with the loss-family settings of the config."""
+        return build_loss("parametric", self.class_counts, **self.args.parametric_loss_options())
 
     # -- one upper-level step ---------------------------------------------------------------------
     def refresh(self) -> dict[str, float]:
@@ -189,23 +128,32 @@ class AutoBalanceTrainer(LongTailTrainer):
         head_only = self.args.hypergradient_params == "head"
         try:
             if head_only or self.upper_objective is not None:
-                features, logits, labels = gathered_validation_pass(self, self.validation_dataset, self.pooled)
+                features, logits, labels = self.validation_pass(self.pooled)
                 if self.upper_objective is not None:  # its multipliers follow the hard validation confusion matrix
                     counts = confusion_counts(labels.cpu(), logits.argmax(dim=1).cpu(), self.num_labels)
                     self.upper_objective.update(normalized_confusion(counts, self.upper_objective.class_prior))
-            train_batches = [self._next_batch("train") for _ in range(self.args.hyper_batches)]
+            error, train_features, val_batches = None, [], []
+            try:  # a NaN in one rank's hyper-batches must stop every rank, not leave them in the all-reduce below
+                train_batches = [self._next_batch("train") for _ in range(self.args.hyper_batches)]
+                if head_only:
+                    train_features = [(self._features(model, b), b[self.label_key]) for b in train_batches]
+                else:
+                    val_batches = [self._next_batch("validation") for _ in range(self.args.hyper_batches)]
+            except NonFiniteError as err:
+                error = err
+            self.stop_together(error)
             if head_only:
                 head = self.pooled.head
                 weights = [p for p in head.parameters() if p.requires_grad]
-                train_features = [(self._features(model, b), b["labels"]) for b in train_batches]
                 train_loss = lambda: sum(self.loss_fn(head(f), y) for f, y in train_features) / len(train_features)  # noqa: E731
                 val_loss = lambda: self._upper_loss(head(features.to(head.weight)), labels)  # noqa: E731
             else:
                 weights = [p for p in model.parameters() if p.requires_grad]
-                val_batches = [self._next_batch("validation") for _ in range(self.args.hyper_batches)]
-                train_loss = lambda: sum(self.loss_fn(self._logits(model, b), b["labels"]) for b in train_batches) / len(train_batches)  # noqa: E731
+                train_loss = lambda: sum(  # noqa: E731
+                    self.loss_fn(self._logits(model, b), b[self.label_key]) for b in train_batches) / len(train_batches)
                 val_loss = lambda: self._upper_loss(  # noqa: E731
-                    torch.cat([self._logits(model, b) for b in val_batches]), torch.cat([b["labels"] for b in val_batches])
+                    torch.cat([self._logits(model, b) for b in val_batches]),
+                    torch.cat([b[self.label_key] for b in val_batches]),
                 )
             for p in self.hyperparameters:
                 p.requires_grad_(True)
@@ -219,6 +167,12 @@ class AutoBalanceTrainer(LongTailTrainer):
             model.train(was_training)
         if self.args.world_size > 1:
             grads = [self.accelerator.reduce(g.contiguous(), reduction="mean") for g in grads]
+        if not all(torch.isfinite(g).all() for g in grads):
+            raise NonFiniteError(
+                f"the AutoBalance hypergradient is NaN or inf at step {self.state.global_step} (inputs and features "
+                "were finite): lower neumann_lr or hyper_learning_rate, or use hypergradient='unrolled'. The loss "
+                "parameters were not updated and nothing was saved after the last checkpoint."
+            )
         for p, g in zip(self.hyperparameters, grads):
             p.grad = g.detach()
         self.hyper_optimizer.step()
@@ -238,16 +192,24 @@ class AutoBalanceTrainer(LongTailTrainer):
 
     def _logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Logits of a batch with the graph kept (the whole-model hypergradient differentiates through them)."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in (self.label_key, "_index")}
         with self.compute_loss_context_manager():
-            return model(**inputs).logits.float()
+            return logits_of(model(**inputs)).float()
 
     def _features(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """The pooled embeddings of a batch, without a graph (the head-only hypergradient treats them as data)."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in (self.label_key, "_index")}
         with torch.no_grad(), self.pooled.capture(), self.compute_loss_context_manager():
             model(**inputs)
-        return self.pooled.captured.float()
+        features = self.pooled.captured.float()
+        bad = first_bad(row_is_finite(features))
+        if bad is not None:
+            raise NonFiniteError(
+                f"NaN or inf in the pooled features of training sample {batch['_index'][bad]} (a hyper-batch of the "
+                f"AutoBalance step at step {self.state.global_step}); check that sample's inputs. The loss parameters "
+                "were not updated and nothing was saved after the last checkpoint."
+            )
+        return features
 
     def _upper_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Class-balanced CE on validation (published), or minus an engine objective of the soft confusion matrix."""
@@ -264,42 +226,59 @@ class AutoBalanceTrainer(LongTailTrainer):
         return -self.upper_objective.surrogate(soft_confusion)
 
     def _next_batch(self, split: str) -> dict[str, Any]:
-        """Batches drawn with replacement from the train or validation split, from this rank's own stream."""
-        if split not in self._batches:
+        """A batch drawn with replacement from the train or validation split, from this rank's own stream.
+
+        It holds one optimiser step's samples (micro-batch x accumulation steps), so the hypergradient does not
+        depend on how a step is split into micro-batches; the indices are drawn here, one batch at a time, so a
+        resumed run draws exactly what the uninterrupted one would have.
+        """
+        if split not in self._collators:
             dataset = self.train_dataset if split == "train" else self.validation_dataset
-            dataset, collator = _compat.drop_unused_columns(self, dataset, self.data_collator, f"autobalance {split}")
-            sampler = RandomSampler(dataset, replacement=True, num_samples=1 << 62, generator=self._hyper_generator)
-            loader = DataLoader(dataset, sampler=sampler, batch_size=self.args.per_device_train_batch_size,
-                                collate_fn=collator)
-            self._batches[split] = iter(loader)
-        return _compat.prepare_inputs(self, next(self._batches[split]))
+            self._collators[split] = _compat.drop_unused_columns(self, dataset, self.data_collator, f"autobalance {split}")
+        dataset, collator = self._collators[split]
+        size = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        indices = torch.randint(len(dataset), (size,), generator=self._hyper_generator).tolist()
+        batch = _compat.prepare_inputs(self, collator([dataset[i] for i in indices]))
+        bad = bad_input_rows(batch)
+        if bad:
+            name, rows = next(iter(bad.items()))
+            raise NonFiniteError(
+                f"NaN or inf in input {name!r} of {split} sample {indices[rows[0]]} (drawn for the AutoBalance step at "
+                f"step {self.state.global_step}): fix or drop that sample. Nothing was saved after the last checkpoint."
+            )
+        return {**batch, "_index": indices}
 
     # -- checkpoints and export -------------------------------------------------------------------
-    def card_stage(self) -> dict[str, Any]:
-        """This run as the model card's training stage: AutoBalance's search settings."""
-        a = self.args
-        return {
-            "title": "AutoBalance (loss learned on validation data)", "method": "autobalance", "cite": ["autobalance"],
-            "objective": None if self.upper_objective is None else self.upper_objective.name,
-            "settings": {**optimisation_settings(self), "upper_objective": a.upper_objective, "init": a.init,
-                         "hypergradient": a.hypergradient, "hypergradient_params": a.hypergradient_params,
-                         "hyper_update_steps": a.hyper_update_steps, "hyper_learning_rate": a.hyper_learning_rate,
-                         "neumann_lr": a.neumann_lr, "learned loss": "autobalance_loss.json"},
-        }
+    def stage_title(self) -> str:
+        """The card's stage title."""
+        return "AutoBalance (loss learned on validation data)"
 
-    def extra_state_dict(self) -> dict[str, Any]:
+    def stage_description(self) -> str:
+        """Where the learned loss is."""
+        return "the parametric loss learned by bilevel optimisation is saved beside the model in autobalance_loss.json"
+
+    def stage_objective(self) -> str | None:
+        """The upper objective, when it is one of the engine's (class-balanced CE is not a reported metric)."""
+        return None if self.upper_objective is None else self.upper_objective.name
+
+    def card_stage(self) -> dict[str, Any]:
+        """The base stage (LongTailTrainer's would tag the parametric loss as the method)."""
+        return BaseTrainer.card_stage(self)
+
+    def method_state(self) -> dict[str, Any]:
+        """The loss parameters, the hyper-optimiser, the upper objective's multipliers and this rank's stream."""
         return {"loss": self.loss_fn.state_dict(), "hyper_optimizer": self.hyper_optimizer.state_dict(),
                 "hyper_generator": self._hyper_generator.get_state(),
                 "upper_objective": None if self.upper_objective is None else self.upper_objective.state_dict()}
 
-    def load_extra_state_dict(self, state: dict[str, Any], same_rank: bool) -> None:
+    def load_method_state(self, state: dict[str, Any], same_rank: bool) -> None:
+        """Restore the search where the checkpoint left it."""
         self.loss_fn.load_state_dict(state["loss"])
         self.hyper_optimizer.load_state_dict(state["hyper_optimizer"])
         if self.upper_objective is not None:
             self.upper_objective.load_state_dict(state["upper_objective"])
         if same_rank:
             self._hyper_generator.set_state(state["hyper_generator"])
-        self._batches = {}
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """`LongTailTrainer.train`, then the learned loss is written to <output_dir>/autobalance_loss.json."""
@@ -329,6 +308,7 @@ def save_parametric_loss(loss: ParametricCrossEntropy, path: str) -> None:
     with torch.no_grad():
         values = {"delta": loss.class_delta().tolist(), "offset": loss.class_offset().tolist(),
                   "weight": loss.class_weight().tolist()}
+    _check_loss_values(values, f"the learned loss for {path}")
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as fh:
         json.dump(values, fh, indent=2)
@@ -339,11 +319,21 @@ def load_parametric_loss(path: str) -> ParametricCrossEntropy:
     """A frozen parametric loss from `save_parametric_loss`'s JSON, for a fresh run with the learned loss."""
     with open(path) as fh:
         values = json.load(fh)
+    _check_loss_values(values, path)
     loss = ParametricCrossEntropy.from_values(torch.tensor(values["delta"]), torch.tensor(values["offset"]),
                                               torch.tensor(values["weight"]))
     for p in loss.parameters():
         p.requires_grad_(False)
     return loss
+
+
+def _check_loss_values(values: dict[str, list[float]], what: str) -> None:
+    """Refuse a parametric loss whose Delta, l or w holds NaN or inf (it would poison every weight it trains)."""
+    for key in ("delta", "offset", "weight"):
+        if key not in values:
+            raise ValueError(f"{what} has no {key!r} entry; expected the JSON written by save_parametric_loss")
+        if not all(math.isfinite(float(v)) for v in values[key]):
+            raise NonFiniteError(f"{what}: {key} holds NaN or inf; this loss cannot be used (re-run the search)")
 
 
 __all__ = ["AutoBalanceConfig", "AutoBalanceTrainer", "hypergradient", "load_parametric_loss", "save_parametric_loss"]

@@ -10,8 +10,11 @@ from typing import Any, Sequence
 import numpy as np
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .citations import CITATIONS
+from . import _compat
 from .features import unwrap
 from .metrics import shot_groups
+from .objectives import optimised_metrics
 
 MAX_CLASS_TABLE = 50  # beyond this many classes the card lists the worst ones and quartiles instead of every class
 STAGES_ATTRIBUTE = "selmix_hf_stages"  # config.json attribute: the training stages the weights went through
@@ -33,39 +36,9 @@ METRIC_LABELS = {
 }
 INDEX_METRICS = ("mean_recall", "min_recall", "h_mean", "g_mean", "min_coverage", "min_head_tail_recall")
 
-CITATIONS = {
-    "selmix": """@inproceedings{ramasubramanian2024selmix,
-  title     = {Selective Mixup Fine-Tuning for Optimizing Non-Decomposable Objectives},
-  author    = {Ramasubramanian, Shrinivas and Rangwani, Harsh and Takemori, Sho and Samanta, Kunal and
-               Umeda, Yuhei and Radhakrishnan, Venkatesh Babu},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2024}
-}""",
-    "autobalance": """@inproceedings{li2021autobalance,
-  title     = {AutoBalance: Optimized Loss Functions for Imbalanced Data},
-  author    = {Li, Mingchen and Zhang, Xuechen and Thrampoulidis, Christos and Chen, Jiasi and Oymak, Samet},
-  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
-  year      = {2021}
-}""",
-    "logit_adjusted": """@inproceedings{menon2021longtail,
-  title     = {Long-tail learning via logit adjustment},
-  author    = {Menon, Aditya Krishna and Jayasumana, Sadeep and Rawat, Ankit Singh and Jain, Himanshu and
-               Veit, Andreas and Kumar, Sanjiv},
-  booktitle = {International Conference on Learning Representations (ICLR)},
-  year      = {2021}
-}""",
-}
-
-
 def objective_metrics(objective: str | None) -> list[str]:
     """The report keys an objective is about: its metric, and the coverage it constrains if any."""
-    if not objective:
-        return []
-    if objective.endswith("_min_coverage"):
-        return [objective[: -len("_min_coverage")], "min_coverage"]
-    if objective.endswith("_min_head_tail_coverage"):
-        return [objective[: -len("_min_head_tail_coverage")]]
-    return [objective]
+    return optimised_metrics(objective)
 
 
 def template_path() -> str:
@@ -81,7 +54,19 @@ def _settings_text(settings: dict[str, Any]) -> str:
     return "; ".join(f"`{key}` = {value}" for key, value in settings.items() if value not in (None, {}, []))
 
 
-def _per_class(names: list[str], counts: Sequence[int] | None, after: dict, before: dict | None, limit: int) -> dict | None:
+def _counts_text(counts: Sequence[int] | None) -> str:
+    """', 20 samples per class' or ', 5-40 samples per class, 120 in all' for the evaluation split."""
+    if not counts:
+        return ""
+    low, high = min(counts), max(counts)
+    per_class = f"{low}" if low == high else f"{low}-{high}"
+    return f", {per_class} samples per class, {sum(counts)} in all"
+
+
+def _per_class(
+    names: list[str], counts: Sequence[int] | None, after: dict, before: dict | None, limit: int,
+    eval_counts: Sequence[int] | None = None,
+) -> dict | None:
     """Rows of the per-class recall table: every class up to `limit`, else the worst `limit // 2` and quartiles."""
     keys = [f"recall_{name.replace(' ', '_')}" for name in names]
     if not all(key in after for key in keys):
@@ -89,7 +74,8 @@ def _per_class(names: list[str], counts: Sequence[int] | None, after: dict, befo
     recall = np.array([after[key] for key in keys])
     rows = [
         {"name": name, "count": "" if counts is None else int(counts[k]), "recall": _fmt(recall[k]),
-         "before": _fmt(before.get(keys[k])) if before else ""}
+         "before": _fmt(before.get(keys[k])) if before else "",
+         "eval_count": "" if eval_counts is None else int(eval_counts[k])}
         for k, name in enumerate(names)
     ]
     if len(names) <= limit:
@@ -118,9 +104,13 @@ def _data_profile(names: list[str], counts: Sequence[int] | None, dataset_name: 
 PROCESSOR_FILES = ("tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
 
 
-def _how_to_load(repo_id: str, task: str, processor_saved: bool = True) -> str:
+def _how_to_load(repo_id: str, task: str, processor_saved: bool = True, adapter_of: str | None = None) -> str:
     """Loading code; a pipeline only when a tokenizer / image processor is saved beside the weights."""
     text = task == "text-classification"
+    if adapter_of:
+        auto = "AutoPeftModelForSequenceClassification" if text else "AutoPeftModel"
+        return (f'from peft import {auto}\n\n# downloads the base model {adapter_of} and applies the adapter\n'
+                f'model = {auto}.from_pretrained("{repo_id}")')
     auto = "AutoModelForSequenceClassification" if text else "AutoModelForImageClassification"
     if not processor_saved:
         inputs = "input_ids=..., attention_mask=..." if text else "pixel_values=..."
@@ -166,14 +156,21 @@ def render_model_card(
     max_class_table: int = MAX_CLASS_TABLE,
     how_to_load: str | None = None,
     processor_saved: bool = True,
+    eval_counts: Sequence[int] | None = None,
+    eval_note: str | None = None,
+    adapter_of: str | None = None,
 ) -> ModelCard:
-    """A `ModelCard` with model-index entries for the non-decomposable metrics; no network, unknown parts left out."""
+    """A `ModelCard` with model-index entries for the non-decomposable metrics; no network, unknown parts left out.
+
+    ``eval_split`` names the split the results come from and ``eval_counts`` gives its samples per class;
+    ``eval_note`` qualifies it (e.g. it is the set the method tuned on); ``adapter_of`` marks a PEFT adapter.
+    """
     names = [str(n) for n in class_names]
     if class_counts is not None and len(class_counts) != len(names):
         raise ValueError(f"class_counts has {len(class_counts)} entries for {len(names)} classes")
     optimised = objective_metrics(objective)
     rows, eval_results = [], []
-    dataset_label = dataset_name or dataset_id or "training data's held-out split"
+    dataset_label = dataset_name or dataset_id or "the data the model was trained for"
     for key, label in METRIC_LABELS.items():
         if results and results.get(key) is not None:
             rows.append({"label": label, "value": _fmt(results[key]), "before": _fmt((before or {}).get(key)),
@@ -187,10 +184,11 @@ def render_model_card(
                 ))
     method_tags = {stage.get("method") for stage in stages}
     card_data = ModelCardData(
-        model_name=model_name, library_name="transformers", license=license, language=language,
+        model_name=model_name, library_name="peft" if adapter_of else "transformers", license=license, language=language,
         base_model=base_model, datasets=[dataset_id] if dataset_id else None, pipeline_tag=task,
         tags=list(dict.fromkeys([*tags, "selmix-hf", "long-tail", "non-decomposable-metrics",
-                                 *sorted(t for t in method_tags if t)])),
+                                 *sorted(t for t in method_tags if t), *(["peft"] if adapter_of else []),
+                                 *(t for stage in stages for t in stage.get("tags") or [])])),
         eval_results=eval_results or None, metrics=["recall"] if eval_results else None,
         selmix_objective=objective,
     )
@@ -201,27 +199,32 @@ def render_model_card(
                + (f" with selmix-hf: {steps}." if steps else "."))
     if objective:
         summary += f" Optimised for **{METRIC_LABELS.get(objective, objective)}** (`{objective}`)."
-    citations = [CITATIONS[key] for key in ("selmix", "autobalance", "logit_adjusted")
-                 if any(key in (stage.get("cite") or []) for stage in stages)]
+    if adapter_of:
+        summary += (f" This repository holds a PEFT adapter (and the trained classification head) for `{adapter_of}`, "
+                    "not full model weights: load it on top of that base model.")
+    cited = dict.fromkeys(key for stage in stages for key in (stage.get("cite") or []) if key in CITATIONS)
+    citations = [CITATIONS[key] for key in cited]
     return ModelCard.from_template(
         card_data,
         template_path=template_path(),
         model_name=model_name,
         summary=summary,
         results=rows,
-        results_caption=(f"On the `{eval_split}` split ({dataset_label}); recall-based metrics under a uniform class "
-                         "prior, coverage = the share of predictions per class."),
+        results_caption=(f"On the `{eval_split}` split ({dataset_label}{_counts_text(eval_counts)})"
+                         f"{'; ' + eval_note if eval_note else ''}. Recall-based metrics under a uniform class prior, "
+                         "coverage = the share of predictions per class."),
         has_before=bool(before) and bool(results),
         before_label=(stages[-2]["title"] if len(stages) > 1 else "start"),
         after_label="this model",
-        per_class=_per_class(names, class_counts, results, before, max_class_table) if results else None,
+        per_class=_per_class(names, class_counts, results, before, max_class_table, eval_counts) if results else None,
+        has_eval_counts=eval_counts is not None,
         plot_file=plot_file,
         data=_data_profile(names, class_counts, dataset_name),
         stages=[{"title": s["title"], "description": s.get("description"), "settings": _settings_text(s["settings"])}
                 for s in stages],
         versions=versions,
         intended_use=_intended_use(objective, eval_split, task),
-        how_to_load=how_to_load or _how_to_load(repo_id or "path/to/this/model", task, processor_saved),
+        how_to_load=how_to_load or _how_to_load(repo_id or model_name, task, processor_saved, adapter_of),
         citations=citations,
     )
 
@@ -238,21 +241,21 @@ def looks_like_hub_id(name: str | None) -> bool:
 
 
 class ModelCardMixin:
-    """Trainer side of the cards: records each training stage in the model's config and renders the card offline."""
+    """Trainer side of the cards: records each training stage in the model's config and renders the card offline.
 
-    def card_stage(self) -> dict[str, Any]:
-        """This trainer's stage: title, method tag, what to cite and its settings (overridden by each trainer)."""
-        raise NotImplementedError
+    The trainer provides ``card_stage()``, ``run_id``, ``num_labels``, ``class_counts``, ``saved_step()``,
+    ``best_checkpoint_step()`` and ``evaluated_split()`` (see `BaseTrainer`).
+    """
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """`Trainer.train`, then the finished stage is written into ``model.config`` (saved with the weights)."""
-        config = getattr(unwrap(self.model), "config", None)
+        config = getattr(_compat.base_model_of(unwrap(self.model)), "config", None)
         if config is not None and getattr(config, BASE_MODEL_ATTRIBUTE, None) is None:
             name = getattr(config, "_name_or_path", None)
             setattr(config, BASE_MODEL_ATTRIBUTE, name if looks_like_hub_id(name) else None)
         output = super().train(*args, **kwargs)
         if config is not None:
-            stage = {**self.card_stage(), "run": self._run_name()}  # the folder's name only: no local paths published
+            stage = self.card_stage()  # names the run by a random id: no local path is published
             stages = [s for s in (getattr(config, STAGES_ATTRIBUTE, None) or []) if s.get("run") != stage["run"]]
             setattr(config, STAGES_ATTRIBUTE, stages + [stage])
         return output
@@ -262,9 +265,6 @@ class ModelCardMixin:
         if self.processing_class is not None or getattr(model.config, "pretrained_cfg", None):
             return True
         return any(os.path.exists(os.path.join(self.args.output_dir, name)) for name in PROCESSOR_FILES)
-
-    def _run_name(self) -> str:
-        return os.path.basename(os.path.abspath(self.args.output_dir))
 
     def create_model_card(
         self,
@@ -281,6 +281,7 @@ class ModelCardMixin:
         results: dict[str, float] | None = None,
         before: dict[str, float] | None = None,
         eval_split: str | None = None,
+        eval_counts: Sequence[int] | None = None,
         plot_file: str | None = None,
         dataset_name: str | None = None,
         max_class_table: int = MAX_CLASS_TABLE,
@@ -288,52 +289,60 @@ class ModelCardMixin:
     ) -> ModelCard | None:
         """Write ``README.md`` into ``output_dir`` from the selmix-hf template; `Trainer.push_to_hub` calls this.
 
-        ``results`` (a `classification_report`, ideally with ``per_class=True``) and ``before`` (the starting
-        model's) give the metric tables; without them the last evaluation in the log history is used, and without
-        an evaluation the card has no results section. ``how_to_load`` replaces the loading code (e.g. to show a
-        custom preprocessing); by default it is a pipeline, or direct model use when no processor is saved.
+        ``results`` (a `classification_report`, ideally with ``per_class=True``) measured on ``eval_split`` (default
+        "test"; ``eval_counts``: its samples per class) and ``before`` (the starting model's) give the metric tables.
+        Without them the evaluation of the saved weights in the log history is used (the best checkpoint's after
+        ``load_best_model_at_end``, else the last), named by what the eval set is; without an evaluation the card
+        has no results section. ``how_to_load`` replaces the loading code (e.g. to show a custom preprocessing).
         Nothing is fetched from the Hub.
         """
         if not self.is_world_process_zero():
             return None
-        model = unwrap(self.model)
+        wrapper = unwrap(self.model)
+        model = _compat.base_model_of(wrapper)
         config = model.config
+        eval_note = None
         if results is None:
-            results, eval_split = _last_evaluation(self.state.log_history), eval_split or "evaluation"
+            results = _evaluation_of(self.state.log_history, self.best_checkpoint_step())
+            logged_split, logged_counts, eval_note = self.evaluated_split()
+            eval_split, eval_counts = eval_split or logged_split, eval_counts or logged_counts
         task = (tasks[0] if isinstance(tasks, list) else tasks) or task_of(model)
         id2label = getattr(config, "id2label", None) or {}
         names = [str(id2label.get(k, id2label.get(str(k), k))) for k in range(self.num_labels)]
         stages = list(getattr(config, STAGES_ATTRIBUTE, None) or [])
-        if not any(s.get("run") == self._run_name() for s in stages) and self.state.global_step > 0:
+        if not any(s.get("run") == self.run_id for s in stages) and self.state.global_step > 0:
             stages.append(self.card_stage())  # trained here but the stage was not recorded (train() not used)
-        objective = next((s["objective"] for s in reversed(stages) if s.get("objective")), None)
-        base_model = finetuned_from or getattr(config, BASE_MODEL_ATTRIBUTE, None)
+        objective = stages[-1].get("objective") if stages else None
+        adapter_of = _compat.peft_base_model_name(wrapper) or ("its base model" if _compat.is_peft_model(wrapper) else None)
+        base_model = finetuned_from or adapter_of or getattr(config, BASE_MODEL_ATTRIBUTE, None)
         repo_id = self.args.hub_model_id or getattr(self, "hub_model_id", None)
         dataset_id = dataset[0] if isinstance(dataset, list) else dataset
+        run_name = os.path.basename(os.path.abspath(self.args.output_dir))
         card = render_model_card(
-            model_name=model_name or (repo_id or os.path.basename(os.path.abspath(self.args.output_dir))).split("/")[-1],
+            model_name=model_name or (repo_id or run_name).split("/")[-1],
             class_names=names, class_counts=getattr(self, "class_counts", None), results=results, before=before,
-            eval_split=eval_split or "test", objective=objective, stages=stages, task=task, base_model=base_model,
+            eval_split=eval_split or "test", eval_counts=eval_counts, objective=objective, stages=stages, task=task,
+            base_model=base_model if base_model and looks_like_hub_id(base_model) else None,
             dataset_name=dataset_name or dataset_id, dataset_id=dataset_id if looks_like_hub_id(dataset_id) else None,
-            repo_id=repo_id, license=license, language=language, tags=[tags] if isinstance(tags, str) else tags or (),
-            plot_file=plot_file, versions=_versions(), max_class_table=max_class_table, how_to_load=how_to_load,
-            processor_saved=self._processor_saved(model),
+            repo_id=repo_id or run_name, license=license, language=language,
+            tags=[tags] if isinstance(tags, str) else tags or (), plot_file=plot_file, versions=_versions(),
+            max_class_table=max_class_table, how_to_load=how_to_load, processor_saved=self._processor_saved(model),
+            adapter_of=adapter_of, eval_note=eval_note,
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))
         return card
 
 
-def optimisation_settings(trainer: Any, batch_name: str = "samples per step") -> dict[str, Any]:
-    """The settings every stage reports: steps, global batch, learning rate, optimiser, schedule, seed."""
-    a = trainer.args
-    return {
-        "steps": trainer.state.global_step,
-        batch_name: a.per_device_train_batch_size * a.world_size * a.gradient_accumulation_steps,
-        "learning_rate": a.learning_rate, "optim": str(getattr(a.optim, "value", a.optim)),
-        "lr_scheduler_type": str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)),
-        "weight_decay": a.weight_decay, "seed": a.seed,
-    }
+def _evaluation_of(log_history: list[dict[str, Any]], step: int | None) -> dict[str, float] | None:
+    """The metrics of the evaluation at ``step`` (the saved weights'), or of the last one when step is None."""
+    if step is not None:
+        for entry in log_history:
+            if entry.get("step") == step:
+                metrics = {k[len("eval_"):]: v for k, v in entry.items() if k.startswith("eval_")}
+                if any(key in metrics for key in METRIC_LABELS):
+                    return metrics
+    return _last_evaluation(log_history)
 
 
 def _last_evaluation(log_history: list[dict[str, Any]]) -> dict[str, float] | None:

@@ -1,20 +1,32 @@
-"""SelMixConfig: the `TrainingArguments` of a SelMix fine-tuning run."""
+"""The configurations of every selmix-hf trainer, in one place: `TrainingArguments` plus each method's settings.
+
+Each config checks its own fields (types and values) when built, so a wrong setting fails before training starts
+with a message that names it, and `method_settings()` gives the fields a model card reports: a new field shows up
+in the cards without any edit of the card code.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
 from .gains import ESTIMATORS
+from .losses import LOSSES
 from .objectives import OBJECTIVES
 
 PAIR_DISTRIBUTIONS = ("gain", "uniform")
+HYPERGRADIENTS = ("neumann", "unrolled")
+UPPER_OBJECTIVES = ("balanced_ce", *sorted(OBJECTIVES))
+_TRAINING_ARGUMENT_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainingArguments))
 
-# The fine-tuning settings of the SelMix paper (selmix-math.md): SGD, head lr 3e-4, backbone lr 3e-5,
-# weight decay 5e-4, cosine schedule, 64 pairs per batch, BatchNorm statistics frozen, early stop on gain plateau.
+# The fine-tuning settings of the SelMix paper (docs/engine.md, M12): SGD, head lr 3e-4, backbone
+# lr 3e-5, weight decay 5e-4, cosine schedule, 64 pairs per batch, BatchNorm statistics frozen, early stop on plateau.
 PUBLISHED_SETTINGS: dict[str, Any] = {
     "optim": "sgd",
     "optim_args": "momentum=0.9",
@@ -45,8 +57,96 @@ def parse_options(value: dict | str | None, name: str) -> dict:
     return dict(value or {})
 
 
+def matches_type(value: Any, hint: Any) -> bool:
+    """Whether a value fits a field's type hint (int, float, bool, str, None, list[...], dict, unions of them)."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if hint is type(None) or hint is None:
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(matches_type(value, arg) for arg in typing.get_args(hint))
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return isinstance(value, (list, tuple)) and all(matches_type(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def type_name(hint: Any) -> str:
+    """A type hint as a user reads it: 'float', 'int or None', 'list of float'."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(arg) for arg in typing.get_args(hint))
+    if origin in (list, tuple):
+        return f"list of {type_name(typing.get_args(hint)[0])}"
+    if hint is type(None):
+        return "None"
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_options(target: Any, options: dict[str, Any], what: str) -> None:
+    """Options for a callable (an objective or loss class): unknown names and wrongly typed values are errors."""
+    import inspect
+
+    init = target.__init__ if isinstance(target, type) else target
+    params = inspect.signature(init).parameters
+    accepted = [p for p in params if p not in ("self", "num_classes", "class_counts") and params[p].kind not in (
+        inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(set(options) - set(accepted))
+    if unknown and not takes_any:
+        raise ValueError(f"{what} does not take option(s) {unknown}; it accepts: {', '.join(accepted)}")
+    try:
+        hints = typing.get_type_hints(init)
+    except Exception:  # noqa: BLE001 - annotations we cannot resolve are not checked
+        hints = {}
+    for key, value in options.items():
+        if key in hints and not matches_type(value, hints[key]):
+            raise TypeError(
+                f"{what}: option {key!r} must be {type_name(hints[key])}, got {value!r} ({type(value).__name__})"
+            )
+
+
+class MethodConfig:
+    """What every selmix-hf config adds to `TrainingArguments`: its own fields checked, and listed for the cards."""
+
+    # fields a card does not show (long or derived values); everything else the config adds is a card setting
+    card_excluded: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def method_fields(cls) -> list[str]:
+        """The fields this config adds to (or redefines over) `TrainingArguments`, in declaration order."""
+        own = [f.name for f in dataclasses.fields(cls) if f.name not in _TRAINING_ARGUMENT_FIELDS]
+        return [name for name in own if name not in cls.card_excluded]
+
+    def method_settings(self) -> dict[str, Any]:
+        """This config's own settings, by field name (what a model card lists under the stage)."""
+        return {name: getattr(self, name) for name in self.method_fields()}
+
+    def check_field_types(self) -> None:
+        """Each field this config adds holds a value of its declared type; else an error naming field and type."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if f.name in _TRAINING_ARGUMENT_FIELDS:
+                continue
+            value = getattr(self, f.name)
+            if not matches_type(value, hints[f.name]):
+                raise TypeError(
+                    f"{type(self).__name__}.{f.name} must be {type_name(hints[f.name])}, got {value!r} "
+                    f"({type(value).__name__})"
+                )
+
+
 @dataclass
-class SelMixConfig(TrainingArguments):
+class SelMixConfig(MethodConfig, TrainingArguments):
     """`TrainingArguments` plus the SelMix settings.
 
     Objective: ``objective``, ``objective_options``, ``class_prior``, ``tail_fraction``.
@@ -58,8 +158,8 @@ class SelMixConfig(TrainingArguments):
     ``per_device_train_batch_size`` counts *pairs*: each step forwards twice that many samples.
     Defaults that differ from `TrainingArguments`: ``learning_rate`` 3e-4 (the head's; the backbone gets
     ``backbone_lr_ratio`` x that, 3e-5, as published), ``ignore_data_skip`` True (the pair sampler restores its own
-    position on resume, so the Trainer must not skip batches). Batches must carry the labels as ``labels`` (the
-    default collators rename a ``label`` column to it).
+    position on resume, so the Trainer must not skip batches). Labels come from the ``labels``, ``label`` or
+    ``label_ids`` column, or the one column named by ``label_names``, as with `Trainer`.
     ``SelMixConfig.published(...)`` gives the paper's fine-tuning settings in one step.
     """
 
@@ -139,6 +239,8 @@ class SelMixConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         self.objective_options = parse_options(self.objective_options, "objective_options")
+        self.check_field_types()
+        check_options(OBJECTIVES.get(self.objective, object), self.objective_options, f"objective {self.objective!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; valid objectives are: {', '.join(sorted(OBJECTIVES))}")
         if self.gain_estimator not in ESTIMATORS:
@@ -171,3 +273,121 @@ class SelMixConfig(TrainingArguments):
     def published(cls, **overrides: Any) -> SelMixConfig:
         """The SelMix paper's fine-tuning settings, with any field overridden by keyword."""
         return cls(**{**PUBLISHED_SETTINGS, **overrides})
+
+
+@dataclass
+class LongTailConfig(MethodConfig, TrainingArguments):
+    """`TrainingArguments` plus the choice of long-tailed loss.
+
+    Loss: ``loss_type``, ``loss_options``, ``class_counts`` (read from the training labels when not given).
+    Schedule: ``drw_start_epoch`` (deferred re-weighting, e.g. for LDAM), ``validation_refresh_steps`` (how often the
+    cost-sensitive loss re-reads the validation confusion matrix). Prediction: ``posthoc_tau`` (post-hoc logit
+    adjustment: logits - tau log pi_train at evaluation and prediction time). No default differs from
+    `TrainingArguments`.
+    """
+
+    loss_type: str = field(
+        default="logit_adjusted", metadata={"help": f"Loss, one of: {', '.join(LOSSES)}."}
+    )
+    loss_options: dict | str | None = field(
+        default=None, metadata={"help": 'Options of the loss as a dict or JSON string, e.g. \'{"tau": 1.0}\'.'}
+    )
+    class_counts: list[int] | None = field(
+        default=None, metadata={"help": "Training samples per class; read from the training labels when not given."}
+    )
+    drw_start_epoch: float | None = field(
+        default=None,
+        metadata={"help": "Epoch from which class-balanced re-weighting is switched on (DRW); losses with set_reweighting."},
+    )
+    validation_refresh_steps: int = field(
+        default=50, metadata={"help": "Steps between validation passes that update the cost-sensitive loss."}
+    )
+    posthoc_tau: float | None = field(
+        default=None, metadata={"help": "If set, evaluation and prediction logits are f - posthoc_tau * log pi_train."}
+    )
+
+    card_excluded = ("class_counts",)  # the card's data profile shows the counts
+
+    def __post_init__(self) -> None:
+        self.loss_options = parse_options(self.loss_options, "loss_options")
+        self.check_field_types()
+        if self.loss_type not in LOSSES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; valid loss types are: {', '.join(LOSSES)}")
+        check_options(LOSSES[self.loss_type], self.loss_options, f"loss_type {self.loss_type!r}")
+        if self.validation_refresh_steps < 1:
+            raise ValueError(f"validation_refresh_steps must be >= 1, got {self.validation_refresh_steps}")
+        super().__post_init__()
+
+
+@dataclass
+class AutoBalanceConfig(LongTailConfig):
+    """`LongTailConfig` plus the AutoBalance search.
+
+    Loss family: ``num_groups`` (tie parameters over groups of frequency-sorted classes), ``init`` (ones, la, cdt),
+    ``delta_activation``, ``learn_delta``, ``learn_weights``. Search: ``hyper_update_steps`` (20), ``hypergradient`` (neumann or
+    unrolled), ``neumann_steps`` (5), ``neumann_lr`` (1.0), ``hyper_batches`` (10), ``hyper_learning_rate``,
+    ``hyper_optimizer``, ``search_steps`` (after it the parameters are frozen), ``hypergradient_params``. Upper objective: ``upper_objective`` (class-balanced CE as published, or any objective of
+    the engine through its surrogate on a soft confusion matrix) and ``upper_objective_options``.
+    Defaults: ``loss_type`` is "parametric" (the searched loss); ``hypergradient_params`` is "head": the IFT
+    treats the backbone as fixed, because PyTorch's fused attention kernels (SDPA, the default of transformers
+    models) have no second derivative on CPU. "all" is the published setting and needs eager attention.
+    """
+
+    loss_type: str = field(default="parametric", metadata={"help": "Must be 'parametric' for AutoBalance."})
+    num_groups: int | None = field(default=None, metadata={"help": "Tie the loss parameters over this many groups."})
+    init: str = field(default="ones", metadata={"help": "Initial loss: ones (CE), la (logit adjustment) or cdt."})
+    delta_activation: str = field(
+        default="exp", metadata={"help": "Delta = activation(raw): exp (positive, starts at 1), sigmoid (published), identity."}
+    )
+    learn_weights: bool = field(default=False, metadata={"help": "Also learn the per-class weights w."})
+    learn_delta: bool = field(default=True, metadata={"help": "Learn the multiplicative Delta (else only l, and w if asked)."})
+    hyper_update_steps: int = field(default=20, metadata={"help": "Optimiser steps between hypergradient updates."})
+    hypergradient: str = field(default="neumann", metadata={"help": "neumann (IFT + Neumann series) or unrolled (one step)."})
+    neumann_steps: int = field(default=5, metadata={"help": "Terms of the Neumann series."})
+    neumann_lr: float = field(default=1.0, metadata={"help": "Step size eta of the Neumann series."})
+    hyper_batches: int = field(default=10, metadata={"help": "Train and validation batches averaged per hypergradient."})
+    hyper_learning_rate: float = field(default=0.01, metadata={"help": "Learning rate of the loss parameters."})
+    hyper_optimizer: str = field(default="adam", metadata={"help": "adam or sgd, for the loss parameters."})
+    search_steps: int | None = field(
+        default=None, metadata={"help": "Stop updating the loss parameters after this step (frozen afterwards)."}
+    )
+    hypergradient_params: str = field(
+        default="head",
+        metadata={"help": "Lower-level weights in the hypergradient: head (final layer; works with every model) or all."},
+    )
+    upper_objective: str = field(
+        default="balanced_ce",
+        metadata={"help": f"Validation objective: {', '.join(UPPER_OBJECTIVES)} (engine objectives use a soft confusion matrix)."},
+    )
+    upper_objective_options: dict | str | None = field(default=None, metadata={"help": "Options of the upper objective (JSON)."})
+
+    def __post_init__(self) -> None:
+        self.upper_objective_options = parse_options(self.upper_objective_options, "upper_objective_options")
+        self.check_field_types()
+        if self.loss_type != "parametric":
+            raise ValueError("AutoBalanceConfig searches the parametric loss: loss_type must be 'parametric'")
+        for name, value, valid in (
+            ("hypergradient", self.hypergradient, HYPERGRADIENTS),
+            ("upper_objective", self.upper_objective, UPPER_OBJECTIVES),
+            ("hyper_optimizer", self.hyper_optimizer, ("adam", "sgd")),
+            ("hypergradient_params", self.hypergradient_params, ("all", "head")),
+        ):
+            if value not in valid:
+                raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+        if self.hyper_update_steps < 1 or self.hyper_batches < 1:
+            raise ValueError("hyper_update_steps and hyper_batches must be >= 1")
+        super().__post_init__()
+        if self.upper_objective in OBJECTIVES:
+            check_options(OBJECTIVES[self.upper_objective], self.upper_objective_options,
+                          f"upper_objective {self.upper_objective!r}")
+
+    def parametric_loss_options(self) -> dict[str, Any]:
+        """The options of the searched `ParametricCrossEntropy`: ``loss_options`` plus the loss-family fields."""
+        return {**self.loss_options, "num_groups": self.num_groups, "init": self.init,
+                "delta_activation": self.delta_activation, "learn_weights": self.learn_weights,
+                "learn_delta": self.learn_delta}
+
+
+__all__ = [
+    "AutoBalanceConfig", "LongTailConfig", "MethodConfig", "SelMixConfig", "check_options", "parse_options",
+]

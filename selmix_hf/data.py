@@ -142,7 +142,11 @@ def long_tailed_splits(
     return DatasetDict(train=train, validation=validation, test=test)
 
 
-def dataset_labels(dataset, label_names: Sequence[str] = ("labels", "label")) -> np.ndarray:
+# The label columns `Trainer`'s collators accept (``label`` and ``label_ids`` are renamed to ``labels``).
+LABEL_COLUMNS = ("labels", "label", "label_ids")
+
+
+def dataset_labels(dataset, label_names: Sequence[str] = LABEL_COLUMNS) -> np.ndarray:
     """The integer labels of a `datasets.Dataset` (read from the column, bypassing any transform) or a torch dataset.
 
     A torch dataset may expose them as a ``targets`` or ``labels`` attribute (torchvision's convention); otherwise

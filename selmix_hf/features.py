@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
+
+from . import _compat
+
+logger = logging.getLogger(__name__)
 
 # Model class name -> dotted path of the final linear layer, for the families whose head is not the obvious one.
 HEAD_PATHS: dict[str, str] = {
@@ -40,12 +46,41 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def headless_hint(model: nn.Module) -> str:
+    """The advice for a model without a classification head: which classifier class to load instead."""
+    model = _compat.base_model_of(unwrap(model))
+    classes = _compat.classifier_classes(getattr(getattr(model, "config", None), "model_type", None))
+    suggestion = " or ".join(classes) if classes else "an ...ForSequenceClassification (text) or ...ForImageClassification (images) class"
+    return (f"{type(model).__name__} has no classification head (it returns hidden states, not logits): load the "
+            f"checkpoint with {suggestion} (e.g. AutoModelForSequenceClassification.from_pretrained(name, "
+            "num_labels=K)), or register your own head with selmix_hf.register_head")
+
+
 def num_labels_of(model: nn.Module) -> int:
     """num_labels from the model's config, which every classifier the trainers accept must have."""
-    num_labels = getattr(getattr(unwrap(model), "config", None), "num_labels", None)
+    inner = _compat.base_model_of(unwrap(model))
+    if _compat.is_headless(inner):
+        raise ValueError(headless_hint(inner))
+    num_labels = getattr(getattr(inner, "config", None), "num_labels", None)
     if not isinstance(num_labels, int) or num_labels < 2:
-        raise ValueError(f"cannot read num_labels (>= 2) from {type(unwrap(model)).__name__}.config")
+        raise ValueError(f"cannot read num_labels (>= 2) from {type(inner).__name__}.config")
     return num_labels
+
+
+def logits_of(outputs: Any) -> torch.Tensor:
+    """The logits of a forward's output: a ModelOutput / object with ``.logits``, a dict with "logits", or a tensor."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    logits = getattr(outputs, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(
+        f"the model's forward returned a {type(outputs).__name__}; selmix-hf trainers need the logits: return a "
+        "transformers ModelOutput with .logits (e.g. SequenceClassifierOutput(logits=...)), a dict with a 'logits' "
+        "entry, or the logits tensor itself"
+    )
 
 
 def find_head(model: nn.Module, num_labels: int | None = None) -> tuple[str, nn.Linear]:
@@ -53,7 +88,7 @@ def find_head(model: nn.Module, num_labels: int | None = None) -> tuple[str, nn.
 
     The fallback is the last ``nn.Linear`` with ``out_features == num_labels``.
     """
-    model = unwrap(model)
+    model = _compat.base_model_of(unwrap(model))
     cls_name = type(model).__name__
     if cls_name in UNSUPPORTED:
         raise ValueError(f"{cls_name} is not supported: {UNSUPPORTED[cls_name]}")
@@ -78,6 +113,12 @@ def find_head(model: nn.Module, num_labels: int | None = None) -> tuple[str, nn.
                 f"({num_labels}). Register it with selmix_hf.features.register_head({cls_name!r}, '<dotted.path.to.linear>')"
             )
         name, head = candidates[-1]
+        if len(candidates) > 1:
+            logger.warning(
+                "%s: %d linear layers have num_labels=%d outputs (%s); using the last, %r, as the classification head. "
+                "If that is wrong, call selmix_hf.register_head(%r, '<dotted.path.to.linear>').",
+                cls_name, len(candidates), num_labels, ", ".join(repr(n) for n, _ in candidates), name, cls_name,
+            )
     if not isinstance(head, nn.Linear):
         raise ValueError(
             f"the head of {cls_name} at {name!r} is a {type(head).__name__}, not nn.Linear; register the final "

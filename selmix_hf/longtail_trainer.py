@@ -2,76 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
-from . import _compat
-from .cards import ModelCardMixin, optimisation_settings
-from .config import parse_options
-from .data import dataset_labels
-from .features import num_labels_of
-from .losses import LOSSES, build_loss, counts_tensor
-from .metrics import check_labels, confusion_counts, normalized_confusion
+from .base_trainer import BaseTrainer
+from .config import LongTailConfig
+from .features import logits_of
+from .losses import build_loss, counts_tensor
+from .metrics import confusion_counts, normalized_confusion
 from .objectives import multiplier_logs
-from .validation import CheckpointedState, PeriodicRefresh, check_every_class, gathered_validation_pass, pick_validation_set
 
 
-@dataclass
-class LongTailConfig(TrainingArguments):
-    """`TrainingArguments` plus the choice of long-tailed loss.
-
-    Loss: ``loss_type``, ``loss_options``, ``class_counts`` (read from the training labels when not given).
-    Schedule: ``drw_start_epoch`` (deferred re-weighting, e.g. for LDAM), ``validation_refresh_steps`` (how often the
-    cost-sensitive loss re-reads the validation confusion matrix). Prediction: ``posthoc_tau`` (post-hoc logit
-    adjustment: logits - tau log pi_train at evaluation and prediction time). No default differs from
-    `TrainingArguments`.
-    """
-
-    loss_type: str = field(
-        default="logit_adjusted", metadata={"help": f"Loss, one of: {', '.join(LOSSES)}."}
-    )
-    loss_options: dict | str | None = field(
-        default=None, metadata={"help": 'Options of the loss as a dict or JSON string, e.g. \'{"tau": 1.0}\'.'}
-    )
-    class_counts: list[int] | None = field(
-        default=None, metadata={"help": "Training samples per class; read from the training labels when not given."}
-    )
-    drw_start_epoch: float | None = field(
-        default=None,
-        metadata={"help": "Epoch from which class-balanced re-weighting is switched on (DRW); losses with set_reweighting."},
-    )
-    validation_refresh_steps: int = field(
-        default=50, metadata={"help": "Steps between validation passes that update the cost-sensitive loss."}
-    )
-    posthoc_tau: float | None = field(
-        default=None, metadata={"help": "If set, evaluation and prediction logits are f - posthoc_tau * log pi_train."}
-    )
-
-    def __post_init__(self) -> None:
-        self.loss_options = parse_options(self.loss_options, "loss_options")
-        if self.loss_type not in LOSSES:
-            raise ValueError(f"unknown loss_type {self.loss_type!r}; valid loss types are: {', '.join(LOSSES)}")
-        if self.validation_refresh_steps < 1:
-            raise ValueError(f"validation_refresh_steps must be >= 1, got {self.validation_refresh_steps}")
-        super().__post_init__()
-
-
-class LongTailTrainer(ModelCardMixin, CheckpointedState, Trainer):
+class LongTailTrainer(BaseTrainer):
     """`Trainer` whose training loss is a long-tailed loss built from the class counts (or any loss module given).
 
     Takes the `Trainer` arguments plus ``loss`` (an nn.Module ``loss(logits, labels)``, instead of ``args.loss_type``)
-    and ``validation_dataset`` (for the cost-sensitive loss; defaults to ``eval_dataset``). Evaluation reports the
-    plain cross-entropy of the (optionally post-hoc adjusted) logits; prediction returns the adjusted logits.
+    and ``validation_dataset`` (for losses that follow the validation confusion matrix, e.g. the cost-sensitive one;
+    defaults to ``eval_dataset``). Evaluation reports the plain cross-entropy of the (optionally post-hoc adjusted)
+    logits; prediction returns the adjusted logits.
     """
 
-    loss_is_scaled_for_ga = False  # the loss is a per-micro-batch mean; the Trainer divides by the accumulation steps
-    state_file = "longtail_state_rank{rank}.pt"
+    config_class = LongTailConfig
+    _name = "long-tail"
+    _tag_names = ("long-tail-loss",)
+    state_stem = "longtail_state"
 
     def __init__(
         self,
@@ -82,24 +40,15 @@ class LongTailTrainer(ModelCardMixin, CheckpointedState, Trainer):
         validation_dataset: Any = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(args, LongTailConfig):
-            raise TypeError("LongTailTrainer needs args=LongTailConfig(...) (TrainingArguments plus the loss settings)")
-        if model is None:
-            raise ValueError("LongTailTrainer needs a model (model_init is not supported)")
-        super().__init__(model=model, args=args, **kwargs)
-        _compat.disable_loss_kwargs(self)
-        self.num_labels = num_labels_of(model)
-        self.class_counts = self._class_counts()
+        super().__init__(model, args, validation_dataset=validation_dataset, **kwargs)
         self.loss_name = args.loss_type if loss is None else type(loss).__name__
-        self.loss_fn = loss if loss is not None else build_loss(args.loss_type, self.class_counts, **args.loss_options)
+        self.loss_fn = loss if loss is not None else self.build_loss()
         self.loss_fn.to(args.device)
-        self.validation_dataset = None
-        if hasattr(self.loss_fn, "update"):  # losses that follow a validation confusion matrix
-            self.validation_dataset = pick_validation_set(validation_dataset, self.eval_dataset, "the cost-sensitive loss")
-            check_every_class(self.validation_dataset, self.num_labels, "validation")
-            self.add_callback(PeriodicRefresh(self, args.validation_refresh_steps))
+        if getattr(self.loss_fn, "needs_validation", False):  # losses that follow a validation confusion matrix
+            self.use_validation_set(f"the {self.loss_name} loss")
+            self.schedule_refresh(args.validation_refresh_steps)
         if args.drw_start_epoch is not None:
-            if not hasattr(self.loss_fn, "set_reweighting"):
+            if not getattr(self.loss_fn, "has_deferred_reweighting", False):
                 raise ValueError(f"drw_start_epoch is set but loss {type(self.loss_fn).__name__} has no re-weighting stage")
             self.add_callback(_DeferredReweighting(self.loss_fn, args.drw_start_epoch))
         self._posthoc = None
@@ -107,27 +56,31 @@ class LongTailTrainer(ModelCardMixin, CheckpointedState, Trainer):
             counts = counts_tensor(self.class_counts, "post-hoc logit adjustment")
             self._posthoc = (args.posthoc_tau * torch.log(counts / counts.sum())).float().to(args.device)
 
-    def _class_counts(self) -> list[int]:
-        if self.args.class_counts is not None:
-            if len(self.args.class_counts) != self.num_labels:
-                raise ValueError(
-                    f"class_counts has {len(self.args.class_counts)} entries but the model has num_labels={self.num_labels}"
-                )
-            return list(self.args.class_counts)
-        if self.train_dataset is None:
-            raise ValueError("give class_counts= in LongTailConfig or a train_dataset to count the classes of")
-        labels = dataset_labels(self.train_dataset)
-        check_labels(torch.as_tensor(labels), self.num_labels, "training labels")
-        return np.bincount(labels, minlength=self.num_labels).tolist()
+    def build_loss(self) -> nn.Module:
+        """The training loss named by the config, built from the class counts."""
+        return build_loss(self.args.loss_type, self.class_counts, **self.args.loss_options)
+
+    def count_classes(self) -> list[int]:
+        """Training samples per class: ``class_counts`` of the config, else counted in the training labels."""
+        if self.args.class_counts is None:
+            return super().count_classes()
+        if len(self.args.class_counts) != self.num_labels:
+            raise ValueError(
+                f"class_counts has {len(self.args.class_counts)} entries but the model has num_labels={self.num_labels}"
+            )
+        return list(self.args.class_counts)
 
     def compute_loss(
         self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         """Training: the long-tailed loss. Evaluation: plain CE (post-hoc adjustment happens in prediction_step)."""
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
+        if not model.training:
+            return self.evaluation_loss(model, inputs, return_outputs)
+        inputs, labels = self.split_labels(inputs)
         outputs = model(**inputs)
-        loss = self.loss_fn(outputs.logits, labels) if model.training else F.cross_entropy(outputs.logits.float(), labels)
+        logits = logits_of(outputs)
+        loss = self.loss_fn(logits, labels)
+        self.check_finite_loss(loss, inputs, logits)
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(
@@ -145,7 +98,7 @@ class LongTailTrainer(ModelCardMixin, CheckpointedState, Trainer):
 
     def refresh(self) -> dict[str, float]:
         """Validation pass -> confusion matrix -> the cost-sensitive loss's multipliers and gain matrix."""
-        _, logits, labels = gathered_validation_pass(self, self.validation_dataset)
+        _, logits, labels = self.validation_pass()
         counts = confusion_counts(labels.cpu(), logits.argmax(dim=1).cpu(), self.num_labels)
         objective = self.loss_fn.objective
         confusion = normalized_confusion(counts, objective.class_prior)
@@ -153,25 +106,28 @@ class LongTailTrainer(ModelCardMixin, CheckpointedState, Trainer):
         logs = {f"longtail/{key}": value for key, value in objective.report(confusion).items()}
         return {**logs, **multiplier_logs(objective, "longtail")}
 
-    def after_refresh(self, control: Any) -> None:
-        """Nothing to decide after a cost-sensitive refresh."""
+    def stage_title(self) -> str:
+        """The card's stage title: the loss."""
+        return f"fine-tuning with the {self.loss_name.replace('_', '-')} loss"
 
     def card_stage(self) -> dict[str, Any]:
-        """This run as the model card's training stage."""
-        a = self.args
-        loss = self.loss_name
-        cite = ["logit_adjusted"] if loss in ("logit_adjusted", "balanced_softmax") else []
-        return {
-            "title": f"fine-tuning with the {loss.replace('_', '-')} loss", "method": loss, "cite": cite,
-            "objective": getattr(self.loss_fn, "objective", None) and self.loss_fn.objective.name,
-            "settings": {**optimisation_settings(self), "loss_options": a.loss_options or None,
-                         "drw_start_epoch": a.drw_start_epoch, "posthoc_tau": a.posthoc_tau},
-        }
+        """The base stage, tagged with the loss and citing the loss's paper."""
+        stage = super().card_stage()
+        citation = getattr(self.loss_fn, "citation", None)
+        stage.update(method=self.loss_name, cite=[*stage["cite"], *([citation] if citation else [])])
+        return stage
 
-    def extra_state_dict(self) -> dict[str, Any]:
+    def stage_objective(self) -> str | None:
+        """The objective a cost-sensitive loss follows (None for the fixed losses)."""
+        objective = getattr(self.loss_fn, "objective", None)
+        return None if objective is None else objective.name
+
+    def method_state(self) -> dict[str, Any]:
+        """The loss's parameters, buffers and extra state (e.g. the cost-sensitive multipliers)."""
         return {"loss": self.loss_fn.state_dict()}
 
-    def load_extra_state_dict(self, state: dict[str, Any], same_rank: bool) -> None:
+    def load_method_state(self, state: dict[str, Any], same_rank: bool) -> None:
+        """Restore the loss's state."""
         self.loss_fn.load_state_dict(state["loss"])
 
 

@@ -50,6 +50,7 @@ class PairBatchSampler:
         self.num_batches = -(-batches // accumulation_steps) * accumulation_steps  # whole optimiser steps per epoch
         self.generator = torch.Generator().manual_seed(rank_seed(seed, rank))
         self.batches_drawn = 0
+        self.last_batch: list[int] | None = None  # the indices of the batch yielded last (for error messages)
         self.set_distribution(torch.ones(num_classes, num_classes, dtype=torch.float64))
 
     def set_distribution(self, probabilities: torch.Tensor) -> None:
@@ -88,7 +89,8 @@ class PairBatchSampler:
         for _ in range(self.num_batches):
             first, second = self.draw(self.pairs_per_batch)
             self.batches_drawn += 1
-            yield torch.cat([first, second]).tolist()
+            self.last_batch = torch.cat([first, second]).tolist()
+            yield self.last_batch
 
     def __len__(self) -> int:
         return self.num_batches

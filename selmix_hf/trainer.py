@@ -11,36 +11,32 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import broadcast
 from torch.utils.data import DataLoader
-from transformers import Trainer
 
 from . import _compat
-from .cards import ModelCardMixin, optimisation_settings
+from .base_trainer import BaseTrainer
 from .config import SelMixConfig
-from .data import dataset_labels
-from .features import PooledFeatures, find_head, num_labels_of, unwrap
+from .features import PooledFeatures, logits_of, unwrap
 from .gains import class_prototypes, equal_norm_prototypes, gain_matrix, sampling_distribution
-from .metrics import check_labels, confusion_counts, normalized_confusion
+from .metrics import confusion_counts, normalized_confusion
 from .objectives import Objective, multiplier_logs, objective_for_training
 from .plots import log_refresh_heatmaps
 from .sampling import PairBatchSampler, rank_seed
-from .validation import (
-    CheckpointedState,
-    PeriodicRefresh,
-    check_every_class,
-    gathered_validation_pass,
-    pick_validation_set,
-    require_whole_head,
-)
 
 logger = logging.getLogger(__name__)
 
+# SelMix warns when, for NEGLIGIBLE_REFRESHES refreshes in a row, the largest gain predicts a change of the
+# objective below NEGLIGIBLE_CHANGE (0.001 point of recall) over a refresh interval; a head whose weights have a
+# standard deviation below FRESH_HEAD_STD is reported as untrained (transformers initialises heads at std 0.02).
+NEGLIGIBLE_CHANGE = 1e-5
+NEGLIGIBLE_REFRESHES = 3
+FRESH_HEAD_STD = 0.03
 
-class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
+
+class SelMixTrainer(BaseTrainer):
     """`Trainer` whose training steps are SelMix pair mixups; evaluation and prediction are the plain model's.
 
     Takes the `Trainer` arguments plus ``validation_dataset`` (the labelled held-out set the gains are estimated
@@ -48,9 +44,14 @@ class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
     `CustomObjective`, instead of ``args.objective``).
     """
 
-    # compute_loss returns the mean over one micro-batch of fixed size; the Trainer divides by the accumulation steps
-    loss_is_scaled_for_ga = False
-    state_file = "selmix_state_rank{rank}.pt"
+    config_class = SelMixConfig
+    _name = "selmix"
+    _paper = ("selmix",)
+    _tag_names = ("mixup",)
+    state_stem = "selmix_state"
+    reads_head_weights = True
+    supports_label_smoothing = True
+    batch_unit = "pairs per step"
 
     def __init__(
         self,
@@ -61,27 +62,8 @@ class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
         objective: Objective | None = None,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(args, SelMixConfig):
-            raise TypeError("SelMixTrainer needs args=SelMixConfig(...) (TrainingArguments plus the SelMix settings)")
-        if model is None:
-            raise ValueError("SelMixTrainer needs a model (model_init is not supported)")
-        if args.n_gpu > 1:
-            raise ValueError(
-                f"{args.n_gpu} GPUs in one process would split each pair batch across replicas (DataParallel); "
-                "launch one process per GPU instead: `accelerate launch` or `torchrun --nproc_per_node N`"
-            )
-        self.num_labels = num_labels_of(model)
-        _, head = find_head(model, self.num_labels)  # fails early, naming the model class, if there is no head
-        super().__init__(model=model, args=args, **kwargs)
-        _compat.disable_loss_kwargs(self)
-        require_whole_head(self, "SelMixTrainer")
-        if self.train_dataset is None:
-            raise ValueError("SelMixTrainer needs a train_dataset: the pairs are drawn from it")
-        self.validation_dataset = pick_validation_set(validation_dataset, self.eval_dataset, "SelMixTrainer")
-        self.train_labels = dataset_labels(self.train_dataset)
-        check_labels(torch.as_tensor(self.train_labels), self.num_labels, "training labels")
-        self.class_counts = np.bincount(self.train_labels, minlength=self.num_labels)
-        check_every_class(self.validation_dataset, self.num_labels, "validation")
+        super().__init__(model, args, validation_dataset=validation_dataset, **kwargs)
+        self.use_validation_set("SelMixTrainer")
         self.objective = objective if objective is not None else objective_for_training(
             args.objective, self.num_labels, self.class_counts, args.tail_fraction, class_prior=args.class_prior,
             **args.objective_options,
@@ -90,16 +72,18 @@ class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
             raise ValueError(f"the objective has {self.objective.num_classes} classes, the model {self.num_labels}")
         self.class_prior = self._resolve_prior()
 
-        self.pooled = PooledFeatures(head)
+        self.pooled = PooledFeatures(self.head)
         self._batchnorms = [m for m in unwrap(model).modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         self._mix_generator = torch.Generator().manual_seed(rank_seed(args.seed, args.process_index) ^ 0x5E1)
         self.sampler: PairBatchSampler | None = None
         self.distribution: torch.Tensor | None = None
         self.gains: torch.Tensor | None = None
         self.max_gain_history: list[float] = []
+        self.objective_history: list[float] = []  # the objective on validation at each refresh
+        self.negligible_refreshes = 0  # consecutive refreshes whose largest gain could not move the objective
         self.last_confusion_counts: torch.Tensor | None = None
         self._sampler_state: dict[str, Any] | None = None
-        self.add_callback(PeriodicRefresh(self, args.gain_refresh_steps))
+        self.schedule_refresh(args.gain_refresh_steps)
 
     def _resolve_prior(self) -> torch.Tensor:
         """One class prior for the confusion matrix and the gains: the config's, else the objective's."""
@@ -142,7 +126,7 @@ class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
 
     def refresh(self) -> dict[str, float]:
         """Validation pass -> confusion + prototypes -> multipliers -> gain matrix -> new sampling distribution."""
-        features, logits, labels = gathered_validation_pass(self, self.validation_dataset, self.pooled)
+        features, logits, labels = self.validation_pass(self.pooled)
         self.last_confusion_counts = confusion_counts(labels.cpu(), logits.argmax(dim=1).cpu(), self.num_labels)
         confusion = normalized_confusion(self.last_confusion_counts, self.class_prior)
         raw_prototypes = class_prototypes(features, labels, self.num_labels)
@@ -173,18 +157,16 @@ class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
         if self.sampler is not None:
             self.sampler.set_distribution(self.distribution)
         self.max_gain_history.append(float(self.gains.max()))
+        self.objective_history.append(float(self.objective.value(confusion)))
         return self._refresh_logs(confusion, raw_prototypes)
 
     def compute_loss(
         self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         """Training: CE of the mixed pairs on the first half's labels. Evaluation: the model's plain CE."""
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
         if not model.training:  # evaluate() / predict(): no mixing
-            outputs = model(**inputs)
-            loss = F.cross_entropy(outputs.logits.float(), labels)
-            return (loss, outputs) if return_outputs else loss
+            return self.evaluation_loss(model, inputs, return_outputs)
+        inputs, labels = self.split_labels(inputs)
         if self.args.freeze_batchnorm:
             for module in self._batchnorms:
                 module.eval()
@@ -193,8 +175,14 @@ class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
         lam = lam_min + (1.0 - lam_min) * torch.rand(pairs, generator=self._mix_generator)
         with self.pooled.mixing(lam):
             outputs = model(**inputs)
-        loss = F.cross_entropy(outputs.logits.float(), labels[:pairs])
+        logits = logits_of(outputs)
+        loss = F.cross_entropy(logits.float(), labels[:pairs], label_smoothing=self.args.label_smoothing_factor)
+        self.check_finite_loss(loss, inputs, logits)
         return (loss, outputs) if return_outputs else loss
+
+    def batch_indices(self) -> list[int] | None:
+        """The dataset indices of the pair batch being trained on (first halves, then their partners)."""
+        return None if self.sampler is None else self.sampler.last_batch
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """Head and backbone in separate parameter groups: backbone lr = backbone_lr_ratio x head lr."""
@@ -241,12 +229,51 @@ class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
         return logs
 
     def after_refresh(self, control: Any) -> None:
-        """G and P to TensorBoard when it is a report_to target; the published early stop, when asked for."""
+        """G and P to TensorBoard; a warning when the gains cannot move the objective; the published early stop."""
         if "tensorboard" in self.args.report_to:
             log_refresh_heatmaps(self, self.class_names())
+        self._warn_if_gains_negligible()
         if self.args.early_stop_on_gain_plateau and self.gain_plateaued():
             logger.info("SelMix: max gain has plateaued over %d refreshes; stopping", self.args.plateau_window)
             control.should_training_stop = True
+
+    def gain_is_negligible(self) -> bool:
+        """Whether the largest gain, at the head's learning rate over one refresh interval, moves the objective by
+        less than NEGLIGIBLE_CHANGE (the objectives lie in [0, 1]): first order, lr x steps x max G."""
+        if self.gains is None:
+            return False
+        change = self.args.learning_rate * self.args.gain_refresh_steps * max(float(self.gains.max()), 0.0)
+        return change < NEGLIGIBLE_CHANGE
+
+    def _warn_if_gains_negligible(self) -> None:
+        self.negligible_refreshes = self.negligible_refreshes + 1 if self.gain_is_negligible() else 0
+        if self.negligible_refreshes != NEGLIGIBLE_REFRESHES:
+            return
+        names = self.class_names()
+        never = torch.nonzero(self.last_confusion_counts.sum(0) == 0).flatten().tolist()
+        reasons = []
+        if never:
+            reasons.append(f"the model never predicts {', '.join(names[k] for k in never[:10])} on the validation "
+                           "set, and the first-order gain of a class the model never predicts is ~0")
+        head_std = float(self.pooled.head.weight.detach().float().std())
+        if head_std < FRESH_HEAD_STD:
+            reasons.append(f"the classifier head looks freshly initialised (weight std {head_std:.3f})")
+        why = "; ".join(reasons) or "the gains are small for every pair of classes"
+        logger.warning(
+            "SelMix's gains in %s have been negligible for %d refreshes in a row (largest gain %.2e: a first-order "
+            "change below %.0e per refresh interval at learning_rate=%g), so the pairs are drawn almost uniformly and "
+            "the run is plain mixup until the gains grow. %s. SelMix fine-tunes a classifier already trained on the "
+            "task: train it first (e.g. LongTailTrainer with loss_type='logit_adjusted'), or raise learning_rate, or "
+            "try gain_estimator='exact'. If no refresh of the run finds a larger gain, the model card will not claim "
+            "the objective was optimised.",
+            self.objective.name, NEGLIGIBLE_REFRESHES, max(self.max_gain_history[-NEGLIGIBLE_REFRESHES:]),
+            NEGLIGIBLE_CHANGE, self.args.learning_rate,
+            why[:1].upper() + why[1:],
+        )
+
+    def objective_was_moved(self) -> bool:
+        """False when every refresh of the run found negligible gains: the run could not optimise its objective."""
+        return not self.max_gain_history or self.negligible_refreshes < len(self.max_gain_history)
 
     def class_names(self) -> list[str]:
         """The label names of the model's config (the indices when it has none)."""
@@ -262,40 +289,45 @@ class SelMixTrainer(ModelCardMixin, CheckpointedState, Trainer):
         mean = sum(recent) / window
         return abs(mean - recent[-1]) < self.args.plateau_tolerance * abs(mean)
 
-    def card_stage(self) -> dict[str, Any]:
-        """This run as the model card's training stage."""
-        a = self.args
-        return {
-            "title": f"SelMix fine-tuning for {self.objective.name}", "method": "selmix", "cite": ["selmix"],
-            "objective": self.objective.name,
-            "description": "mixup of pooled embeddings between class pairs drawn by their estimated gain in the objective",
-            "settings": {
-                **optimisation_settings(self, "pairs per step"), "objective_options": a.objective_options or None,
-                "backbone_lr_ratio": a.backbone_lr_ratio, "gain_estimator": a.gain_estimator,
-                "equal_norm_prototypes": a.equal_norm_prototypes,
-                "gain_refresh_steps": a.gain_refresh_steps, "sampling_temperature": a.sampling_temperature,
-                "scale_free_temperature": a.scale_free_temperature, "mix_lambda_min": a.mix_lambda_min,
-                "pair_distribution": a.pair_distribution,
-            },
-        }
+    def stage_title(self) -> str:
+        """The card's stage title: the objective, or that the run could not move it."""
+        if self.objective_was_moved():
+            return f"SelMix fine-tuning for {self.objective.name}"
+        return f"SelMix run for {self.objective.name} (the objective could not be moved: gains stayed negligible)"
+
+    def stage_objective(self) -> str | None:
+        """The objective, unless the run could not move it (then the card claims none)."""
+        return self.objective.name if self.objective_was_moved() else None
+
+    def stage_description(self) -> str:
+        """What SelMix did, with the validation objective at the first and last refresh."""
+        text = "mixup of pooled embeddings between class pairs drawn by their estimated gain in the objective"
+        if self.objective_history:
+            text += (f"; validation {self.objective.name} {self.objective_history[0]:.3f} at the first refresh, "
+                     f"{self.objective_history[-1]:.3f} at the last")
+        return text
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def extra_state_dict(self) -> dict[str, Any]:
-        """Everything SelMix adds to a checkpoint: multipliers, P, G, the gain history and this rank's streams."""
+    def method_state(self) -> dict[str, Any]:
+        """Everything SelMix adds to a checkpoint: multipliers, P, G, the histories and this rank's streams."""
         return {
             "objective": self.objective.state_dict(),
             "distribution": self.distribution,
             "gains": self.gains,
             "max_gain_history": list(self.max_gain_history),
+            "objective_history": list(self.objective_history),
+            "negligible_refreshes": self.negligible_refreshes,
             "sampler": None if self.sampler is None else self.sampler.state_dict(),
             "mix_generator": self._mix_generator.get_state(),
         }
 
-    def load_extra_state_dict(self, state: dict[str, Any], same_rank: bool) -> None:
+    def load_method_state(self, state: dict[str, Any], same_rank: bool) -> None:
         """Restore a checkpoint's SelMix state; another rank's sampler stream is not reused."""
         self.objective.load_state_dict(state["objective"])
         self.distribution, self.gains = state["distribution"], state["gains"]
         self.max_gain_history = list(state["max_gain_history"])
+        self.objective_history = list(state.get("objective_history", []))
+        self.negligible_refreshes = int(state.get("negligible_refreshes", 0))
         if same_rank:
             self._mix_generator.set_state(state["mix_generator"])
             self._sampler_state = state["sampler"]

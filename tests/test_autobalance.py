@@ -11,7 +11,9 @@ from selmix_hf.autobalance import (
     AutoBalanceTrainer,
     hypergradient,
     load_parametric_loss,
+    save_parametric_loss,
 )
+from selmix_hf.checkpoint_state import load_state
 from selmix_hf.losses import ParametricCrossEntropy
 from selmix_hf.longtail_trainer import LongTailConfig, LongTailTrainer
 
@@ -235,8 +237,8 @@ def test_engine_upper_objective_multipliers_follow_validation(tmp_path):
     trainer.train()
     lam = trainer.upper_objective.lam
     assert not torch.allclose(lam, torch.full((K,), 0.25, dtype=torch.float64))
-    state = torch.load(tmp_path / "out" / "checkpoint-10" / "autobalance_state_rank0.pt", weights_only=False)
-    torch.testing.assert_close(state["upper_objective"]["multipliers"]["lam"], lam)
+    state = load_state(str(tmp_path / "out" / "checkpoint-10"), "autobalance_state_rank0")
+    torch.testing.assert_close(state["method"]["upper_objective"]["multipliers"]["lam"], lam)
 
 
 def test_hyper_step_leaves_batchnorm_statistics_alone(tmp_path):
@@ -252,3 +254,16 @@ def test_hyper_step_leaves_batchnorm_statistics_alone(tmp_path):
     for name, buffer in resnet.named_buffers():
         if name in stats:
             torch.testing.assert_close(buffer, stats[name])
+
+
+def test_a_loss_file_with_non_finite_values_is_refused(tmp_path):
+    from selmix_hf.nonfinite import NonFiniteError
+
+    path = tmp_path / "loss.json"
+    path.write_text(json.dumps({"delta": [1.0, float("nan")], "offset": [0.0, 0.0], "weight": [1.0, 1.0]}))
+    with pytest.raises(NonFiniteError, match="delta holds NaN or inf"):
+        load_parametric_loss(str(path))
+    loss = ParametricCrossEntropy.from_values(torch.tensor([1.0, 1.0]), torch.tensor([0.0, float("inf")]))
+    with pytest.raises(NonFiniteError, match="offset holds NaN or inf"):
+        save_parametric_loss(loss, str(tmp_path / "out.json"))
+    assert not (tmp_path / "out.json").exists()

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from huggingface_hub import ModelCard
 
@@ -98,14 +99,37 @@ def test_many_classes_get_a_summary_not_a_table(no_network):
     assert 'pipeline("image-classification"' in text
 
 
+def test_card_cites_every_known_key_once_in_order_of_first_appearance(no_network):
+    _, names, counts = report(4)
+    stages = [
+        {"title": "LDAM-DRW", "method": "ldam", "cite": ["ldam", "class_balanced"], "settings": {}},
+        {"title": "AutoBalance", "method": "autobalance", "cite": ["autobalance", "ldam", "not_a_key"], "settings": {}},
+        {"title": "SelMix", "method": "selmix", "cite": ["selmix"], "settings": {}},
+    ]
+    text = str(render_model_card(model_name="cited", class_names=names, class_counts=counts, stages=stages))
+    keys = ["cao2019ldam", "cui2019classbalanced", "li2021autobalance", "ramasubramanian2024selmix"]
+    assert [text.count(key) for key in keys] == [1, 1, 1, 1]
+    assert [text.index(key) for key in keys] == sorted(text.index(key) for key in keys)
+    assert "menon2021longtail" not in text and "not_a_key" not in text.split("## Citations")[1]
+
+
+def test_citations_stay_importable_from_the_cards_module():
+    from selmix_hf import cards, citations
+
+    assert cards.CITATIONS is citations.CITATIONS
+
+
 def test_objective_metrics_name_the_constraint():
     assert objective_metrics("mean_recall_min_coverage") == ["mean_recall", "min_coverage"]
     assert objective_metrics("min_recall") == ["min_recall"]
     assert objective_metrics(None) == []
+    assert objective_metrics("h_mean_min_head_tail_coverage") == ["h_mean"]
+    assert objective_metrics("my_metric") == ["my_metric"]
 
 
 def test_trainer_card_uses_its_last_evaluation_and_recorded_stages(no_network, tmp_path):
     counts = [60, 20, 8]
+    torch.manual_seed(0)
     model = TinyMLPForClassification(TinyMLPConfig(num_labels=3))
     common = dict(use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
                   max_steps=10, per_device_train_batch_size=8, optim="sgd", learning_rate=0.1)
@@ -113,7 +137,7 @@ def test_trainer_card_uses_its_last_evaluation_and_recorded_stages(no_network, t
                              train_dataset=gaussian_problem(counts, 0))
     stage1.train()
     stage2 = SelMixTrainer(model=stage1.model, args=SelMixConfig(output_dir=str(tmp_path / "s2"), gain_refresh_steps=5,
-                                                                 **common),
+                                                                 objective="mean_recall", **common),
                            train_dataset=gaussian_problem(counts, 0), eval_dataset=gaussian_problem([10, 10, 10], 1),
                            compute_metrics=__import__("selmix_hf").make_compute_metrics(3, class_counts=counts))
     stage2.create_model_card()  # before training and evaluation: stage 1 only, no results
@@ -125,8 +149,10 @@ def test_trainer_card_uses_its_last_evaluation_and_recorded_stages(no_network, t
     card = ModelCard.load(str(tmp_path / "s2" / "README.md"))
     values = {r.metric_type: r.metric_value for r in card.data.eval_results}
     assert values["min_recall"] == pytest.approx(metrics["eval_min_recall"], abs=1e-4)
-    assert card.data.eval_results[0].dataset_split == "evaluation"
-    assert "SelMix fine-tuning for min_recall" in card.text and "logit-adjusted" in card.text
+    # the eval set is the set SelMix estimated its gains on: named so, never as held-out data
+    assert card.data.eval_results[0].dataset_split == "validation"
+    assert "not a held-out estimate" in card.text and "10 samples per class, 30 in all" in card.text
+    assert "SelMix fine-tuning for mean_recall" in card.text and "logit-adjusted" in card.text
     # no tokenizer / processor saved: the card must not promise a pipeline that cannot prepare inputs
     assert "pipeline(" not in card.text and "No tokenizer or image processor was saved" in card.text
     (tmp_path / "s2" / "tokenizer_config.json").write_text("{}")
@@ -162,3 +188,45 @@ def test_committed_benchmark_cards_load_and_mark_their_objective(name):
     assert [r.metric_type for r in marked] == ["min_recall"] and card.data.eval_results[0].dataset_split == "test"
     assert 0 < marked[0].metric_value <= 1
     assert os.path.isfile(os.path.join(RENDERED, name, "per_class_recall.png"))
+
+
+def test_stage_history_survives_output_folders_that_share_a_basename(no_network, tmp_path):
+    """../shared/repro/r5_card_stages.py: stage1/model then stage2/model kept only the second stage."""
+    counts = [60, 20, 8]
+    common = dict(use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, max_steps=4,
+                  per_device_train_batch_size=8)
+    stage1 = LongTailTrainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=3)),
+                             args=LongTailConfig(output_dir=str(tmp_path / "stage1" / "model"), **common),
+                             train_dataset=gaussian_problem(counts, 0))
+    stage1.train()
+    stage1.save_model()
+    model = TinyMLPForClassification.from_pretrained(str(tmp_path / "stage1" / "model"), num_labels=3)
+    stage2 = SelMixTrainer(model=model, args=SelMixConfig(output_dir=str(tmp_path / "stage2" / "model"), **common),
+                           train_dataset=gaussian_problem(counts, 0), eval_dataset=gaussian_problem([5, 5, 5], 1))
+    stage2.train()
+    text = stage2.create_model_card().text
+    assert "1. **fine-tuning with the logit-adjusted loss**" in text and "2. **SelMix" in text
+    assert str(tmp_path) not in text and "model\"" not in text.split("## How to load")[0]
+
+
+def test_a_peft_adapter_card_says_so_and_names_its_base_model(no_network, tmp_path):
+    peft = pytest.importorskip("peft")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    base = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=3))
+    base.config._name_or_path = "org/tiny-bert"
+    model = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"],
+                                                       base_model_name_or_path="org/tiny-bert"))
+    model.peft_config["default"].base_model_name_or_path = "org/tiny-bert"
+    data = [{"input_ids": torch.randint(5, 60, (6,)), "attention_mask": torch.ones(6, dtype=torch.long), "labels": k}
+            for k in (0, 1, 2) for _ in range(4)]
+    trainer = LongTailTrainer(model=model, args=LongTailConfig(output_dir=str(tmp_path / "adapter"), use_cpu=True,
+                                                               report_to=[], max_steps=2, save_strategy="no",
+                                                               per_device_train_batch_size=4),
+                              train_dataset=data)
+    trainer.train()
+    card = trainer.create_model_card(license="mit")
+    meta = front_matter(card)
+    assert meta["library_name"] == "peft" and meta["base_model"] == "org/tiny-bert" and "peft" in meta["tags"]
+    assert "PEFT adapter" in card.text and "AutoPeftModelForSequenceClassification" in card.text

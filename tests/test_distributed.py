@@ -1,4 +1,5 @@
-"""Two CPU processes (gloo): identical gains on every rank, each validation sample counted once, per-rank pairs.
+"""Two CPU processes (gloo), SelMix specifics: identical gains on every rank, each validation sample counted once,
+per-rank pairs. What every trainer must do on two ranks is in tests/test_contract.py.
 
 The ranks run under `torchrun --standalone` in fresh processes: forking a pytest process whose OpenMP pool has
 already run (as accelerate.debug_launcher does) can deadlock the children.
@@ -15,7 +16,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 from tiny import TinyMLPConfig, TinyMLPForClassification, gaussian_problem  # noqa: E402
 
 from selmix_hf.config import SelMixConfig  # noqa: E402
-from selmix_hf.longtail_trainer import LongTailConfig, LongTailTrainer  # noqa: E402
 from selmix_hf.trainer import SelMixTrainer  # noqa: E402
 
 K = 4
@@ -68,28 +68,6 @@ def two_rank_run(out_dir: str) -> None:
     }, f"{out_dir}/rank{args.process_index}.pt")
 
 
-def longtail_two_rank_run(out_dir: str) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    args = LongTailConfig(output_dir=f"{out_dir}/run", use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
-                          max_steps=6, per_device_train_batch_size=4, per_device_eval_batch_size=4,
-                          loss_type="cost_sensitive", validation_refresh_steps=2, logging_strategy="no", optim="sgd",
-                          learning_rate=0.1)
-    assert dist.is_initialized() and dist.get_world_size() == 2 and args.world_size == 2
-    trainer = LongTailTrainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)), args=args,
-                              train_dataset=gaussian_problem([40, 30, 20, 10], seed=1),
-                              eval_dataset=gaussian_problem(VALIDATION_COUNTS, seed=2))
-    trainer.train()
-    torch.save({
-        "rank": args.process_index,
-        "steps": trainer.state.global_step,
-        "lam": trainer.loss_fn.objective.lam,
-        "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
-    }, f"{out_dir}/rank{args.process_index}.pt")
-
-
 def launch(tmp_path, mode: str) -> list[dict]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
                mode, str(tmp_path)]
@@ -97,16 +75,6 @@ def launch(tmp_path, mode: str) -> list[dict]:
     result = subprocess.run(command, timeout=300, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
-
-
-@pytest.mark.slow
-def test_longtail_trainer_with_two_processes(tmp_path):
-    ranks = launch(tmp_path, "longtail")
-    assert [r["rank"] for r in ranks] == [0, 1] and all(r["steps"] == 6 for r in ranks)
-    torch.testing.assert_close(ranks[0]["lam"], ranks[1]["lam"], rtol=0, atol=0)
-    assert not torch.allclose(ranks[0]["lam"], torch.full((K,), 1.0 / K, dtype=torch.float64))
-    for name, value in ranks[0]["params"].items():
-        torch.testing.assert_close(value, ranks[1]["params"][name])
 
 
 @pytest.mark.slow
@@ -130,4 +98,4 @@ def test_two_processes_share_gains_and_draw_their_own_pairs(tmp_path):
 
 
 if __name__ == "__main__":
-    {"selmix": two_rank_run, "longtail": longtail_two_rank_run}[sys.argv[1]](sys.argv[2])
+    {"selmix": two_rank_run}[sys.argv[1]](sys.argv[2])

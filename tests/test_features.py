@@ -81,3 +81,24 @@ def test_wrong_batch_for_mixing_is_an_error():
     pooled = PooledFeatures(head)
     with pooled.mixing(torch.tensor([0.7, 0.8])), pytest.raises(RuntimeError, match=r"\(2 x 2, dim\)"):
         head(torch.randn(3, 4))
+
+
+def test_the_head_fallback_warns_which_layer_it_picked_among_several(caplog):
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.aux = nn.Linear(8, NUM_LABELS)
+            self.body = nn.Linear(8, 8)
+            self.out = nn.Linear(8, NUM_LABELS)
+
+    with caplog.at_level("WARNING", logger="selmix_hf.features"):
+        name, _ = find_head(TwoHeads(), NUM_LABELS)
+    assert name == "out"
+    message = caplog.records[-1].getMessage()
+    assert "'aux', 'out'" in message and "using the last, 'out'" in message and "register_head" in message
+
+
+def test_one_candidate_head_needs_no_warning(caplog):
+    with caplog.at_level("WARNING", logger="selmix_hf.features"):
+        find_head(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, NUM_LABELS)), NUM_LABELS)
+    assert not caplog.records

@@ -122,3 +122,22 @@ def test_posthoc_adjustment_applies_to_unlabelled_prediction(tmp_path):
     unlabelled = type(test)([{"features": e["features"]} for e in test.examples])
     labelled_logits = trainer.predict(test).predictions
     np.testing.assert_allclose(trainer.predict(unlabelled).predictions, labelled_logits, rtol=1e-6)
+
+
+def test_best_model_loading_restores_every_weight_of_a_vit(tmp_path):
+    """transformers 5.24 lays ViT out differently in memory than on disk; Trainer's best-model load missed its
+    encoder, so the card would have described a mix of the best and the last weights."""
+    from tiny import ARCHITECTURES, class_signal_dataset
+
+    torch.manual_seed(0)
+    model = next(a for a in ARCHITECTURES if a.name == "vit").build()
+    args = config(tmp_path, max_steps=8, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                  load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,
+                  learning_rate=1e-2, optim="adamw_torch")
+    trainer = LongTailTrainer(model=model, args=args, train_dataset=class_signal_dataset("image", [20, 8, 4]),
+                              eval_dataset=class_signal_dataset("image", [3, 3, 3], seed=1))
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    best = type(model).from_pretrained(trainer.state.best_model_checkpoint)
+    for (name, param), reference in zip(trainer.model.named_parameters(), best.parameters()):
+        torch.testing.assert_close(param, reference, rtol=0, atol=0, msg=name)

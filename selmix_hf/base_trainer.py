@@ -1,0 +1,354 @@
+"""The base every selmix-hf trainer stands on: set-up, the refresh protocol, checkpoint state, NaN safety, cards.
+
+A trainer over this base is a small file: its config class, what it cites, its `refresh` (what it re-estimates
+from the validation set every few steps), its `compute_loss`, and its own state for checkpoints. Everything a
+`Trainer` user relies on (argument checks, label columns, accumulation, exact resume, best-model loading, cards that
+describe the saved weights) is done here once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from transformers import Trainer, TrainerCallback
+
+from . import _compat
+from .cards import ModelCardMixin
+from .checkpoint_state import load_state, save_state, state_exists
+from .config import MethodConfig
+from .data import LABEL_COLUMNS, dataset_labels
+from .features import find_head, logits_of, num_labels_of, unwrap
+from .metrics import check_labels
+from .nonfinite import NonFiniteError, bad_input_rows, check_state_finite, describe_rows
+from .validation import check_every_class, gathered_validation_pass, pick_validation_set
+
+logger = logging.getLogger(__name__)
+
+
+class PeriodicRefresh(TrainerCallback):
+    """Calls ``trainer.refresh()`` before the first step (unless resuming) and every ``every`` optimiser steps.
+
+    The refresh's dict is logged without clearing the Trainer's own pending log of that step (`log` resets
+    `should_log`), and ``trainer.after_refresh(control)`` may then ask to stop.
+    """
+
+    def __init__(self, trainer: BaseTrainer, every: int) -> None:
+        self.trainer, self.every = trainer, every
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self.trainer.resumed_from_checkpoint:
+            self._run(control)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step % self.every or state.global_step >= state.max_steps:
+            return
+        self._run(control)
+
+    def _run(self, control: Any) -> None:
+        logs = self.trainer.refresh()
+        if logs:
+            should_log = control.should_log
+            self.trainer.log(logs)
+            control.should_log = self.trainer.control.should_log = should_log
+        self.trainer.after_refresh(control)
+
+
+class BaseTrainer(ModelCardMixin, Trainer):
+    """`Trainer` plus what every selmix-hf method needs: checked set-up, validation refreshes, own checkpoint state.
+
+    Subclasses declare, as class attributes: ``config_class`` (their `TrainingArguments` subclass), ``_name`` (the
+    method's name in cards and tags), ``_paper`` (citation keys), ``_tag_names`` (extra Hub tags), ``state_stem``
+    (file name of their checkpoint state), ``reads_head_weights`` (the method reads the classifier head between
+    steps) and ``supports_label_smoothing``. They implement `refresh` / `after_refresh` when they re-estimate
+    anything from validation data (and call `schedule_refresh`), `method_state` / `load_method_state` for their
+    checkpoint state, and `stage_title` for the card.
+    """
+
+    config_class: ClassVar[type] = MethodConfig
+    _name: ClassVar[str] = "selmix-hf"
+    _paper: ClassVar[tuple[str, ...]] = ()
+    _tag_names: ClassVar[tuple[str, ...]] = ()
+    state_stem: ClassVar[str] = "method_state"
+    reads_head_weights: ClassVar[bool] = False
+    supports_label_smoothing: ClassVar[bool] = False
+    batch_unit: ClassVar[str] = "samples per step"
+    # the loss returned by compute_loss is a per-micro-batch mean; the Trainer divides by the accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model: torch.nn.Module | None = None, args: Any = None, *, validation_dataset: Any = None,
+                 **kwargs: Any) -> None:
+        name = type(self).__name__
+        if not isinstance(args, self.config_class):
+            raise TypeError(f"{name} needs args={self.config_class.__name__}(...) (TrainingArguments plus the "
+                            f"{self._name} settings), got {type(args).__name__}")
+        if model is None:
+            raise ValueError(f"{name} needs a model (model_init is not supported)")
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"{args.n_gpu} GPUs in one process would split each batch across replicas (DataParallel); launch one "
+                "process per GPU instead: `accelerate launch` or `torchrun --nproc_per_node N`"
+            )
+        self.num_labels = num_labels_of(model)
+        self.head = find_head(model, self.num_labels)[1] if self.reads_head_weights else None
+        if args.label_smoothing_factor and not self.supports_label_smoothing:
+            raise ValueError(
+                f"label_smoothing_factor={args.label_smoothing_factor} is not applied by {name}: its loss defines its "
+                "own targets. Set label_smoothing_factor=0 (or smooth inside a loss= module of your own)."
+            )
+        super().__init__(model=model, args=args, **kwargs)
+        _compat.disable_loss_kwargs(self)
+        if self.reads_head_weights:
+            self._require_whole_head()
+        self.label_key = self._label_key()
+        self.train_labels = self._labels_of(self.train_dataset, "training") if self.train_dataset is not None else None
+        self.class_counts = self.count_classes()
+        self._validation_argument = validation_dataset
+        self.validation_dataset: Any = None
+        self.validation_counts: list[int] | None = None
+        self.run_id = uuid.uuid4().hex  # names this run's stage in the model's config (no local path is published)
+        self.resumed_from_checkpoint = False
+
+    # -- set-up shared by every trainer ---------------------------------------------------------------
+    def _label_key(self) -> str:
+        """The batch key of the labels: the one entry of ``label_names`` (``labels`` by default)."""
+        names = list(self.label_names or ["labels"])
+        if len(names) != 1:
+            raise ValueError(f"{type(self).__name__} trains a classifier on one label column; label_names={names} "
+                             "names several. Pass label_names=['<your label column>'] or leave it unset")
+        return names[0]
+
+    def _label_columns(self) -> tuple[str, ...]:
+        """Dataset columns read as labels: the label key, then the names `Trainer`'s collators rename to it."""
+        return tuple(dict.fromkeys((self.label_key, *LABEL_COLUMNS)))
+
+    def _labels_of(self, dataset: Any, what: str) -> np.ndarray:
+        labels = dataset_labels(dataset, self._label_columns())
+        check_labels(torch.as_tensor(labels), self.num_labels, f"{what} labels")
+        return labels
+
+    def count_classes(self) -> list[int]:
+        """Training samples per class, from the training labels."""
+        if self.train_labels is None:
+            raise ValueError(f"{type(self).__name__} needs a train_dataset: the class counts are read from it")
+        return np.bincount(self.train_labels, minlength=self.num_labels).tolist()
+
+    def use_validation_set(self, purpose: str) -> Any:
+        """Choose the labelled validation set (validation_dataset=, else eval_dataset) and check it has every class."""
+        self.validation_dataset = pick_validation_set(self._validation_argument, self.eval_dataset, purpose)
+        labels = check_every_class(self.validation_dataset, self.num_labels, "validation", self._label_columns())
+        self.validation_counts = np.bincount(labels, minlength=self.num_labels).tolist()
+        return self.validation_dataset
+
+    def _require_whole_head(self) -> None:
+        """Refuse sharded parameters (FSDP, DeepSpeed ZeRO-3): the head's weights are read whole between steps."""
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if getattr(self, "is_fsdp_enabled", False) or (getattr(self, "is_deepspeed_enabled", False)
+                                                       and is_deepspeed_zero3_enabled()):
+            raise ValueError(
+                f"{type(self).__name__} reads the classifier head's full weights between steps, which FSDP and "
+                "DeepSpeed ZeRO-3 shard; use DDP (accelerate launch / torchrun) or DeepSpeed ZeRO-1/2"
+            )
+
+    # -- the refresh protocol -------------------------------------------------------------------------
+    def schedule_refresh(self, every: int) -> None:
+        """Call `refresh` before the first step and every ``every`` optimiser steps (once per trainer)."""
+        self.add_callback(PeriodicRefresh(self, every))
+
+    def refresh(self) -> dict[str, float]:
+        """Re-estimate what the method learns from validation data; returns scalars to log (same on every rank)."""
+        return {}
+
+    def after_refresh(self, control: Any) -> None:
+        """Act on the refresh just made, e.g. ``control.should_training_stop = True``; nothing by default."""
+
+    def validation_pass(self, pooled: Any = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(features, logits, labels) of the validation set, gathered over ranks, checked for NaN / inf."""
+        return gathered_validation_pass(self, self.validation_dataset, pooled, purpose=f"{self._name} refresh")
+
+    # -- losses and NaN safety ------------------------------------------------------------------------
+    def split_labels(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
+        """(model inputs, labels) of a batch, the labels under the trainer's label key."""
+        inputs = dict(inputs)
+        if self.label_key not in inputs:
+            raise KeyError(f"the batch has no {self.label_key!r} entry (its keys: {sorted(inputs)}); the label column "
+                           f"must be one of {list(self._label_columns())} or named by label_names")
+        return inputs, inputs.pop(self.label_key)
+
+    def evaluation_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        """Evaluation / prediction: the plain model's cross-entropy, outputs as a dict when the model gave a tensor."""
+        inputs, labels = self.split_labels(inputs)
+        outputs = model(**inputs)
+        logits = logits_of(outputs)
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        if isinstance(outputs, torch.Tensor):
+            outputs = {"logits": outputs}
+        return (loss, outputs) if return_outputs else loss
+
+    def batch_indices(self) -> list[int] | None:
+        """Dataset indices of the current training batch's rows, when the trainer knows them (None otherwise)."""
+        return None
+
+    def check_finite_loss(self, loss: torch.Tensor, inputs: dict[str, Any], logits: torch.Tensor | None) -> None:
+        """Stop on a NaN / inf training loss (on every rank alike), naming the step and the rows it came from."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        if self.args.world_size > 1:  # one rank's error would leave the others waiting in the next all-reduce
+            bad = self.accelerator.reduce(bad.float().reshape(1).to(self.args.device), reduction="sum")[0] > 0
+        if not bool(bad):
+            return
+        step = self.state.global_step + 1
+        indices = self.batch_indices()
+        causes = [f"input {name!r} has NaN or inf in {describe_rows(rows, indices)}"
+                  for name, rows in bad_input_rows(inputs).items()]
+        if not causes and logits is not None:
+            rows = torch.nonzero(~torch.isfinite(logits.detach().float().reshape(len(logits), -1)).all(1)).flatten()
+            if rows.numel():
+                causes.append(f"the logits are NaN or inf in {describe_rows(rows.tolist(), indices)} (the inputs are "
+                              "finite: the weights or an activation overflowed; lower the learning rate or use fp32)")
+        if not causes and not torch.isfinite(loss.detach()).all():
+            causes.append("the loss is NaN or inf with finite logits (check the loss options and the labels)")
+        if not causes:
+            causes.append("another process hit a NaN or inf (see its error)")
+        raise NonFiniteError(
+            f"{type(self).__name__} stopped at training step {step} on process {self.args.process_index}: "
+            f"{'; '.join(causes)}. Nothing was saved after the last checkpoint."
+        )
+
+    def stop_together(self, error: NonFiniteError | None) -> None:
+        """Raise on every rank when any rank hit a NaN / inf (one rank's lone error would leave the others waiting)."""
+        failed = error is not None
+        if self.args.world_size > 1:
+            flag = torch.tensor([float(failed)], device=self.args.device)
+            failed = bool(self.accelerator.reduce(flag, reduction="sum")[0] > 0)
+        if failed:
+            raise error or NonFiniteError(
+                f"another process hit a NaN or inf at step {self.state.global_step} (see its error); this process "
+                "stops with it. Nothing was saved after the last checkpoint."
+            )
+
+    # -- checkpoint state -----------------------------------------------------------------------------
+    def method_state(self) -> dict[str, Any]:
+        """This trainer's state beyond the model and optimizer (tensors, dicts, lists, JSON scalars)."""
+        return {}
+
+    def load_method_state(self, state: dict[str, Any], same_rank: bool) -> None:
+        """Restore `method_state`; ``same_rank`` is False when another rank's file stands in (world size changed)."""
+
+    def _state_name(self, rank: int) -> str:
+        return f"{self.state_stem}_rank{rank}"
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Refuse to write NaN weights or state over good checkpoints; write this rank's state before the Trainer's."""
+        for name, param in unwrap(model).named_parameters():
+            if param.dtype.is_floating_point and not torch.isfinite(param.detach()).all():
+                raise NonFiniteError(f"the weight {name} holds NaN or inf at step {self.state.global_step}: the "
+                                     "checkpoint is not written, earlier checkpoints are left as they are")
+        state = {"run_id": self.run_id, "method": self.method_state()}
+        check_state_finite(state["method"], f"{type(self).__name__} state at step {self.state.global_step}")
+        folder = _compat.checkpoint_folder(self, trial)
+        save_state(state, folder, self._state_name(self.args.process_index))
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any) -> Any:
+        """`Trainer.train`; on resume, this trainer's state in the checkpoint is restored first."""
+        if resume_from_checkpoint is True or resume_from_checkpoint == "True":
+            resume_from_checkpoint = _compat.get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no checkpoint found in {self.args.output_dir} to resume from")
+        self.resumed_from_checkpoint = bool(resume_from_checkpoint)
+        if resume_from_checkpoint:
+            state, same_rank = self._read_state(str(resume_from_checkpoint))
+            self.run_id = state.get("run_id", self.run_id)
+            self.load_method_state(state["method"], same_rank)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        if self.best_checkpoint_step() is not None:  # the card describes these weights: make sure they are the best's
+            _compat.restore_best_weights(self.model, self.state.best_model_checkpoint)
+        return output
+
+    def _read_state(self, checkpoint: str) -> tuple[dict[str, Any], bool]:
+        rank = self.args.process_index
+        for candidate, same_rank in ((rank, True), (0, False)):
+            name = self._state_name(candidate)
+            if state_exists(checkpoint, name) or os.path.exists(os.path.join(checkpoint, name + ".pt")):
+                if not same_rank:
+                    logger.warning("no state for rank %d in %s (world size changed?): using rank 0's", rank, checkpoint)
+                state = load_state(checkpoint, name)
+                if "method" not in state:  # a pre-safetensors state: the method's dict itself
+                    state = {"method": state}
+                return state, same_rank
+        raise FileNotFoundError(
+            f"{checkpoint} has no {type(self).__name__} state ({self._state_name(rank)}.json); resume from a "
+            f"checkpoint written by {type(self).__name__}, or start a new run from the model weights instead"
+        )
+
+    # -- the card's view of this run ------------------------------------------------------------------
+    def stage_title(self) -> str:
+        """The stage's title in the card."""
+        return self._name
+
+    def stage_description(self) -> str | None:
+        """One sentence on what the stage did, or None."""
+        return None
+
+    def stage_objective(self) -> str | None:
+        """The objective the stage optimised (None when it optimised none, or could not move it)."""
+        return None
+
+    def card_stage(self) -> dict[str, Any]:
+        """This run as a card stage: title, method tag, citations, objective and the settings of its config."""
+        stage = {
+            "title": self.stage_title(), "method": self._name, "cite": list(self._paper),
+            "tags": list(self._tag_names), "objective": self.stage_objective(),
+            "description": self.stage_description(),
+            "settings": {**self.optimisation_settings(), **self.args.method_settings()},
+            "run": self.run_id,
+        }
+        return stage
+
+    def optimisation_settings(self) -> dict[str, Any]:
+        """The settings every stage reports: steps of the saved weights, global batch, optimiser, schedule, seed."""
+        a = self.args
+        return {
+            "steps": self.saved_step(),
+            self.batch_unit: a.per_device_train_batch_size * a.world_size * a.gradient_accumulation_steps,
+            "learning_rate": a.learning_rate, "optim": str(getattr(a.optim, "value", a.optim)),
+            "lr_scheduler_type": str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)),
+            "weight_decay": a.weight_decay, "label_smoothing_factor": a.label_smoothing_factor or None, "seed": a.seed,
+        }
+
+    def saved_step(self) -> int:
+        """The step of the weights the model holds: the best checkpoint's after `load_best_model_at_end`."""
+        best = self.best_checkpoint_step()
+        return self.state.global_step if best is None else best
+
+    def best_checkpoint_step(self) -> int | None:
+        """The step of the best checkpoint when the Trainer loaded it at the end of training, else None."""
+        checkpoint = self.state.best_model_checkpoint
+        if not (self.args.load_best_model_at_end and checkpoint):
+            return None
+        best = getattr(self.state, "best_global_step", None)
+        if best:
+            return int(best)
+        suffix = os.path.basename(os.path.normpath(checkpoint)).rsplit("-", 1)[-1]
+        return int(suffix) if suffix.isdigit() else None
+
+    def evaluated_split(self) -> tuple[str, list[int] | None, str | None]:
+        """How the card names the eval set the logged metrics come from, its samples per class, and a caveat."""
+        if self.eval_dataset is None or isinstance(self.eval_dataset, dict):
+            return "evaluation", None, None
+        try:
+            counts = np.bincount(self._labels_of(self.eval_dataset, "evaluation"), minlength=self.num_labels).tolist()
+        except (ValueError, KeyError):
+            counts = None
+        if self.validation_dataset is not None and self.eval_dataset is self.validation_dataset:
+            return "validation", counts, (f"the set {type(self).__name__} estimated on during training, so these "
+                                          "numbers are not a held-out estimate")
+        return "evaluation", counts, None
+
+
+__all__ = ["BaseTrainer", "PeriodicRefresh"]

@@ -1,0 +1,438 @@
+"""The drop-in contract, one table of trainers x shared checks: every selmix-hf trainer is a row (PEFT style).
+
+Checks: gradient accumulation equals the large batch (weights and the method's own state), exact resume at batch
+sizes that are not powers of two, two ranks, NaN / inf behaviour, bad configuration errors, label columns and
+model outputs as `Trainer` accepts them, `load_best_model_at_end` and the card written after it.
+A new trainer adds a `Subject` to SUBJECTS; it does not copy these tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny import ListDataset, TinyMLPConfig, TinyMLPForClassification, gaussian_problem  # noqa: E402
+from transformers import BertConfig, BertModel, TrainerCallback, TrainingArguments  # noqa: E402
+
+from selmix_hf import (  # noqa: E402
+    AutoBalanceConfig,
+    AutoBalanceTrainer,
+    LongTailConfig,
+    LongTailTrainer,
+    SelMixConfig,
+    SelMixTrainer,
+    make_compute_metrics,
+)
+from selmix_hf.nonfinite import NonFiniteError  # noqa: E402
+
+K = 4
+TRAIN_COUNTS = [40, 30, 20, 10]
+VALIDATION_COUNTS = [6, 5, 5, 5]  # 21: the last round of a two-rank gather is padded
+
+
+@dataclass
+class Subject:
+    """One trainer of the library: how to configure it, and which of its state must match across runs and ranks."""
+
+    name: str
+    trainer: type
+    config: type
+    settings: dict[str, Any]
+    shared_state: Callable[[Any], dict[str, torch.Tensor]]  # identical on every rank, and across equivalent runs
+    wrongly_typed: tuple[str, Any]  # a field of its own config and a value of the wrong type
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+SUBJECTS = [
+    Subject(
+        "selmix", SelMixTrainer, SelMixConfig, {"gain_refresh_steps": 2, "objective": "min_recall"},
+        lambda t: {"gains": t.gains, "distribution": t.distribution, **t.objective.multipliers()},
+        ("gain_refresh_steps", "2"),
+    ),
+    Subject(
+        "longtail-cost-sensitive", LongTailTrainer, LongTailConfig,
+        {"loss_type": "cost_sensitive", "validation_refresh_steps": 2},
+        lambda t: dict(t.loss_fn.state_dict()),
+        ("validation_refresh_steps", 2.5),
+    ),
+    Subject(
+        "autobalance", AutoBalanceTrainer, AutoBalanceConfig,
+        {"hyper_update_steps": 2, "hyper_batches": 2, "neumann_lr": 0.1, "hyper_learning_rate": 0.1},
+        lambda t: {f"theta{i}": p for i, p in enumerate(t.hyperparameters)},
+        ("hyper_update_steps", "two"),
+    ),
+]
+ids = [s.name for s in SUBJECTS]
+
+
+def build(subject: Subject, out: str, *, model: Any = None, train: Any = None, validation: Any = None,
+          callbacks: list | None = None, compute_metrics: Any = None, data_collator: Any = None,
+          **overrides: Any) -> Any:
+    """The subject's trainer over a tiny MLP on Gaussian classes, seeded so that two builds are identical."""
+    torch.manual_seed(0)
+    settings = dict(output_dir=out, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+                    logging_strategy="no", per_device_train_batch_size=4, per_device_eval_batch_size=5, max_steps=6,
+                    optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", seed=0)
+    args = subject.config(**{**settings, **subject.settings, **overrides})
+    model = model if model is not None else TinyMLPForClassification(TinyMLPConfig(num_labels=K))
+    return subject.trainer(model=model, args=args, callbacks=callbacks, compute_metrics=compute_metrics,
+                           data_collator=data_collator,
+                           train_dataset=train if train is not None else gaussian_problem(TRAIN_COUNTS, seed=1),
+                           eval_dataset=validation if validation is not None else gaussian_problem(VALIDATION_COUNTS, seed=2))
+
+
+def assert_same(a: Any, b: Any, where: str = "state", skip: tuple[str, ...] = (), **tolerance: Any) -> None:
+    """Nested states equal: tensors within tolerance, everything else exactly (keys in ``skip`` not compared)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        if a.dtype.is_floating_point:
+            torch.testing.assert_close(a, b, msg=where, **tolerance)
+        else:
+            assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            if key not in skip:
+                assert_same(a[key], b[key], f"{where}.{key}", skip, **tolerance)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]", skip, **tolerance)
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=tolerance.get("rtol", 1e-7), abs=tolerance.get("atol", 1e-9)), where
+    else:
+        assert a == b, where
+
+
+def weights(trainer: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+# -- gradient accumulation ------------------------------------------------------------------------------
+@pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
+def test_gradient_accumulation_equals_the_large_batch(subject, tmp_path):
+    logs = dict(logging_strategy="steps", logging_steps=1)
+    whole = build(subject, str(tmp_path / "whole"), per_device_train_batch_size=8, **logs)
+    split = build(subject, str(tmp_path / "split"), per_device_train_batch_size=2, gradient_accumulation_steps=4, **logs)
+    whole.train()
+    split.train()
+    tolerance = dict(rtol=1e-5, atol=1e-6)
+    losses = [[log["loss"] for log in t.state.log_history if "loss" in log] for t in (whole, split)]
+    assert len(losses[0]) == 6
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # the logged loss is not scaled by the accumulation
+    assert_same(weights(whole), weights(split), "weights", **tolerance)
+    assert_same(subject.shared_state(whole), subject.shared_state(split), "method state", **tolerance)
+    # the whole checkpoint state too (random streams included), but for counters of micro-batches
+    assert_same(whole.method_state(), split.method_state(), "checkpoint state", skip=("batches_drawn",), **tolerance)
+
+
+# -- resume ---------------------------------------------------------------------------------------------
+class Crash(TrainerCallback):
+    """Interrupts a run at a given step, after its checkpoints up to then were written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("batch_size", [3, 5])
+@pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
+def test_resume_continues_exactly_where_the_run_stopped(subject, batch_size, tmp_path):
+    save = dict(save_strategy="steps", save_steps=3, max_steps=7, per_device_train_batch_size=batch_size)
+    straight = build(subject, str(tmp_path / "straight"), **save)
+    straight.train()
+    out = str(tmp_path / "interrupted")
+    with pytest.raises(KeyboardInterrupt):
+        build(subject, out, callbacks=[Crash(5)], **save).train()
+    checkpoint = os.path.join(out, "checkpoint-3")
+    files = os.listdir(checkpoint)
+    state_files = [f for f in files if f.startswith(subject.trainer.state_stem)]
+    assert sorted(state_files) == [f"{subject.trainer.state_stem}_rank0.json", f"{subject.trainer.state_stem}_rank0.safetensors"]
+    assert not [f for f in files if f.endswith((".pt", ".pkl", ".bin")) and "state" in f and "trainer" not in f]
+    resumed = build(subject, out, **save)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 7
+    assert_same(weights(straight), weights(resumed), "weights")
+    assert_same(straight.method_state(), resumed.method_state(), "checkpoint state")
+
+
+def test_old_pickled_state_is_read_only_without_code(tmp_path):
+    subject = SUBJECTS[0]
+    trainer = build(subject, str(tmp_path / "run"), save_strategy="steps", save_steps=2, max_steps=2)
+    trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    stem = f"{subject.trainer.state_stem}_rank0"
+    (checkpoint / f"{stem}.json").unlink()
+    (checkpoint / f"{stem}.safetensors").unlink()
+
+    class Executes:
+        def __reduce__(self):
+            return (print, ("pickle ran code",))
+
+    torch.save({"payload": Executes()}, checkpoint / f"{stem}.pt")
+    with pytest.raises(ValueError, match="old pickle format"):
+        build(subject, str(tmp_path / "run"), max_steps=4).train(resume_from_checkpoint=str(checkpoint))
+
+
+# -- two ranks ------------------------------------------------------------------------------------------
+def two_rank_run(name: str, out_dir: str) -> None:
+    """One rank of a two-process run of a subject (launched by torchrun from the test below)."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    subject = next(s for s in SUBJECTS if s.name == name)
+    trainer = build(subject, f"{out_dir}/run", max_steps=4)
+    assert dist.is_initialized() and dist.get_world_size() == 2 and trainer.args.world_size == 2
+    trainer.train()
+    _, logits, labels = trainer.validation_pass()
+    torch.save({"rank": trainer.args.process_index, "steps": trainer.state.global_step, "weights": weights(trainer),
+                "shared": copy.deepcopy(subject.shared_state(trainer)),
+                "validation_labels": labels.cpu(), "validation_logits": logits.cpu()},
+               f"{out_dir}/rank{trainer.args.process_index}.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
+def test_two_ranks_agree_and_count_each_validation_sample_once(subject, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+               subject.name, str(tmp_path)]
+    result = subprocess.run(command, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["rank"] for r in ranks] == [0, 1] and all(r["steps"] == 4 for r in ranks)
+    assert_same(ranks[0]["weights"], ranks[1]["weights"], "replicas")
+    assert_same(ranks[0]["shared"], ranks[1]["shared"], "method state", rtol=0, atol=0)
+    for r in ranks:  # the padded duplicates of the last round are dropped: 21 samples, each once
+        assert torch.bincount(r["validation_labels"], minlength=K).tolist() == VALIDATION_COUNTS
+    torch.testing.assert_close(ranks[0]["validation_logits"], ranks[1]["validation_logits"])
+
+
+def two_rank_nan_run(name: str, out_dir: str) -> None:
+    """Rank 1's training samples turn NaN after step 2: both ranks must stop with an error, none may hang."""
+    torch.set_num_threads(1)
+    subject = next(s for s in SUBJECTS if s.name == name)
+    rank = int(os.environ["RANK"])
+    train = Poisoned(gaussian_problem(TRAIN_COUNTS, seed=1).examples, active=False)
+    trainer = build(subject, f"{out_dir}/run", train=train, max_steps=8,
+                    callbacks=[Activate(train, 2)] if rank == 1 else [])
+    try:
+        trainer.train()
+    except NonFiniteError as err:
+        with open(f"{out_dir}/error{rank}.txt", "w") as fh:
+            fh.write(str(err))
+        raise
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
+def test_a_nan_on_one_rank_stops_both(subject, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+               subject.name, str(tmp_path), "nan"]
+    result = subprocess.run(command, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True)
+    assert result.returncode != 0
+    errors = [(tmp_path / f"error{r}.txt").read_text() for r in range(2)]
+    assert "'features'" in errors[1] and "NaN or inf" in errors[1]
+    assert "another process" in errors[0] or "'features'" in errors[0]
+
+
+# -- NaN and inf ----------------------------------------------------------------------------------------
+class Poisoned(ListDataset):
+    """A dataset whose sample `index` holds NaN features once `active` (always, when active from the start)."""
+
+    def __init__(self, examples: list[dict], index: int | None = None, active: bool = True) -> None:
+        super().__init__(examples)
+        self.index, self.active = index, active
+
+    def __getitem__(self, i: int) -> dict:
+        example = dict(self.examples[i])
+        if self.active and (self.index is None or i == self.index):
+            example["features"] = example["features"].clone()
+            example["features"][0] = float("nan")
+        return example
+
+
+class Activate(TrainerCallback):
+    def __init__(self, dataset: Poisoned, step: int) -> None:
+        self.dataset, self.step = dataset, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.dataset.active = True
+
+
+def checkpoint_files(folder: str) -> dict[str, bytes]:
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+@pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
+def test_nan_in_training_inputs_stops_before_any_checkpoint_is_overwritten(subject, tmp_path):
+    train = Poisoned(gaussian_problem(TRAIN_COUNTS, seed=1).examples, active=False)
+    out = str(tmp_path / "run")
+    trainer = build(subject, out, train=train, callbacks=[Activate(train, 3)], save_strategy="steps", save_steps=2,
+                    max_steps=8)
+    saved: dict[str, dict[str, bytes]] = {}
+
+    class Snapshot(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            name = f"checkpoint-{state.global_step}"
+            saved[name] = checkpoint_files(os.path.join(out, name))
+
+    trainer.add_callback(Snapshot())
+    with pytest.raises(NonFiniteError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "'features'" in message and "NaN or inf" in message and "Nothing was saved" in message
+    assert f"step {trainer.state.global_step}" in message or f"step {trainer.state.global_step + 1}" in message
+    assert "checkpoint-2" in saved and sorted(os.listdir(out)) == sorted(saved)  # nothing written after the error
+    for name, files in saved.items():
+        assert checkpoint_files(os.path.join(out, name)) == files
+        weights_file = load_file(os.path.join(out, name, "model.safetensors"))
+        assert all(torch.isfinite(t).all() for t in weights_file.values())
+    assert not os.path.exists(os.path.join(out, "autobalance_loss.json"))
+
+
+@pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
+def test_nan_in_a_validation_input_is_named(subject, tmp_path):
+    validation = Poisoned(gaussian_problem(VALIDATION_COUNTS, seed=2).examples, index=7)
+    trainer = build(subject, str(tmp_path / "run"), validation=validation)
+    with pytest.raises(NonFiniteError, match=r"inputs \(features\) of validation sample 7 .*step 0"):
+        trainer.train()
+    assert not any(torch.isnan(p).any() for p in trainer.model.parameters())
+
+
+def test_nan_weights_are_never_saved_as_a_checkpoint(tmp_path):
+    trainer = build(SUBJECTS[1], str(tmp_path / "run"), save_strategy="steps", save_steps=2, max_steps=2)
+    with torch.no_grad():
+        trainer.model.classifier.weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteError):
+        trainer.train()
+    assert not os.path.exists(tmp_path / "run" / "checkpoint-2")
+
+
+# -- configuration, labels, model outputs ----------------------------------------------------------------
+@pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
+def test_bad_configuration_is_a_clear_error(subject, tmp_path):
+    name, value = subject.wrongly_typed
+    with pytest.raises(TypeError, match=rf"{subject.config.__name__}\.{name} must be int"):
+        build(subject, str(tmp_path / "typed"), **{name: value})
+    plain = TrainingArguments(output_dir=str(tmp_path / "plain"), use_cpu=True, report_to=[])
+    with pytest.raises(TypeError, match=rf"needs args={subject.config.__name__}"):
+        subject.trainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)), args=plain,
+                        train_dataset=gaussian_problem(TRAIN_COUNTS, seed=1))
+    headless = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=32))
+    with pytest.raises(ValueError, match="no classification head.*BertForSequenceClassification"):
+        build(subject, str(tmp_path / "headless"), model=headless)
+    with pytest.raises(ValueError, match="one label column"):
+        build(subject, str(tmp_path / "labels"), label_names=["labels", "other"])
+    with pytest.raises(ValueError, match=r"classes \[3\] have no sample in the validation set"):
+        build(subject, str(tmp_path / "missing"), validation=gaussian_problem([5, 5, 5, 0], seed=2))
+
+
+@pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
+def test_label_smoothing_is_applied_or_refused(subject, tmp_path):
+    if not subject.trainer.supports_label_smoothing:
+        with pytest.raises(ValueError, match="label_smoothing_factor=0.2 is not applied"):
+            build(subject, str(tmp_path / "refused"), label_smoothing_factor=0.2)
+        return
+    runs = {factor: build(subject, str(tmp_path / f"ls{factor}"), label_smoothing_factor=factor, max_steps=2)
+            for factor in (0.0, 0.2)}
+    losses = {factor: trainer.train().training_loss for factor, trainer in runs.items()}
+    assert losses[0.0] != losses[0.2]
+    with pytest.raises(AssertionError):  # smoothing changed the gradients, hence the weights
+        assert_same(weights(runs[0.0]), weights(runs[0.2]))
+
+
+def renamed(dataset: ListDataset, key: str) -> ListDataset:
+    """The dataset with its label under ``key`` (a tensor for label_ids, which the default collator stacks)."""
+    return ListDataset([{"features": e["features"], key: torch.tensor(e["labels"]) if key == "label_ids" else e["labels"]}
+                        for e in dataset.examples])
+
+
+class DictOutputMLP(TinyMLPForClassification):
+    """A model whose forward returns a plain dict (as some custom heads do)."""
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> dict:  # type: ignore[override]
+        return {"logits": self.classifier(self.body(features))}
+
+
+@pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
+def test_label_columns_and_dict_outputs_as_trainer_accepts_them(subject, tmp_path):
+    reference = build(subject, str(tmp_path / "reference"), max_steps=4)
+    reference.train()
+    for key in ("label", "label_ids"):
+        trainer = build(subject, str(tmp_path / key), max_steps=4,
+                        train=renamed(gaussian_problem(TRAIN_COUNTS, seed=1), key),
+                        validation=renamed(gaussian_problem(VALIDATION_COUNTS, seed=2), key))
+        trainer.train()
+        assert_same(weights(reference), weights(trainer), key)
+    named = build(subject, str(tmp_path / "named"), max_steps=4, label_names=["target"], remove_unused_columns=False,
+                  train=renamed(gaussian_problem(TRAIN_COUNTS, seed=1), "target"),
+                  validation=renamed(gaussian_problem(VALIDATION_COUNTS, seed=2), "target"),
+                  data_collator=lambda rows: {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]})
+    named.train()
+    assert_same(weights(reference), weights(named), "label_names")
+    torch.manual_seed(0)
+    dict_model = DictOutputMLP(TinyMLPConfig(num_labels=K))
+    trainer = build(subject, str(tmp_path / "dict"), model=dict_model, max_steps=4)
+    trainer.train()
+    assert_same(weights(reference), weights(trainer), "dict outputs")
+    assert trainer.predict(gaussian_problem(VALIDATION_COUNTS, seed=2)).predictions.shape == (21, K)
+
+
+# -- best model and its card -----------------------------------------------------------------------------
+@pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
+def test_best_model_loading_and_its_card_describe_the_saved_weights(subject, tmp_path):
+    out = str(tmp_path / "run")
+    trainer = build(subject, out, max_steps=8, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                    save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,
+                    compute_metrics=make_compute_metrics(K), learning_rate=0.05)
+    trainer.train()
+    best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert best_step != trainer.state.global_step  # the highest validation loss: an early checkpoint
+    saved = load_file(os.path.join(trainer.state.best_model_checkpoint, "model.safetensors"))
+    for name, param in trainer.model.named_parameters():
+        torch.testing.assert_close(param.detach(), saved[name])
+    trainer.save_model()
+    trainer.create_model_card()
+    card = open(os.path.join(out, "README.md")).read()
+    best_eval = next(e for e in trainer.state.log_history if e.get("step") == best_step and "eval_min_recall" in e)
+    last_eval = [e for e in trainer.state.log_history if "eval_min_recall" in e][-1]
+    assert f"| Mean recall | {best_eval['eval_mean_recall']:.3f} |" in card
+    assert f"`steps` = {best_step};" in card
+    assert "`validation` split" in card and "not a held-out estimate" in card and "held-out split" not in card
+    assert "5-6 samples per class, 21 in all" in card
+    assert "path/to/this/model" not in card
+    stages = json.load(open(os.path.join(out, "config.json")))["selmix_hf_stages"]
+    assert stages[-1]["settings"]["steps"] == best_step
+    if best_eval["eval_mean_recall"] != last_eval["eval_mean_recall"]:
+        assert f"| Mean recall | {last_eval['eval_mean_recall']:.3f} |" not in card
+
+
+@pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
+def test_card_settings_come_from_the_config_fields(subject, tmp_path):
+    trainer = build(subject, str(tmp_path / "run"), max_steps=2)
+    trainer.train()
+    settings = trainer.card_stage()["settings"]
+    for name in subject.config.method_fields():
+        assert name in settings and settings[name] == getattr(trainer.args, name)
+
+
+if __name__ == "__main__":
+    (two_rank_nan_run if sys.argv[3:] == ["nan"] else two_rank_run)(sys.argv[1], sys.argv[2])
