@@ -23,11 +23,16 @@ from selmix_hf.recipe import (
     CardArguments,
     SplitArguments,
     StageArguments,
+    display_path,
     hub_splits,
     parse_recipe_arguments,
     run_two_stages,
 )
-from selmix_hf.split_files import load_split_files, with_image_transform
+from selmix_hf.split_files import (
+    check_class_ids,
+    load_split_files,
+    with_image_transform,
+)
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "vit_imagenet_lt.yaml")
 
@@ -71,11 +76,14 @@ def image_transforms(processor, train: bool):
     return T.Compose([T.Resize(crop), T.CenterCrop(crop), *normalise])
 
 
-def load_splits(data: ImageDataArguments, seed: int) -> tuple[dict, list[str] | None]:
-    """train / validation / test with ``image_path`` (or ``image``) and ``label`` columns, and class names if known."""
+def load_splits(data: ImageDataArguments, seed: int, num_labels_origin: str | None = None
+                ) -> tuple[dict, list[str] | None]:
+    """train / validation / test with ``image_path`` (or ``image``) and ``label`` columns, and class names if known;
+    ``num_labels_origin`` (where num_labels was set) is named when num_labels disagrees with the split files."""
     if data.image_root:
         files = {"train": data.train_split_file, "validation": data.validation_split_file, "test": data.test_split_file}
-        splits = load_split_files(data.image_root, files, data.splits_dir, data.num_labels, data.check_images)
+        splits = load_split_files(data.image_root, files, data.splits_dir, data.num_labels, data.check_images,
+                                  num_labels_origin)
         return dict(splits), None
     if not data.dataset_name:
         raise ValueError("give the data: --image_root (a folder with ImageNet-LT split files) or --dataset_name (Hub id)")
@@ -87,23 +95,43 @@ def load_splits(data: ImageDataArguments, seed: int) -> tuple[dict, list[str] | 
     return splits, list(feature.names) if hasattr(feature, "names") else None
 
 
-def main(argv: list[str] | None = None) -> dict:
-    model_args, data, args, stages, card = parse_recipe_arguments(
-        (ModelArguments, ImageDataArguments, SelMixConfig, StageArguments, CardArguments), argv, DEFAULT_CONFIG
-    )
-    splits, names = load_splits(data, args.seed)
+def class_names(data: ImageDataArguments, splits: dict, names: list[str] | None, num_labels_origin: str) -> list[str]:
+    """The class names in label order (the names file's, the dataset's or ``class_<k>``), one per class of the data;
+    a num_labels or a names file that disagrees with the labels is an error saying where it came from."""
+    source = "the dataset's label feature"
     if data.class_names_file:
         with open(data.class_names_file) as fh:
             names = [line.strip() for line in fh if line.strip()]
-    num_labels = data.num_labels or (len(names) if names else 1 + max(max(s["label"]) for s in splits.values()))
-    names = names or [f"class_{k}" for k in range(num_labels)]
-    if len(names) != num_labels:
-        raise ValueError(f"{len(names)} class names for {num_labels} classes")
+        source = f"the class names file {display_path(data.class_names_file)}"
+    if data.num_labels is not None and names is not None and len(names) != data.num_labels:
+        raise ValueError(f"num_labels is {data.num_labels} ({num_labels_origin}), but {source} has {len(names)} "
+                         f"class names; set num_labels to {len(names)} or give one name per class")
+    if data.num_labels is not None:
+        num_labels, origin = data.num_labels, num_labels_origin
+    elif names is not None:
+        num_labels, origin = len(names), f"the number of class names in {source}"
+    else:
+        num_labels, origin = None, None
+    described = f"the data (split files in {data.splits_dir or data.image_root})" if data.image_root else \
+        f"the data ({data.dataset_name})"
+    num_labels = check_class_ids({name: split["label"] for name, split in splits.items()}, num_labels, origin,
+                                 data=described)
+    return names or [f"class_{k}" for k in range(num_labels)]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parsed = parse_recipe_arguments(
+        (ModelArguments, ImageDataArguments, SelMixConfig, StageArguments, CardArguments), argv, DEFAULT_CONFIG
+    )
+    model_args, data, args, stages, card = parsed
+    origin = parsed.origin("num_labels")
+    splits, names = load_splits(data, args.seed, origin)
+    names = class_names(data, splits, names, origin)
     source = stages.stage1_checkpoint or model_args.model_name_or_path
     hub = dict(revision=model_args.revision, cache_dir=model_args.cache_dir)
     processor = AutoImageProcessor.from_pretrained(source, **hub)
     model = AutoModelForImageClassification.from_pretrained(
-        source, num_labels=num_labels, id2label=dict(enumerate(names)), label2id={n: k for k, n in enumerate(names)},
+        source, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: k for k, n in enumerate(names)},
         ignore_mismatched_sizes=True, **hub,
     )
     column = "image_path" if data.image_root else data.image_column

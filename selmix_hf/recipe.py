@@ -7,6 +7,7 @@ in ``output_dir``; then the final model, its processor, the test metrics, the fi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -18,14 +19,11 @@ import numpy as np
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from . import _compat
-from .config import SelMixConfig
+from . import LongTailConfig, LongTailTrainer, SelMixConfig, SelMixTrainer, _compat
 from .data import dataset_labels
-from .longtail_trainer import LongTailConfig, LongTailTrainer
 from .losses import LOSSES
 from .metrics import classification_report, make_compute_metrics
 from .plots import save_run_figures
-from .trainer import SelMixTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -81,21 +79,92 @@ class CardArguments:
     card_max_class_table: int = field(default=50, metadata={"help": "List every class up to this many; beyond, the worst half."})
 
 
-def parse_recipe_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None, default_config: str | None) -> tuple:
+def display_path(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it (as the user typed it), else absolute."""
+    relative = os.path.relpath(os.path.abspath(path))
+    return relative if not relative.startswith(os.pardir) else os.path.abspath(path)
+
+
+def _flag_values(value: Any) -> list[str]:
+    """A YAML value as the command-line words that give it (a list is several words, a mapping is JSON)."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    if isinstance(value, dict):
+        return [json.dumps(value)]
+    return [str(value)]
+
+
+class _ConfigDefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows, for an argument the YAML config sets, the YAML value: the default that will apply."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        """The help text with ``(default from <yaml>: <value>)`` when the YAML sets the argument, else argparse's;
+        a ``--no_x`` complement says what it does (its own default, False, is not the value that applies)."""
+        if isinstance(action, argparse._StoreFalseAction):
+            return f"The same as --{action.dest} false."
+        origin = getattr(action, "config_default", None)
+        if origin is None:
+            return super()._get_help_string(action)
+        added = f" (default from {origin[0]}: {origin[1]})".replace("%", "%%")  # help strings are %-formatted
+        return (action.help or "") + added
+
+
+class ParsedArguments(tuple):
+    """The parsed dataclasses (unpack them like a tuple) and where each argument's value came from, for errors."""
+
+    config: str | None = None  # the YAML file read
+    from_config: frozenset[str] = frozenset()  # the arguments it set
+    from_command_line: frozenset[str] = frozenset()  # the arguments the command line set (they win)
+
+    def origin(self, name: str) -> str:
+        """Where ``name``'s value came from and how to change it, as a phrase for an error message."""
+        if name in self.from_command_line:
+            return f"from the command-line flag --{name}; change the flag"
+        if name in self.from_config:
+            where = display_path(self.config)
+            return f"from the YAML config {where}; edit `{name}:` there or override it with --{name}"
+        return f"the built-in default; set it with --{name}"
+
+
+def _command_line_names(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The argument names (dests) that ``argv`` sets, ``--no_x`` and ``--x=value`` included."""
+    names = set()
+    for word in argv:
+        if word.startswith("--"):
+            action = parser._option_string_actions.get(word.split("=", 1)[0])
+            if action is not None:
+                names.add(action.dest)
+    return names
+
+
+def parse_recipe_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None, default_config: str | None
+                           ) -> ParsedArguments:
     """HfArgumentParser over the dataclasses; a YAML file (``--config``, default the recipe's) gives the defaults,
-    the command line overrides them. An unknown key in the YAML or on the command line is an error naming it."""
+    the command line overrides them. An unknown key in the YAML or on the command line is an error naming it;
+    ``--help`` shows the YAML's values as the defaults, since they are the ones that apply."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
     config = default_config
-    if "--config" in argv:
-        at = argv.index("--config")
-        if at + 1 >= len(argv):
-            raise SystemExit("--config needs a YAML file")
-        config = argv[at + 1]
-        del argv[at : at + 2]
-    parser = HfArgumentParser(dataclass_types)
+    for at, word in enumerate(argv):
+        if word == "--config" or word.startswith("--config="):
+            if word == "--config" and at + 1 >= len(argv):
+                raise SystemExit("--config needs a YAML file")
+            config = word.split("=", 1)[1] if "=" in word else argv[at + 1]
+            del argv[at : at + (1 if "=" in word else 2)]
+            break
+    parser = HfArgumentParser(dataclass_types, formatter_class=_ConfigDefaultsHelpFormatter)
     parser.allow_abbrev = False  # a mistyped flag is an error, not silently the flag it abbreviates
+    shown = display_path(config) if config else None
+    parser.add_argument(
+        "--config", default=argparse.SUPPRESS,  # read above, before parsing; SUPPRESS keeps it out of the namespace
+        help=(f"YAML file of defaults (default: {shown})" if shown else "YAML file of defaults").replace("%", "%%")
+        + "; its keys are the other options, and flags given on the command line override it.",
+    )
+    parser.description = (f"Defaults shown as 'default from {shown}' come from that YAML file; the others are the "
+                          "built-in defaults. Flags override both." if shown else None)
+    given = _command_line_names(parser, argv)
+    values: dict[str, Any] = {}
     if config:
         if not os.path.isfile(config):
             raise FileNotFoundError(f"config file {config} does not exist")
@@ -107,19 +176,16 @@ def parse_recipe_arguments(dataclass_types: Sequence[type], argv: Sequence[str] 
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{config}: unknown key(s) {', '.join(unknown)}; see `--help` for the valid arguments")
+        values = {key: value for key, value in values.items() if value is not None}  # null: the built-in default
+        for action in parser._actions:
+            if action.dest in values:
+                action.config_default = (shown, " ".join(_flag_values(values[action.dest])))
         # YAML values become command-line defaults: the arguments given on the command line still win.
-        prefix = []
-        for key, value in values.items():
-            if isinstance(value, bool) or value is None:
-                prefix += [f"--{key}", str(value)] if value is not None else []
-            elif isinstance(value, (list, tuple)):
-                prefix += [f"--{key}", *map(str, value)]
-            elif isinstance(value, dict):
-                prefix += [f"--{key}", json.dumps(value)]
-            else:
-                prefix += [f"--{key}", str(value)]
+        prefix = [word for key, value in values.items() for word in (f"--{key}", *_flag_values(value))]
         argv = prefix + argv
-    return parser.parse_args_into_dataclasses(args=argv)
+    parsed = ParsedArguments(parser.parse_args_into_dataclasses(args=argv))
+    parsed.config, parsed.from_config, parsed.from_command_line = config, frozenset(values), frozenset(given)
+    return parsed
 
 
 def stage1_config(args: SelMixConfig, stages: StageArguments, final: bool = False) -> LongTailConfig:
@@ -142,6 +208,24 @@ def stage1_config(args: SelMixConfig, stages: StageArguments, final: bool = Fals
         if name in shared:
             shared[name] = None
     return LongTailConfig(loss_type=stages.stage1_loss_type, loss_options=stages.stage1_loss_options, **shared)
+
+
+def set_class_names(model: Any, names: Sequence[str]) -> None:
+    """Name the classes the model is trained on in its config (num_labels, id2label, label2id and timm's
+    label_names), so that the saved config, the model card and pipeline predictions use the dataset's names."""
+    config = model.config
+    names = [str(name) for name in names]
+    if config.num_labels != len(names):
+        raise ValueError(f"{type(model).__name__} has {config.num_labels} outputs (config.num_labels) for "
+                         f"{len(names)} classes; load it with num_labels={len(names)}")
+    if len(set(names)) != len(names):
+        logger.warning("the class names are not unique: label2id keeps the last id of a repeated name")
+    config.id2label = dict(enumerate(names))
+    config.label2id = {name: k for k, name in enumerate(names)}
+    # TimmWrapperConfig keeps the loaded checkpoint's label_names and writes them over id2label when saved
+    for attribute, value in (("label_names", names), ("num_classes", len(names))):
+        if attribute in vars(config):
+            setattr(config, attribute, value)
 
 
 def hub_splits(
@@ -212,7 +296,8 @@ def run_two_stages(
     if not stages.run_stage1 and not stages.run_stage2:
         raise ValueError("both stages are switched off (run_stage1 and run_stage2 are false): nothing to train")
     resume = bool(args.resume_from_checkpoint)
-    names = list(class_names)
+    names = [str(name) for name in class_names]
+    set_class_names(model, names)
     counts = np.bincount(dataset_labels(splits["train"]), minlength=len(names)).tolist()
     common = dict(train_dataset=splits["train"], eval_dataset=splits["validation"], processing_class=processing_class,
                   data_collator=data_collator, compute_metrics=make_compute_metrics(len(names), class_counts=counts))
@@ -223,6 +308,7 @@ def run_two_stages(
         if resume and stages.run_stage2 and os.path.exists(done):  # this run's stage 1 finished before: reuse it
             logger.info("resuming: stage 1 already finished in %s", config1.output_dir)
             model = type(model).from_pretrained(config1.output_dir)
+            set_class_names(model, names)
         else:
             trainer = LongTailTrainer(model=model, args=config1, **common)
             trainer.train(resume_from_checkpoint=_resume_point(config1.output_dir, resume))
@@ -237,12 +323,13 @@ def run_two_stages(
     after = test_report(trainer, splits["test"], names, counts)
     if trainer.is_world_process_zero():
         print(f"\ntest metrics ({args.output_dir}, world size {args.world_size}):\n{format_table(before, after)}")
-    return finish(trainer, after, before, names, stages, card, dataset_id, dataset_name)
+    test_counts = np.bincount(dataset_labels(splits["test"]), minlength=len(names)).tolist()
+    return finish(trainer, after, before, names, stages, card, dataset_id, dataset_name, test_counts)
 
 
 def finish(trainer: Any, after: dict[str, float], before: dict[str, float] | None, names: Sequence[str],
-           stages: StageArguments, card: CardArguments, dataset_id: str | None, dataset_name: str | None
-           ) -> dict[str, Any]:
+           stages: StageArguments, card: CardArguments, dataset_id: str | None, dataset_name: str | None,
+           test_counts: Sequence[int] | None = None) -> dict[str, Any]:
     """Final model + processor, metrics JSON, figures and card into output_dir; the Hub upload when asked."""
     out = trainer.args.output_dir
     trainer.save_model(out)
@@ -254,6 +341,7 @@ def finish(trainer: Any, after: dict[str, float], before: dict[str, float] | Non
     card_kwargs = dict(
         license=card.card_license, language=card.card_language.split(",") if card.card_language else None,
         model_name=card.card_model_name, dataset=dataset_id, dataset_name=dataset_name, results=after, before=before, eval_split="test",
+        eval_counts=test_counts,
         plot_file="per_class_recall.png" if any(f.endswith("per_class_recall.png") for f in figures) else None,
         max_class_table=card.card_max_class_table,
     )
@@ -264,4 +352,5 @@ def finish(trainer: Any, after: dict[str, float], before: dict[str, float] | Non
     return {"before": before, "after": after, "figures": figures, "trainer": trainer, "pushed": pushed}
 
 
-__all__ = ["CardArguments", "SplitArguments", "StageArguments", "format_table", "hub_splits", "parse_recipe_arguments", "run_two_stages", "stage1_config"]
+__all__ = ["CardArguments", "ParsedArguments", "SplitArguments", "StageArguments", "display_path", "format_table",
+           "hub_splits", "parse_recipe_arguments", "run_two_stages", "set_class_names", "stage1_config"]
