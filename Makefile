@@ -17,7 +17,7 @@ DEMO_ARGS ?=
 OLDEST := .venv-oldest
 OLDEST_PINS := transformers==5.0.0
 
-.PHONY: test test-oldest demo install assets clean
+.PHONY: test test-oldest demo install assets clean lint format
 
 install: $(STAMP)
 
@@ -44,8 +44,17 @@ $(ASSETS): $(STAMP)
 	fi
 	touch $@
 
-test: $(ASSETS)
+test: $(ASSETS) lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff: lint and format check, line length 120 (pyproject.toml); `make format` rewrites the files
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 $(OLDEST)/.installed: pyproject.toml Makefile
 	test -x $(OLDEST)/bin/python || $(PYTHON) -m venv $(OLDEST)

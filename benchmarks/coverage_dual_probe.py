@@ -1,7 +1,8 @@
 """Probe (not a library feature): coverage multipliers by projected dual ascent instead of the specified reset rule.
 
     .venv/bin/python benchmarks/coverage_dual_probe.py --datasets fashion --seeds 0 \\
-        --methods selmix_mean_recall_min_coverage_sf --probe cov_dual300 --options '{"objective_options": {"dual_step": 300}}'
+        --methods selmix_mean_recall_min_coverage_sf --probe cov_dual300 \
+        --options '{"objective_options": {"dual_step": 300}}'
 
 The library sets mu_l = max(0, mu_max (1 - exp((cov_l - alpha pi_l) / tau))) afresh at each refresh
 (docs/engine.md, M4. Coverage multiplier).
@@ -26,8 +27,16 @@ import quality  # noqa: E402
 class DualAscentMeanRecallMinCoverage(MeanRecallMinCoverage):
     """Mean recall under min coverage, multipliers by projected dual ascent on the validation coverage gap."""
 
-    def __init__(self, num_classes: int, *, dual_step: float = 300.0, alpha: float = 0.95, tau: float = 0.01,
-                 mu_max: float = 100.0, class_prior=None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        dual_step: float = 300.0,
+        alpha: float = 0.95,
+        tau: float = 0.01,
+        mu_max: float = 100.0,
+        class_prior=None,
+    ) -> None:
         super().__init__(num_classes, alpha=alpha, tau=tau, mu_max=mu_max, class_prior=class_prior)
         self.dual_step = float(dual_step)
 

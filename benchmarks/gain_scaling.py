@@ -55,8 +55,15 @@ def measure(num_classes: int, dim: int, method: str, repeats: int, dtype_name: s
         times.append(time.perf_counter() - start)
         del result
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"K": num_classes, "d": dim, "method": method, "dtype": dtype_name, "seconds": statistics.median(times),
-            "repeats": repeats, "peak_mib": max(0, peak - baseline) / 1024}
+    return {
+        "K": num_classes,
+        "d": dim,
+        "method": method,
+        "dtype": dtype_name,
+        "seconds": statistics.median(times),
+        "repeats": repeats,
+        "peak_mib": max(0, peak - baseline) / 1024,
+    }
 
 
 def agreement(num_classes: int, dim: int) -> float:
@@ -103,17 +110,26 @@ def main() -> None:
         rows.append(row)
         print(f"done K={k}", file=sys.stderr, flush=True)
 
-    print(f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, d = {args.dim}, {args.dtype}, objective min_recall\n")
-    print("| K | gain_matrix time | gain_matrix peak memory | K^4 formula time | K^4 peak memory | speed-up | max rel. diff (float64) |")
+    print(
+        f"machine: {os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, d = {args.dim}, {args.dtype}, objective min_recall\n"
+    )
+    print(
+        "| K | gain_matrix time | gain_matrix peak memory | K^4 formula time | K^4 peak memory | speed-up "
+        "| max rel. diff (float64) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         fast = row["fast"]
         cells = [str(row["K"]), f"{fast['seconds']:.4f} s", f"{fast['peak_mib']:.0f} MiB"]
         if "k4" in row:
             k4 = row["k4"]
-            cells += [f"{k4['seconds']:.4f} s", f"{k4['peak_mib']:.0f} MiB", f"{k4['seconds'] / fast['seconds']:.0f}x",
-                      f"{row['agreement']:.1e}"]
+            cells += [
+                f"{k4['seconds']:.4f} s",
+                f"{k4['peak_mib']:.0f} MiB",
+                f"{k4['seconds'] / fast['seconds']:.0f}x",
+                f"{row['agreement']:.1e}",
+            ]
         else:
             cells += ["not run (K^4)"] * 2 + ["", ""]
         print("| " + " | ".join(cells) + " |")

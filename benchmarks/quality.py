@@ -61,8 +61,17 @@ METHODS = {
     **{f"selmix_{o}": ("selmix", {"objective": o, **PUBLISHED_T}) for o in SELMIX_OBJECTIVES},
     **{f"selmix_{o}_sf": ("selmix", {"objective": o, **SCALE_FREE_T}) for o in SELMIX_OBJECTIVES},
 }
-COLUMNS = ["mean_recall", "min_recall", "h_mean", "g_mean", "min_head_tail_recall", "min_coverage",
-           "many_shot_recall", "medium_shot_recall", "few_shot_recall"]
+COLUMNS = [
+    "mean_recall",
+    "min_recall",
+    "h_mean",
+    "g_mean",
+    "min_head_tail_recall",
+    "min_coverage",
+    "many_shot_recall",
+    "medium_shot_recall",
+    "few_shot_recall",
+]
 VALIDATION_COLUMNS = ["mean_recall", "min_recall", "h_mean", "g_mean", "min_coverage"]
 
 
@@ -79,8 +88,17 @@ def is_text(dataset: str) -> bool:
 
 
 def common_args(out: str, seed: int, task_is_text: bool) -> dict:
-    return dict(output_dir=out, report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", seed=seed,
-                per_device_eval_batch_size=64, remove_unused_columns=task_is_text, disable_tqdm=True)
+    return dict(
+        output_dir=out,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        seed=seed,
+        per_device_eval_batch_size=64,
+        remove_unused_columns=task_is_text,
+        disable_tqdm=True,
+    )
 
 
 def stage1_model(dataset: str, seed: int, splits, model, text: bool):
@@ -94,9 +112,18 @@ def stage1_model(dataset: str, seed: int, splits, model, text: bool):
         auto = AutoModelForSequenceClassification if text else AutoModelForImageClassification
         return auto.from_pretrained(path)
     budget = BUDGET[dataset]
-    trainer = LongTailTrainer(model=model, train_dataset=splits["train"], args=LongTailConfig(
-        loss_type="logit_adjusted", max_steps=budget["stage1_steps"], per_device_train_batch_size=budget["batch"],
-        learning_rate=3e-4, warmup_steps=0.1, **common_args(path + ".run", seed, text)))
+    trainer = LongTailTrainer(
+        model=model,
+        train_dataset=splits["train"],
+        args=LongTailConfig(
+            loss_type="logit_adjusted",
+            max_steps=budget["stage1_steps"],
+            per_device_train_batch_size=budget["batch"],
+            learning_rate=3e-4,
+            warmup_steps=0.1,
+            **common_args(path + ".run", seed, text),
+        ),
+    )
     started = time.time()
     trainer.train()
     trainer.save_model(path)
@@ -106,9 +133,19 @@ def stage1_model(dataset: str, seed: int, splits, model, text: bool):
     return trainer.model
 
 
-def run_cell(dataset: str, seed: int, method: str, splits, model, text: bool, counts: list[int],
-             names: list[str] | None = None, overrides: dict | None = None, budget_overrides: dict | None = None,
-             out_name: str | None = None) -> dict:
+def run_cell(
+    dataset: str,
+    seed: int,
+    method: str,
+    splits,
+    model,
+    text: bool,
+    counts: list[int],
+    names: list[str] | None = None,
+    overrides: dict | None = None,
+    budget_overrides: dict | None = None,
+    out_name: str | None = None,
+) -> dict:
     """Train one stage-2 method from ``model`` and report the final model on test and validation.
 
     ``overrides`` / ``budget_overrides`` change the method's options / the dataset budget (probes only).
@@ -126,37 +163,78 @@ def run_cell(dataset: str, seed: int, method: str, splits, model, text: bool, co
     kind, options = METHODS[method]
     options = {**options, **(overrides or {})}
     budget = {**BUDGET[dataset], **(budget_overrides or {})}
-    args = common_args(os.path.join(ROOT, "outputs", "quality_runs", dataset, f"seed{seed}", out_name or method), seed,
-                       text)
+    args = common_args(
+        os.path.join(ROOT, "outputs", "quality_runs", dataset, f"seed{seed}", out_name or method), seed, text
+    )
     steps = dict(max_steps=budget["stage2_steps"])
     data = dict(train_dataset=splits["train"], eval_dataset=splits["validation"])
     if kind == "none":
         trainer = LongTailTrainer(model=model, args=LongTailConfig(loss_type="ce", **args), **data)
     elif kind == "longtail":
-        trainer = LongTailTrainer(model=model, **data, args=LongTailConfig(
-            per_device_train_batch_size=budget["batch"], learning_rate=1e-4,
-            validation_refresh_steps=budget["refresh"], **options, **steps, **args))
+        trainer = LongTailTrainer(
+            model=model,
+            **data,
+            args=LongTailConfig(
+                per_device_train_batch_size=budget["batch"],
+                learning_rate=1e-4,
+                validation_refresh_steps=budget["refresh"],
+                **options,
+                **steps,
+                **args,
+            ),
+        )
     elif kind == "autobalance":
-        trainer = AutoBalanceTrainer(model=model, **data, args=AutoBalanceConfig(
-            per_device_train_batch_size=budget["batch"], learning_rate=1e-4, hyper_update_steps=budget["refresh"],
-            hyper_batches=4, **options, **steps, **args))
+        trainer = AutoBalanceTrainer(
+            model=model,
+            **data,
+            args=AutoBalanceConfig(
+                per_device_train_batch_size=budget["batch"],
+                learning_rate=1e-4,
+                hyper_update_steps=budget["refresh"],
+                hyper_batches=4,
+                **options,
+                **steps,
+                **args,
+            ),
+        )
     else:
         settings = {"learning_rate": 3e-4, "backbone_lr_ratio": 0.1, **options}  # a probe may override the lrs
-        trainer = SelMixTrainer(model=model, **data, args=SelMixConfig(
-            per_device_train_batch_size=budget["batch"] // 2, gain_refresh_steps=budget["refresh"], **settings, **steps,
-            **args))
+        trainer = SelMixTrainer(
+            model=model,
+            **data,
+            args=SelMixConfig(
+                per_device_train_batch_size=budget["batch"] // 2,
+                gain_refresh_steps=budget["refresh"],
+                **settings,
+                **steps,
+                **args,
+            ),
+        )
     started = time.time()
     if kind != "none":
         trainer.train()
     reports = {}
     for split in ("test", "validation"):
         output = trainer.predict(splits[split])
-        reports[split] = classification_report(output.label_ids, output.predictions.argmax(-1), len(counts),
-                                               class_counts=counts, per_class=names is not None, class_names=names)
+        reports[split] = classification_report(
+            output.label_ids,
+            output.predictions.argmax(-1),
+            len(counts),
+            class_counts=counts,
+            per_class=names is not None,
+            class_names=names,
+        )
     seconds = time.time() - started  # training, its own validation passes, and the two predictions
-    return {"dataset": dataset, "seed": seed, "method": method, "seconds": seconds, "metrics": reports["test"],
-            "validation_metrics": reports["validation"], "settings": {"kind": kind, **options, **budget},
-            "refresh_logs": [e for e in trainer.state.log_history if any("/" in k for k in e)]}
+    return {
+        "dataset": dataset,
+        "seed": seed,
+        "method": method,
+        "seconds": seconds,
+        "metrics": reports["test"],
+        "validation_metrics": reports["validation"],
+        "settings": {"kind": kind, **options, **budget},
+        "refresh_logs": [e for e in trainer.state.log_history if any("/" in k for k in e)],
+    }
 
 
 def cell_path(dataset: str, seed: int, method: str) -> str:
@@ -205,13 +283,20 @@ def run_grid(datasets: list[str], seeds: list[int], methods: list[str], revalida
                 if os.path.exists(path):  # --revalidate: say whether the rerun reproduced the recorded test metrics
                     with open(path) as fh:
                         old = json.load(fh)
-                    cell["recomputed"] = {"previous_seconds": old["seconds"], "test_metrics_max_abs_diff": max(
-                        abs(cell["metrics"][k] - v) for k, v in old["metrics"].items() if k in cell["metrics"])}
+                    cell["recomputed"] = {
+                        "previous_seconds": old["seconds"],
+                        "test_metrics_max_abs_diff": max(
+                            abs(cell["metrics"][k] - v) for k, v in old["metrics"].items() if k in cell["metrics"]
+                        ),
+                    }
                 write_json(path, cell)
                 m, v = cell["metrics"], cell["validation_metrics"]
-                print(f"  {dataset} seed {seed} {method}: test mean recall {m['mean_recall']:.3f}, min recall "
-                      f"{m['min_recall']:.3f}, H-mean {m['h_mean']:.3f}; validation min recall {v['min_recall']:.3f} "
-                      f"({cell['seconds']:.0f} s)", flush=True)
+                print(
+                    f"  {dataset} seed {seed} {method}: test mean recall {m['mean_recall']:.3f}, min recall "
+                    f"{m['min_recall']:.3f}, H-mean {m['h_mean']:.3f}; validation min recall {v['min_recall']:.3f} "
+                    f"({cell['seconds']:.0f} s)",
+                    flush=True,
+                )
             write_report()
 
 
@@ -256,12 +341,22 @@ def write_report() -> None:
         seconds = sum(x["seconds"] for v in cells.values() for x in v)
         validated = sum("validation_metrics" in x for v in cells.values() for x in v)
         task = BUDGET.get(dataset, {}).get("task", dataset)
-        compute = (f"{(seconds + stage1) / 60:.0f} min = cells {seconds / 60:.0f} min + stage 1 {stage1 / 60:.0f} min"
-                   if task == dataset else f"cells {seconds / 60:.0f} min; stage 1 is the {task} grid's checkpoints")
-        lines = [f"**{dataset}**, test split ({count} cells; seeds per method in the last column; compute {compute})", ""]
+        compute = (
+            f"{(seconds + stage1) / 60:.0f} min = cells {seconds / 60:.0f} min + stage 1 {stage1 / 60:.0f} min"
+            if task == dataset
+            else f"cells {seconds / 60:.0f} min; stage 1 is the {task} grid's checkpoints"
+        )
+        lines = [
+            f"**{dataset}**, test split ({count} cells; seeds per method in the last column; compute {compute})",
+            "",
+        ]
         lines += table(cells, "metrics", COLUMNS)
-        lines += ["", f"**{dataset}**, validation split, final model ({validated} cells record it; seeds per method in "
-                  "the last column)", ""]
+        lines += [
+            "",
+            f"**{dataset}**, validation split, final model ({validated} cells record it; seeds per method in "
+            "the last column)",
+            "",
+        ]
         lines += table(cells, "validation_metrics", VALIDATION_COLUMNS)
         sections.append("\n".join(lines))
     body = "\n\n".join(sections) if sections else "No cell has finished yet."
@@ -283,15 +378,34 @@ def run_probe(dataset: str, seed: int, name: str, method: str, overrides: dict, 
     counts = np.bincount(splits["train"]["label"], minlength=len(names)).tolist()
     start_model = stage1_model(dataset, seed, splits, model, text)
     torch.manual_seed(seed)
-    cell = run_cell(dataset, seed, method, splits, start_model, text, counts, names, overrides, budget_overrides,
-                    out_name=f"probe_{name}")
-    cell["probe"] = {"name": name, "base_method": method, "overrides": overrides, "budget_overrides": budget_overrides,
-                     "command": " ".join([os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]])}
+    cell = run_cell(
+        dataset,
+        seed,
+        method,
+        splits,
+        start_model,
+        text,
+        counts,
+        names,
+        overrides,
+        budget_overrides,
+        out_name=f"probe_{name}",
+    )
+    cell["probe"] = {
+        "name": name,
+        "base_method": method,
+        "overrides": overrides,
+        "budget_overrides": budget_overrides,
+        "command": " ".join([os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]]),
+    }
     write_json(os.path.join(PROBES, dataset, f"seed{seed}", f"{name}.json"), cell)
     m, v = cell["metrics"], cell["validation_metrics"]
-    print(f"  probe {name} ({dataset} seed {seed}): test mean recall {m['mean_recall']:.3f}, min recall "
-          f"{m['min_recall']:.3f}; validation mean recall {v['mean_recall']:.3f}, min recall {v['min_recall']:.3f} "
-          f"({cell['seconds']:.0f} s)", flush=True)
+    print(
+        f"  probe {name} ({dataset} seed {seed}): test mean recall {m['mean_recall']:.3f}, min recall "
+        f"{m['min_recall']:.3f}; validation mean recall {v['mean_recall']:.3f}, min recall {v['min_recall']:.3f} "
+        f"({cell['seconds']:.0f} s)",
+        flush=True,
+    )
     return cell
 
 
@@ -307,14 +421,26 @@ def diagnose_class(dataset: str, seed: int, class_name: str) -> dict:
     model = stage1_model(dataset, seed, splits, model, text)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     k = names.index(class_name)
-    result: dict = {"class": class_name, "index": k,
-                    "train_count": int(np.bincount(splits["train"]["label"], minlength=len(names))[k]), "splits": {}}
+    result: dict = {
+        "class": class_name,
+        "index": k,
+        "train_count": int(np.bincount(splits["train"]["label"], minlength=len(names))[k]),
+        "splits": {},
+    }
     for estimator in ("selmix", "exact"):
         for objective in ("min_recall", "mean_recall"):
             model.load_state_dict(state)
-            trainer = SelMixTrainer(model=model, train_dataset=splits["train"], eval_dataset=splits["validation"],
-                                    args=SelMixConfig(objective=objective, gain_estimator=estimator, max_steps=1,
-                                                      **common_args(os.path.join(CHECKPOINTS, "diagnose"), seed, text)))
+            trainer = SelMixTrainer(
+                model=model,
+                train_dataset=splits["train"],
+                eval_dataset=splits["validation"],
+                args=SelMixConfig(
+                    objective=objective,
+                    gain_estimator=estimator,
+                    max_steps=1,
+                    **common_args(os.path.join(CHECKPOINTS, "diagnose"), seed, text),
+                ),
+            )
             trainer.refresh()
             gains = trainer.gains
             if not result["splits"]:
@@ -325,16 +451,24 @@ def diagnose_class(dataset: str, seed: int, class_name: str) -> dict:
                     row = np.bincount(predicted[labels == k], minlength=len(names))
                     probs = torch.softmax(torch.as_tensor(logits), dim=-1)[:, k]
                     result["splits"][split] = {
-                        "samples": int((labels == k).sum()), "times_predicted": int((predicted == k).sum()),
+                        "samples": int((labels == k).sum()),
+                        "times_predicted": int((predicted == k).sum()),
                         "row": {names[j]: int(c) for j, c in enumerate(row) if c},
                         "mean_probability": float(probs.mean()),
                         "rank_of_own_logit": (logits > logits[:, [k]]).sum(1).tolist(),
-                        "zero_recall_classes": [names[j] for j in range(len(names))
-                                                if not (predicted[labels == j] == j).any()]}
-            entry = {"max_gain": float(gains.max()), "max_gain_of_row": float(gains[k].max()),
-                     "pairs_above_best_of_row": int((gains.flatten() > gains[k].max()).sum()),
-                     "best_pairs": [(names[i // len(names)], names[i % len(names)], float(gains.flatten()[i]))
-                                    for i in torch.argsort(gains.flatten(), descending=True)[:3].tolist()]}
+                        "zero_recall_classes": [
+                            names[j] for j in range(len(names)) if not (predicted[labels == j] == j).any()
+                        ],
+                    }
+            entry = {
+                "max_gain": float(gains.max()),
+                "max_gain_of_row": float(gains[k].max()),
+                "pairs_above_best_of_row": int((gains.flatten() > gains[k].max()).sum()),
+                "best_pairs": [
+                    (names[i // len(names)], names[i % len(names)], float(gains.flatten()[i]))
+                    for i in torch.argsort(gains.flatten(), descending=True)[:3].tolist()
+                ],
+            }
             for scale_free, temperature in ((False, 0.1), (True, 1.0)):
                 p = sampling_distribution(gains, temperature, 1e-8, scale_free)
                 entry[f"row_mass_T{temperature}{'_sf' if scale_free else ''}"] = float(p[k].sum())
@@ -346,17 +480,33 @@ def diagnose_class(dataset: str, seed: int, class_name: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=PROTOCOL_GRIDS, choices=list(BUDGET),
-                        help="grids to run (default: the protocol's two; wordnet-long: WordNet with 300 stage-2 steps)")
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=PROTOCOL_GRIDS,
+        choices=list(BUDGET),
+        help="grids to run (default: the protocol's two; wordnet-long: WordNet with 300 stage-2 steps)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--report", action="store_true", help="only rewrite the tables from the finished cells")
-    parser.add_argument("--revalidate", action="store_true",
-                        help="also rerun the selected cells that lack validation metrics (recorded before they existed)")
-    parser.add_argument("--probe", metavar="NAME", help="run one variant of --methods[0] outside the grid, for "
-                        "the first --datasets / --seeds, saved as quality_probes/<dataset>/seed<k>/NAME.json")
-    parser.add_argument("--diagnose", metavar="CLASS", help="the stage-1 confusion row of CLASS and the first "
-                        "refresh's gains of pairs labelled CLASS (first --datasets / --seeds)")
+    parser.add_argument(
+        "--revalidate",
+        action="store_true",
+        help="also rerun the selected cells that lack validation metrics (recorded before they existed)",
+    )
+    parser.add_argument(
+        "--probe",
+        metavar="NAME",
+        help="run one variant of --methods[0] outside the grid, for "
+        "the first --datasets / --seeds, saved as quality_probes/<dataset>/seed<k>/NAME.json",
+    )
+    parser.add_argument(
+        "--diagnose",
+        metavar="CLASS",
+        help="the stage-1 confusion row of CLASS and the first "
+        "refresh's gains of pairs labelled CLASS (first --datasets / --seeds)",
+    )
     parser.add_argument("--options", default="{}", help="probe: JSON options overriding the method's")
     parser.add_argument("--stage2-steps", type=int, help="probe: stage-2 steps instead of the budget's")
     parser.add_argument("--refresh", type=int, help="probe: refresh interval instead of the budget's")

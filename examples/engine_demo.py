@@ -47,13 +47,23 @@ def selmix_head(head, objective, data, steps: int, uniform: bool, estimator: str
         if step % 50 == 0:  # refresh: validation pass -> confusion + prototypes -> multipliers -> gains -> P
             confusion, _ = validation_pass(head, val_x, val_y, k)
             objective.update(confusion)
-            gains = gain_matrix(objective, confusion, class_prototypes(val_x, val_y, k), head.weight, head.bias,
-                                estimator=estimator, features=val_x, labels=val_y)
+            gains = gain_matrix(
+                objective,
+                confusion,
+                class_prototypes(val_x, val_y, k),
+                head.weight,
+                head.bias,
+                estimator=estimator,
+                features=val_x,
+                labels=val_y,
+            )
             pairs = torch.full((k, k), 1.0 / k**2) if uniform else sampling_distribution(gains, temperature=0.1)
             if verbose and step % 250 == 0:
                 drawn = "uniform pairs" if uniform else f"most likely pair (i, j) = {divmod(int(pairs.argmax()), k)}"
-                print(f"step {step:4d}: validation {objective.name} = {objective.value(confusion):.3f}, "
-                      f"max gain {float(gains.max()):.4f}, {drawn}")
+                print(
+                    f"step {step:4d}: validation {objective.name} = {objective.value(confusion):.3f}, "
+                    f"max gain {float(gains.max()):.4f}, {drawn}"
+                )
         flat = torch.multinomial(pairs.flatten(), 64, replacement=True, generator=gen)
         first, second = flat // k, flat % k
         x1 = train_x[torch.stack([by_class[c][torch.randint(len(by_class[c]), (), generator=gen)] for c in first])]
@@ -96,20 +106,39 @@ def run(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         optimiser.step()
 
     options = {"class_counts": train_counts} if OBJECTIVES[args.objective].needs_class_counts else {}
-    reports = {"CE head": classification_report(test_y, validation_pass(head, test_x, test_y, k)[1], k,
-                                                class_counts=train_counts)}
+    reports = {
+        "CE head": classification_report(
+            test_y, validation_pass(head, test_x, test_y, k)[1], k, class_counts=train_counts
+        )
+    }
     for label, uniform in (("uniform mixup", True), ("SelMix", False)):
         tuned = copy.deepcopy(head)
         if not args.quiet:
             print(f"-- stage 2: {label}")
-        selmix_head(tuned, get_objective(args.objective, k, **options), (train_x, train_y, val_x, val_y),
-                    args.steps, uniform, args.estimator, torch.Generator().manual_seed(args.seed + 1), verbose=not args.quiet)
-        reports[label] = classification_report(test_y, validation_pass(tuned, test_x, test_y, k)[1], k,
-                                               class_counts=train_counts)
+        selmix_head(
+            tuned,
+            get_objective(args.objective, k, **options),
+            (train_x, train_y, val_x, val_y),
+            args.steps,
+            uniform,
+            args.estimator,
+            torch.Generator().manual_seed(args.seed + 1),
+            verbose=not args.quiet,
+        )
+        reports[label] = classification_report(
+            test_y, validation_pass(tuned, test_x, test_y, k)[1], k, class_counts=train_counts
+        )
     if not args.quiet:
         print("\ntest metrics (balanced test set)  " + "".join(f"{name:>15s}" for name in reports))
-        for key in ("mean_recall", "min_recall", "h_mean", "g_mean", "min_coverage", "min_head_tail_recall",
-                    "few_shot_recall"):
+        for key in (
+            "mean_recall",
+            "min_recall",
+            "h_mean",
+            "g_mean",
+            "min_coverage",
+            "min_head_tail_recall",
+            "few_shot_recall",
+        ):
             print(f"{key:33s} " + "".join(f"{r[key]:15.3f}" for r in reports.values()))
     return reports
 

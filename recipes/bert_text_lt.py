@@ -36,7 +36,9 @@ BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parqu
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(default="bert-base-uncased", metadata={"help": "BERT-family checkpoint (Hub id or folder)."})
+    model_name_or_path: str = field(
+        default="bert-base-uncased", metadata={"help": "BERT-family checkpoint (Hub id or folder)."}
+    )
     revision: str = field(default="main", metadata={"help": "Revision of the checkpoint on the Hub."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where to cache Hub downloads."})
     max_seq_length: int = field(default=128, metadata={"help": "Longer texts are truncated."})
@@ -45,11 +47,15 @@ class ModelArguments:
 @dataclass
 class TextDataArguments(SplitArguments):
     train_file: str | None = field(default=None, metadata={"help": "Local training file: csv, json, jsonl or parquet."})
-    validation_file: str | None = field(default=None, metadata={"help": "Local validation file (else held out of train)."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Local validation file (else held out of train)."}
+    )
     test_file: str | None = field(default=None, metadata={"help": "Local test file (else held out of train)."})
     text_column: str = field(default="text", metadata={"help": "Column with the text."})
     text_pair_column: str | None = field(default=None, metadata={"help": "Column with a second text, for pair tasks."})
-    imbalance_ratio: float | None = field(default=None, metadata={"help": "Subsample train to this max/min class ratio."})
+    imbalance_ratio: float | None = field(
+        default=None, metadata={"help": "Subsample train to this max/min class ratio."}
+    )
     imbalance_n_max: int | None = field(default=None, metadata={"help": "Size of the largest class after subsampling."})
 
 
@@ -60,8 +66,11 @@ def load_raw(data: TextDataArguments):
     if not data.train_file:
         raise ValueError("give the data: --dataset_name (Hub id) or --train_file (csv, json, jsonl or parquet)")
     files = {}
-    for split, path in ((data.train_split, data.train_file), (data.validation_split, data.validation_file),
-                        (data.test_split, data.test_file)):
+    for split, path in (
+        (data.train_split, data.train_file),
+        (data.validation_split, data.validation_file),
+        (data.test_split, data.test_file),
+    ):
         if path is None:
             continue
         if not os.path.isfile(path):
@@ -103,13 +112,19 @@ def main(argv: list[str] | None = None) -> dict:
                 raise ValueError(f"no text column {column!r}; the columns are {split.column_names}")
     splits = hub_splits(raw, data.label_column, data.split_names(), data.holdout_per_class, args.seed)
     if data.imbalance_ratio:
-        splits["train"] = make_long_tailed(splits["train"], data.imbalance_ratio, n_max=data.imbalance_n_max, seed=args.seed)
+        splits["train"] = make_long_tailed(
+            splits["train"], data.imbalance_ratio, n_max=data.imbalance_n_max, seed=args.seed
+        )
     source = stages.stage1_checkpoint or model_args.model_name_or_path
     hub = dict(revision=model_args.revision, cache_dir=model_args.cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(source, **hub)
     model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: k for k, n in enumerate(names)},
-        ignore_mismatched_sizes=True, **hub,
+        source,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: k for k, n in enumerate(names)},
+        ignore_mismatched_sizes=True,
+        **hub,
     )
 
     def tokenize(batch):
@@ -117,9 +132,17 @@ def main(argv: list[str] | None = None) -> dict:
         return tokenizer(batch[data.text_column], pair, truncation=True, max_length=model_args.max_seq_length)
 
     splits = {name: split.map(tokenize, batched=True, desc=f"tokenizing {name}") for name, split in splits.items()}
-    return run_two_stages(model=model, args=args, stages=stages, card=card, splits=splits, class_names=names,
-                          processing_class=tokenizer, dataset_id=data.dataset_name,
-                          dataset_name=data.dataset_name or os.path.basename(data.train_file))
+    return run_two_stages(
+        model=model,
+        args=args,
+        stages=stages,
+        card=card,
+        splits=splits,
+        class_names=names,
+        processing_class=tokenizer,
+        dataset_id=data.dataset_name,
+        dataset_name=data.dataset_name or os.path.basename(data.train_file),
+    )
 
 
 if __name__ == "__main__":

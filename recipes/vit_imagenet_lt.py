@@ -1,6 +1,6 @@
 """ImageNet-LT with a ViT / DeiT / timm model: logit-adjusted fine-tuning, then SelMix for a non-decomposable objective.
 
-    accelerate launch recipes/vit_imagenet_lt.py                                   # recipes/configs/vit_imagenet_lt.yaml
+    accelerate launch recipes/vit_imagenet_lt.py                              # recipes/configs/vit_imagenet_lt.yaml
     accelerate launch recipes/vit_imagenet_lt.py --image_root /data/imagenet --objective h_mean --push_to_hub true
     python recipes/vit_imagenet_lt.py --config my.yaml --stage1_checkpoint out/_stage1 --run_stage1 false
 
@@ -76,17 +76,21 @@ def image_transforms(processor, train: bool):
     return T.Compose([T.Resize(crop), T.CenterCrop(crop), *normalise])
 
 
-def load_splits(data: ImageDataArguments, seed: int, num_labels_origin: str | None = None
-                ) -> tuple[dict, list[str] | None]:
+def load_splits(
+    data: ImageDataArguments, seed: int, num_labels_origin: str | None = None
+) -> tuple[dict, list[str] | None]:
     """train / validation / test with ``image_path`` (or ``image``) and ``label`` columns, and class names if known;
     ``num_labels_origin`` (where num_labels was set) is named when num_labels disagrees with the split files."""
     if data.image_root:
         files = {"train": data.train_split_file, "validation": data.validation_split_file, "test": data.test_split_file}
-        splits = load_split_files(data.image_root, files, data.splits_dir, data.num_labels, data.check_images,
-                                  num_labels_origin)
+        splits = load_split_files(
+            data.image_root, files, data.splits_dir, data.num_labels, data.check_images, num_labels_origin
+        )
         return dict(splits), None
     if not data.dataset_name:
-        raise ValueError("give the data: --image_root (a folder with ImageNet-LT split files) or --dataset_name (Hub id)")
+        raise ValueError(
+            "give the data: --image_root (a folder with ImageNet-LT split files) or --dataset_name (Hub id)"
+        )
     from datasets import load_dataset
 
     dataset = load_dataset(data.dataset_name, data.dataset_config_name)
@@ -104,18 +108,24 @@ def class_names(data: ImageDataArguments, splits: dict, names: list[str] | None,
             names = [line.strip() for line in fh if line.strip()]
         source = f"the class names file {display_path(data.class_names_file)}"
     if data.num_labels is not None and names is not None and len(names) != data.num_labels:
-        raise ValueError(f"num_labels is {data.num_labels} ({num_labels_origin}), but {source} has {len(names)} "
-                         f"class names; set num_labels to {len(names)} or give one name per class")
+        raise ValueError(
+            f"num_labels is {data.num_labels} ({num_labels_origin}), but {source} has {len(names)} "
+            f"class names; set num_labels to {len(names)} or give one name per class"
+        )
     if data.num_labels is not None:
         num_labels, origin = data.num_labels, num_labels_origin
     elif names is not None:
         num_labels, origin = len(names), f"the number of class names in {source}"
     else:
         num_labels, origin = None, None
-    described = f"the data (split files in {data.splits_dir or data.image_root})" if data.image_root else \
-        f"the data ({data.dataset_name})"
-    num_labels = check_class_ids({name: split["label"] for name, split in splits.items()}, num_labels, origin,
-                                 data=described)
+    described = (
+        f"the data (split files in {data.splits_dir or data.image_root})"
+        if data.image_root
+        else f"the data ({data.dataset_name})"
+    )
+    num_labels = check_class_ids(
+        {name: split["label"] for name, split in splits.items()}, num_labels, origin, data=described
+    )
     return names or [f"class_{k}" for k in range(num_labels)]
 
 
@@ -131,15 +141,29 @@ def main(argv: list[str] | None = None) -> dict:
     hub = dict(revision=model_args.revision, cache_dir=model_args.cache_dir)
     processor = AutoImageProcessor.from_pretrained(source, **hub)
     model = AutoModelForImageClassification.from_pretrained(
-        source, num_labels=len(names), id2label=dict(enumerate(names)), label2id={n: k for k, n in enumerate(names)},
-        ignore_mismatched_sizes=True, **hub,
+        source,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={n: k for k, n in enumerate(names)},
+        ignore_mismatched_sizes=True,
+        **hub,
     )
     column = "image_path" if data.image_root else data.image_column
-    prepared = {name: with_image_transform(split, image_transforms(processor, name == "train"), column)
-                for name, split in splits.items()}
-    return run_two_stages(model=model, args=args, stages=stages, card=card, splits=prepared, class_names=names,
-                          processing_class=processor, dataset_id=data.dataset_name,
-                          dataset_name=data.dataset_name or f"ImageNet-LT format split files in {data.image_root}")
+    prepared = {
+        name: with_image_transform(split, image_transforms(processor, name == "train"), column)
+        for name, split in splits.items()
+    }
+    return run_two_stages(
+        model=model,
+        args=args,
+        stages=stages,
+        card=card,
+        splits=prepared,
+        class_names=names,
+        processing_class=processor,
+        dataset_id=data.dataset_name,
+        dataset_name=data.dataset_name or f"ImageNet-LT format split files in {data.image_root}",
+    )
 
 
 if __name__ == "__main__":

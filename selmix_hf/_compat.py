@@ -12,8 +12,17 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 __all__ = [
-    "PREFIX_CHECKPOINT_DIR", "base_model_of", "checkpoint_folder", "classifier_classes", "disable_loss_kwargs",
-    "drop_unused_columns", "get_last_checkpoint", "is_headless", "is_peft_model", "peft_base_model_name", "prepare_inputs",
+    "PREFIX_CHECKPOINT_DIR",
+    "base_model_of",
+    "checkpoint_folder",
+    "classifier_classes",
+    "disable_loss_kwargs",
+    "drop_unused_columns",
+    "get_last_checkpoint",
+    "is_headless",
+    "is_peft_model",
+    "peft_base_model_name",
+    "prepare_inputs",
     "restore_best_weights",
 ]
 
@@ -28,9 +37,7 @@ def prepare_inputs(trainer: Trainer, batch: dict[str, Any]) -> dict[str, Any]:
     return trainer._prepare_inputs(batch)
 
 
-def drop_unused_columns(
-    trainer: Trainer, dataset: Any, collator: Callable, description: str
-) -> tuple[Any, Callable]:
+def drop_unused_columns(trainer: Trainer, dataset: Any, collator: Callable, description: str) -> tuple[Any, Callable]:
     """Drop the columns the model's forward does not take (honours `remove_unused_columns`)."""
     if isinstance(dataset, datasets.Dataset):
         return trainer._remove_unused_columns(dataset, description=description), collator
@@ -71,8 +78,13 @@ def classifier_classes(model_type: str | None) -> list[str]:
 
     if not model_type:
         return []
-    found = [mapping.get(model_type) for mapping in (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-                                                     modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES)]
+    found = [
+        mapping.get(model_type)
+        for mapping in (
+            modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+            modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+        )
+    ]
     return [name for name in found if name]
 
 
@@ -87,7 +99,7 @@ def is_headless(model: Any) -> bool:
 def _peft_model_class() -> type | None:
     try:
         from peft import PeftModel
-    except ImportError:
+    except Exception:  # noqa: BLE001 - not installed, or a release that does not import beside this transformers
         return None
     return PeftModel
 

@@ -22,13 +22,12 @@ from . import _compat
 from .base_trainer import BaseTrainer
 from .config import HYPERGRADIENTS, AutoBalanceConfig
 from .features import PooledFeatures, logits_of, unwrap
-from .losses import ParametricCrossEntropy, build_loss, class_balanced_weights
 from .longtail_trainer import LongTailTrainer
+from .losses import ParametricCrossEntropy, build_loss, class_balanced_weights
 from .metrics import confusion_counts, normalized_confusion
 from .nonfinite import NonFiniteError, bad_input_rows, first_bad, row_is_finite
 from .objectives import objective_for_training
 from .sampling import rank_seed
-
 
 
 def hypergradient(
@@ -52,7 +51,7 @@ def hypergradient(
     val = validation_loss()
     val_grads = torch.autograd.grad(val, weights + hyperparameters, allow_unused=True)
     v1 = _zeros_for_none(val_grads[: len(weights)], weights)
-    direct = _zeros_for_none(val_grads[len(weights):], hyperparameters)
+    direct = _zeros_for_none(val_grads[len(weights) :], hyperparameters)
     train_grads = torch.autograd.grad(train_loss(), weights, create_graph=True)
     if method == "neumann":
         v, total = list(v1), [t.clone() for t in v1]
@@ -88,8 +87,14 @@ class AutoBalanceTrainer(LongTailTrainer):
     state_stem = "autobalance_state"
     reads_head_weights = True
 
-    def __init__(self, model: nn.Module | None = None, args: AutoBalanceConfig | None = None, *,
-                 validation_dataset: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: AutoBalanceConfig | None = None,
+        *,
+        validation_dataset: Any = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(model=model, args=args, validation_dataset=validation_dataset, **kwargs)
         self.use_validation_set("AutoBalance")
         self.upper_weights = class_balanced_weights(self.validation_counts).to(args.device)
@@ -142,25 +147,40 @@ class AutoBalanceTrainer(LongTailTrainer):
             except NonFiniteError as err:
                 error = err
             self.stop_together(error)
-            if head_only:
-                head = self.pooled.head
-                weights = [p for p in head.parameters() if p.requires_grad]
-                train_loss = lambda: sum(self.loss_fn(head(f), y) for f, y in train_features) / len(train_features)  # noqa: E731
-                val_loss = lambda: self._upper_loss(head(features.to(head.weight)), labels)  # noqa: E731
-            else:
-                weights = [p for p in model.parameters() if p.requires_grad]
-                train_loss = lambda: sum(  # noqa: E731
-                    self.loss_fn(self._logits(model, b), b[self.label_key]) for b in train_batches) / len(train_batches)
-                val_loss = lambda: self._upper_loss(  # noqa: E731
+            head = self.pooled.head
+            module = head if head_only else model
+            weights = [p for p in module.parameters() if p.requires_grad]
+
+            def train_loss() -> torch.Tensor:
+                """The lower-level (training) loss over the hyper-batches, with the graph to the weights."""
+                if head_only:
+                    return sum(self.loss_fn(head(f), y) for f, y in train_features) / len(train_features)
+                losses = [self.loss_fn(self._logits(model, b), b[self.label_key]) for b in train_batches]
+                return sum(losses) / len(losses)
+
+            def val_loss() -> torch.Tensor:
+                """The upper-level (validation) objective as a loss."""
+                if head_only:
+                    return self._upper_loss(head(features.to(head.weight)), labels)
+                return self._upper_loss(
                     torch.cat([self._logits(model, b) for b in val_batches]),
                     torch.cat([b[self.label_key] for b in val_batches]),
                 )
+
             for p in self.hyperparameters:
                 p.requires_grad_(True)
-            grads = _second_order_guard(lambda: hypergradient(
-                weights, self.hyperparameters, train_loss, val_loss, method=self.args.hypergradient,
-                neumann_steps=self.args.neumann_steps, neumann_lr=self.args.neumann_lr, unroll_lr=self.args.learning_rate,
-            ))
+            grads = _second_order_guard(
+                lambda: hypergradient(
+                    weights,
+                    self.hyperparameters,
+                    train_loss,
+                    val_loss,
+                    method=self.args.hypergradient,
+                    neumann_steps=self.args.neumann_steps,
+                    neumann_lr=self.args.neumann_lr,
+                    unroll_lr=self.args.learning_rate,
+                )
+            )
         finally:
             for p in self.hyperparameters:
                 p.requires_grad_(False)
@@ -184,8 +204,11 @@ class AutoBalanceTrainer(LongTailTrainer):
         logs = {}
         groups = self.loss_fn.groups.tolist()
         shown = sorted(set(groups)) if len(set(groups)) <= 16 else []
-        for name, values in (("delta", self.loss_fn.class_delta()), ("offset", self.loss_fn.class_offset()),
-                             ("weight", self.loss_fn.class_weight())):
+        for name, values in (
+            ("delta", self.loss_fn.class_delta()),
+            ("offset", self.loss_fn.class_offset()),
+            ("weight", self.loss_fn.class_weight()),
+        ):
             for g in shown:
                 logs[f"autobalance/{name}_{g}"] = float(values[groups.index(g)])
         return logs
@@ -234,7 +257,9 @@ class AutoBalanceTrainer(LongTailTrainer):
         """
         if split not in self._collators:
             dataset = self.train_dataset if split == "train" else self.validation_dataset
-            self._collators[split] = _compat.drop_unused_columns(self, dataset, self.data_collator, f"autobalance {split}")
+            self._collators[split] = _compat.drop_unused_columns(
+                self, dataset, self.data_collator, f"autobalance {split}"
+            )
         dataset, collator = self._collators[split]
         size = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
         indices = torch.randint(len(dataset), (size,), generator=self._hyper_generator).tolist()
@@ -267,9 +292,12 @@ class AutoBalanceTrainer(LongTailTrainer):
 
     def method_state(self) -> dict[str, Any]:
         """The loss parameters, the hyper-optimiser, the upper objective's multipliers and this rank's stream."""
-        return {"loss": self.loss_fn.state_dict(), "hyper_optimizer": self.hyper_optimizer.state_dict(),
-                "hyper_generator": self._hyper_generator.get_state(),
-                "upper_objective": None if self.upper_objective is None else self.upper_objective.state_dict()}
+        return {
+            "loss": self.loss_fn.state_dict(),
+            "hyper_optimizer": self.hyper_optimizer.state_dict(),
+            "hyper_generator": self._hyper_generator.get_state(),
+            "upper_objective": None if self.upper_objective is None else self.upper_objective.state_dict(),
+        }
 
     def load_method_state(self, state: dict[str, Any], same_rank: bool) -> None:
         """Restore the search where the checkpoint left it."""
@@ -306,8 +334,11 @@ def save_parametric_loss(loss: ParametricCrossEntropy, path: str) -> None:
     """The per-class Delta, l and w of a parametric loss as JSON (readable, and enough to rebuild it)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with torch.no_grad():
-        values = {"delta": loss.class_delta().tolist(), "offset": loss.class_offset().tolist(),
-                  "weight": loss.class_weight().tolist()}
+        values = {
+            "delta": loss.class_delta().tolist(),
+            "offset": loss.class_offset().tolist(),
+            "weight": loss.class_weight().tolist(),
+        }
     _check_loss_values(values, f"the learned loss for {path}")
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as fh:
@@ -320,8 +351,9 @@ def load_parametric_loss(path: str) -> ParametricCrossEntropy:
     with open(path) as fh:
         values = json.load(fh)
     _check_loss_values(values, path)
-    loss = ParametricCrossEntropy.from_values(torch.tensor(values["delta"]), torch.tensor(values["offset"]),
-                                              torch.tensor(values["weight"]))
+    loss = ParametricCrossEntropy.from_values(
+        torch.tensor(values["delta"]), torch.tensor(values["offset"]), torch.tensor(values["weight"])
+    )
     for p in loss.parameters():
         p.requires_grad_(False)
     return loss

@@ -80,12 +80,15 @@ class BaseTrainer(ModelCardMixin, Trainer):
     # the loss returned by compute_loss is a per-micro-batch mean; the Trainer divides by the accumulation steps
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model: torch.nn.Module | None = None, args: Any = None, *, validation_dataset: Any = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, model: torch.nn.Module | None = None, args: Any = None, *, validation_dataset: Any = None, **kwargs: Any
+    ) -> None:
         name = type(self).__name__
         if not isinstance(args, self.config_class):
-            raise TypeError(f"{name} needs args={self.config_class.__name__}(...) (TrainingArguments plus the "
-                            f"{self._name} settings), got {type(args).__name__}")
+            raise TypeError(
+                f"{name} needs args={self.config_class.__name__}(...) (TrainingArguments plus the "
+                f"{self._name} settings), got {type(args).__name__}"
+            )
         if model is None:
             raise ValueError(f"{name} needs a model (model_init is not supported)")
         if args.n_gpu > 1:
@@ -118,8 +121,10 @@ class BaseTrainer(ModelCardMixin, Trainer):
         """The batch key of the labels: the one entry of ``label_names`` (``labels`` by default)."""
         names = list(self.label_names or ["labels"])
         if len(names) != 1:
-            raise ValueError(f"{type(self).__name__} trains a classifier on one label column; label_names={names} "
-                             "names several. Pass label_names=['<your label column>'] or leave it unset")
+            raise ValueError(
+                f"{type(self).__name__} trains a classifier on one label column; label_names={names} "
+                "names several. Pass label_names=['<your label column>'] or leave it unset"
+            )
         return names[0]
 
     def _label_columns(self) -> tuple[str, ...]:
@@ -148,8 +153,9 @@ class BaseTrainer(ModelCardMixin, Trainer):
         """Refuse sharded parameters (FSDP, DeepSpeed ZeRO-3): the head's weights are read whole between steps."""
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-        if getattr(self, "is_fsdp_enabled", False) or (getattr(self, "is_deepspeed_enabled", False)
-                                                       and is_deepspeed_zero3_enabled()):
+        if getattr(self, "is_fsdp_enabled", False) or (
+            getattr(self, "is_deepspeed_enabled", False) and is_deepspeed_zero3_enabled()
+        ):
             raise ValueError(
                 f"{type(self).__name__} reads the classifier head's full weights between steps, which FSDP and "
                 "DeepSpeed ZeRO-3 shard; use DDP (accelerate launch / torchrun) or DeepSpeed ZeRO-1/2"
@@ -176,8 +182,10 @@ class BaseTrainer(ModelCardMixin, Trainer):
         """(model inputs, labels) of a batch, the labels under the trainer's label key."""
         inputs = dict(inputs)
         if self.label_key not in inputs:
-            raise KeyError(f"the batch has no {self.label_key!r} entry (its keys: {sorted(inputs)}); the label column "
-                           f"must be one of {list(self._label_columns())} or named by label_names")
+            raise KeyError(
+                f"the batch has no {self.label_key!r} entry (its keys: {sorted(inputs)}); the label column "
+                f"must be one of {list(self._label_columns())} or named by label_names"
+            )
         return inputs, inputs.pop(self.label_key)
 
     def evaluation_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
@@ -203,13 +211,17 @@ class BaseTrainer(ModelCardMixin, Trainer):
             return
         step = self.state.global_step + 1
         indices = self.batch_indices()
-        causes = [f"input {name!r} has NaN or inf in {describe_rows(rows, indices)}"
-                  for name, rows in bad_input_rows(inputs).items()]
+        causes = [
+            f"input {name!r} has NaN or inf in {describe_rows(rows, indices)}"
+            for name, rows in bad_input_rows(inputs).items()
+        ]
         if not causes and logits is not None:
             rows = torch.nonzero(~torch.isfinite(logits.detach().float().reshape(len(logits), -1)).all(1)).flatten()
             if rows.numel():
-                causes.append(f"the logits are NaN or inf in {describe_rows(rows.tolist(), indices)} (the inputs are "
-                              "finite: the weights or an activation overflowed; lower the learning rate or use fp32)")
+                causes.append(
+                    f"the logits are NaN or inf in {describe_rows(rows.tolist(), indices)} (the inputs are "
+                    "finite: the weights or an activation overflowed; lower the learning rate or use fp32)"
+                )
         if not causes and not torch.isfinite(loss.detach()).all():
             causes.append("the loss is NaN or inf with finite logits (check the loss options and the labels)")
         if not causes:
@@ -246,8 +258,10 @@ class BaseTrainer(ModelCardMixin, Trainer):
         """Refuse to write NaN weights or state over good checkpoints; write this rank's state before the Trainer's."""
         for name, param in unwrap(model).named_parameters():
             if param.dtype.is_floating_point and not torch.isfinite(param.detach()).all():
-                raise NonFiniteError(f"the weight {name} holds NaN or inf at step {self.state.global_step}: the "
-                                     "checkpoint is not written, earlier checkpoints are left as they are")
+                raise NonFiniteError(
+                    f"the weight {name} holds NaN or inf at step {self.state.global_step}: the "
+                    "checkpoint is not written, earlier checkpoints are left as they are"
+                )
         state = {"run_id": self.run_id, "method": self.method_state()}
         check_state_finite(state["method"], f"{type(self).__name__} state at step {self.state.global_step}")
         folder = _compat.checkpoint_folder(self, trial)
@@ -302,8 +316,11 @@ class BaseTrainer(ModelCardMixin, Trainer):
     def card_stage(self) -> dict[str, Any]:
         """This run as a card stage: title, method tag, citations, objective and the settings of its config."""
         stage = {
-            "title": self.stage_title(), "method": self._name, "cite": list(self._paper),
-            "tags": list(self._tag_names), "objective": self.stage_objective(),
+            "title": self.stage_title(),
+            "method": self._name,
+            "cite": list(self._paper),
+            "tags": list(self._tag_names),
+            "objective": self.stage_objective(),
             "description": self.stage_description(),
             "settings": {**self.optimisation_settings(), **self.args.method_settings()},
             "run": self.run_id,
@@ -316,9 +333,12 @@ class BaseTrainer(ModelCardMixin, Trainer):
         return {
             "steps": self.saved_step(),
             self.batch_unit: a.per_device_train_batch_size * a.world_size * a.gradient_accumulation_steps,
-            "learning_rate": a.learning_rate, "optim": str(getattr(a.optim, "value", a.optim)),
+            "learning_rate": a.learning_rate,
+            "optim": str(getattr(a.optim, "value", a.optim)),
             "lr_scheduler_type": str(getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)),
-            "weight_decay": a.weight_decay, "label_smoothing_factor": a.label_smoothing_factor or None, "seed": a.seed,
+            "weight_decay": a.weight_decay,
+            "label_smoothing_factor": a.label_smoothing_factor or None,
+            "seed": a.seed,
         }
 
     def saved_step(self) -> int:
@@ -346,8 +366,14 @@ class BaseTrainer(ModelCardMixin, Trainer):
         except (ValueError, KeyError):
             counts = None
         if self.validation_dataset is not None and self.eval_dataset is self.validation_dataset:
-            return "validation", counts, (f"the set {type(self).__name__} estimated on during training, so these "
-                                          "numbers are not a held-out estimate")
+            return (
+                "validation",
+                counts,
+                (
+                    f"the set {type(self).__name__} estimated on during training, so these "
+                    "numbers are not a held-out estimate"
+                ),
+            )
         return "evaluation", counts, None
 
 

@@ -10,8 +10,8 @@ from typing import Any, Sequence
 import numpy as np
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .citations import CITATIONS
 from . import _compat
+from .citations import CITATIONS
 from .features import unwrap
 from .metrics import shot_groups
 from .objectives import optimised_metrics
@@ -35,6 +35,7 @@ METRIC_LABELS = {
     "accuracy": "Accuracy",
 }
 INDEX_METRICS = ("mean_recall", "min_recall", "h_mean", "g_mean", "min_coverage", "min_head_tail_recall")
+
 
 def objective_metrics(objective: str | None) -> list[str]:
     """The report keys an objective is about: its metric, and the coverage it constrains if any."""
@@ -64,7 +65,11 @@ def _counts_text(counts: Sequence[int] | None) -> str:
 
 
 def _per_class(
-    names: list[str], counts: Sequence[int] | None, after: dict, before: dict | None, limit: int,
+    names: list[str],
+    counts: Sequence[int] | None,
+    after: dict,
+    before: dict | None,
+    limit: int,
     eval_counts: Sequence[int] | None = None,
 ) -> dict | None:
     """Rows of the per-class recall table: every class up to `limit`, else the worst `limit // 2` and quartiles."""
@@ -73,17 +78,26 @@ def _per_class(
         return None
     recall = np.array([after[key] for key in keys])
     rows = [
-        {"name": name, "count": "" if counts is None else int(counts[k]), "recall": _fmt(recall[k]),
-         "before": _fmt(before.get(keys[k])) if before else "",
-         "eval_count": "" if eval_counts is None else int(eval_counts[k])}
+        {
+            "name": name,
+            "count": "" if counts is None else int(counts[k]),
+            "recall": _fmt(recall[k]),
+            "before": _fmt(before.get(keys[k])) if before else "",
+            "eval_count": "" if eval_counts is None else int(eval_counts[k]),
+        }
         for k, name in enumerate(names)
     ]
     if len(names) <= limit:
         return {"full": True, "rows": rows}
     worst = np.argsort(recall, kind="stable")[: limit // 2]
     quartiles = ", ".join(f"{q:.3f}" for q in np.quantile(recall, [0.25, 0.5, 0.75]))
-    return {"full": False, "rows": [rows[k] for k in worst], "num_classes": len(names), "quartiles": quartiles,
-            "zero": int((recall == 0).sum())}
+    return {
+        "full": False,
+        "rows": [rows[k] for k in worst],
+        "num_classes": len(names),
+        "quartiles": quartiles,
+        "zero": int((recall == 0).sum()),
+    }
 
 
 def _data_profile(names: list[str], counts: Sequence[int] | None, dataset_name: str | None) -> dict | None:
@@ -94,8 +108,12 @@ def _data_profile(names: list[str], counts: Sequence[int] | None, dataset_name: 
     groups = shot_groups(counts)
     return {
         "description": f"{dataset_name}: " if dataset_name else "",
-        "num_classes": len(counts), "total": sum(counts), "largest": names[big], "max_count": counts[big],
-        "smallest": names[small], "min_count": counts[small],
+        "num_classes": len(counts),
+        "total": sum(counts),
+        "largest": names[big],
+        "max_count": counts[big],
+        "smallest": names[small],
+        "min_count": counts[small],
         "ratio": "undefined (a class has no sample)" if counts[small] == 0 else f"{counts[big] / counts[small]:.1f}",
         "shots": " / ".join(str(len(groups[g])) for g in ("many", "medium", "few")),
     }
@@ -109,28 +127,40 @@ def _how_to_load(repo_id: str, task: str, processor_saved: bool = True, adapter_
     text = task == "text-classification"
     if adapter_of:
         auto = "AutoPeftModelForSequenceClassification" if text else "AutoPeftModel"
-        return (f'from peft import {auto}\n\n# downloads the base model {adapter_of} and applies the adapter\n'
-                f'model = {auto}.from_pretrained("{repo_id}")')
+        return (
+            f"from peft import {auto}\n\n# downloads the base model {adapter_of} and applies the adapter\n"
+            f'model = {auto}.from_pretrained("{repo_id}")'
+        )
     auto = "AutoModelForSequenceClassification" if text else "AutoModelForImageClassification"
     if not processor_saved:
         inputs = "input_ids=..., attention_mask=..." if text else "pixel_values=..."
-        return (f'from transformers import {auto}\n\nmodel = {auto}.from_pretrained("{repo_id}")\n'
-                "# No tokenizer or image processor was saved with this model: prepare the inputs as in training.\n"
-                f"logits = model({inputs}).logits")
+        return (
+            f'from transformers import {auto}\n\nmodel = {auto}.from_pretrained("{repo_id}")\n'
+            "# No tokenizer or image processor was saved with this model: prepare the inputs as in training.\n"
+            f"logits = model({inputs}).logits"
+        )
     example = '"an example sentence"' if text else '"path/to/image.jpg"'
-    return (f'from transformers import pipeline\n\nclassifier = pipeline("{task}", model="{repo_id}")\n'
-            f'print(classifier({example}))\n\n# or: transformers.{auto}.from_pretrained("{repo_id}")')
+    return (
+        f'from transformers import pipeline\n\nclassifier = pipeline("{task}", model="{repo_id}")\n'
+        f'print(classifier({example}))\n\n# or: transformers.{auto}.from_pretrained("{repo_id}")'
+    )
 
 
 def _intended_use(objective: str | None, split: str, task: str) -> str:
     kind = "texts" if task == "text-classification" else "images"
-    aim = (f"It was fine-tuned for the objective `{objective}`, a metric over the whole confusion matrix: it trades "
-           "accuracy on frequent classes for that objective, so expect lower head-class recall than a model trained "
-           "for accuracy. " if objective else "")
-    return (f"A classifier of {kind} into the classes of its training data (see the label names in `config.json`). "
-            f"{aim}The reported metrics are measured on the `{split}` split under a uniform class prior; on data "
-            "whose classes or class frequencies differ, measure again before relying on them. Classes with few "
-            "training samples have noisy recall estimates.")
+    aim = (
+        f"It was fine-tuned for the objective `{objective}`, a metric over the whole confusion matrix: it trades "
+        "accuracy on frequent classes for that objective, so expect lower head-class recall than a model trained "
+        "for accuracy. "
+        if objective
+        else ""
+    )
+    return (
+        f"A classifier of {kind} into the classes of its training data (see the label names in `config.json`). "
+        f"{aim}The reported metrics are measured on the `{split}` split under a uniform class prior; on data "
+        "whose classes or class frequencies differ, measure again before relying on them. Classes with few "
+        "training samples have noisy recall estimates."
+    )
 
 
 def render_model_card(
@@ -173,35 +203,68 @@ def render_model_card(
     dataset_label = dataset_name or dataset_id or "the data the model was trained for"
     for key, label in METRIC_LABELS.items():
         if results and results.get(key) is not None:
-            rows.append({"label": label, "value": _fmt(results[key]), "before": _fmt((before or {}).get(key)),
-                         "optimised": key in optimised})
+            rows.append(
+                {
+                    "label": label,
+                    "value": _fmt(results[key]),
+                    "before": _fmt((before or {}).get(key)),
+                    "optimised": key in optimised,
+                }
+            )
             if key in INDEX_METRICS:
-                eval_results.append(EvalResult(
-                    task_type=task, dataset_type=dataset_id or "custom", dataset_name=dataset_label,
-                    dataset_split=eval_split, metric_type=key, metric_value=round(float(results[key]), 4),
-                    metric_name=label + (" (optimised objective)" if key in optimised else ""),
-                    metric_config=objective if key in optimised else None,
-                ))
+                eval_results.append(
+                    EvalResult(
+                        task_type=task,
+                        dataset_type=dataset_id or "custom",
+                        dataset_name=dataset_label,
+                        dataset_split=eval_split,
+                        metric_type=key,
+                        metric_value=round(float(results[key]), 4),
+                        metric_name=label + (" (optimised objective)" if key in optimised else ""),
+                        metric_config=objective if key in optimised else None,
+                    )
+                )
     method_tags = {stage.get("method") for stage in stages}
     card_data = ModelCardData(
-        model_name=model_name, library_name="peft" if adapter_of else "transformers", license=license, language=language,
-        base_model=base_model, datasets=[dataset_id] if dataset_id else None, pipeline_tag=task,
-        tags=list(dict.fromkeys([*tags, "selmix-hf", "long-tail", "non-decomposable-metrics",
-                                 *sorted(t for t in method_tags if t), *(["peft"] if adapter_of else []),
-                                 *(t for stage in stages for t in stage.get("tags") or [])])),
-        eval_results=eval_results or None, metrics=["recall"] if eval_results else None,
+        model_name=model_name,
+        library_name="peft" if adapter_of else "transformers",
+        license=license,
+        language=language,
+        base_model=base_model,
+        datasets=[dataset_id] if dataset_id else None,
+        pipeline_tag=task,
+        tags=list(
+            dict.fromkeys(
+                [
+                    *tags,
+                    "selmix-hf",
+                    "long-tail",
+                    "non-decomposable-metrics",
+                    *sorted(t for t in method_tags if t),
+                    *(["peft"] if adapter_of else []),
+                    *(t for stage in stages for t in stage.get("tags") or []),
+                ]
+            )
+        ),
+        eval_results=eval_results or None,
+        metrics=["recall"] if eval_results else None,
         selmix_objective=objective,
     )
     what = f"fine-tuned from [{base_model}](https://huggingface.co/{base_model})" if base_model else "fine-tuned"
     steps = " then ".join(stage["title"] for stage in stages)
     kind = task.replace("-", " ")
-    summary = (f"{'An' if kind[0] in 'aeiou' else 'A'} {kind} model {what}" + (f" on {dataset_name}" if dataset_name else "")
-               + (f" with selmix-hf: {steps}." if steps else "."))
+    summary = (
+        f"{'An' if kind[0] in 'aeiou' else 'A'} {kind} model {what}"
+        + (f" on {dataset_name}" if dataset_name else "")
+        + (f" with selmix-hf: {steps}." if steps else ".")
+    )
     if objective:
         summary += f" Optimised for **{METRIC_LABELS.get(objective, objective)}** (`{objective}`)."
     if adapter_of:
-        summary += (f" This repository holds a PEFT adapter (and the trained classification head) for `{adapter_of}`, "
-                    "not full model weights: load it on top of that base model.")
+        summary += (
+            f" This repository holds a PEFT adapter (and the trained classification head) for `{adapter_of}`, "
+            "not full model weights: load it on top of that base model."
+        )
     cited = dict.fromkeys(key for stage in stages for key in (stage.get("cite") or []) if key in CITATIONS)
     citations = [CITATIONS[key] for key in cited]
     return ModelCard.from_template(
@@ -210,9 +273,11 @@ def render_model_card(
         model_name=model_name,
         summary=summary,
         results=rows,
-        results_caption=(f"On the `{eval_split}` split ({dataset_label}{_counts_text(eval_counts)})"
-                         f"{'; ' + eval_note if eval_note else ''}. Recall-based metrics under a uniform class prior, "
-                         "coverage = the share of predictions per class."),
+        results_caption=(
+            f"On the `{eval_split}` split ({dataset_label}{_counts_text(eval_counts)})"
+            f"{'; ' + eval_note if eval_note else ''}. Recall-based metrics under a uniform class prior, "
+            "coverage = the share of predictions per class."
+        ),
         has_before=bool(before) and bool(results),
         before_label=(stages[-2]["title"] if len(stages) > 1 else "start"),
         after_label="this model",
@@ -220,8 +285,10 @@ def render_model_card(
         has_eval_counts=eval_counts is not None,
         plot_file=plot_file,
         data=_data_profile(names, class_counts, dataset_name),
-        stages=[{"title": s["title"], "description": s.get("description"), "settings": _settings_text(s["settings"])}
-                for s in stages],
+        stages=[
+            {"title": s["title"], "description": s.get("description"), "settings": _settings_text(s["settings"])}
+            for s in stages
+        ],
         versions=versions,
         intended_use=_intended_use(objective, eval_split, task),
         how_to_load=how_to_load or _how_to_load(repo_id or model_name, task, processor_saved, adapter_of),
@@ -313,21 +380,38 @@ class ModelCardMixin:
         if not any(s.get("run") == self.run_id for s in stages) and self.state.global_step > 0:
             stages.append(self.card_stage())  # trained here but the stage was not recorded (train() not used)
         objective = stages[-1].get("objective") if stages else None
-        adapter_of = _compat.peft_base_model_name(wrapper) or ("its base model" if _compat.is_peft_model(wrapper) else None)
+        adapter_of = _compat.peft_base_model_name(wrapper) or (
+            "its base model" if _compat.is_peft_model(wrapper) else None
+        )
         base_model = finetuned_from or adapter_of or getattr(config, BASE_MODEL_ATTRIBUTE, None)
         repo_id = self.args.hub_model_id or getattr(self, "hub_model_id", None)
         dataset_id = dataset[0] if isinstance(dataset, list) else dataset
         run_name = os.path.basename(os.path.abspath(self.args.output_dir))
         card = render_model_card(
             model_name=model_name or (repo_id or run_name).split("/")[-1],
-            class_names=names, class_counts=getattr(self, "class_counts", None), results=results, before=before,
-            eval_split=eval_split or "test", eval_counts=eval_counts, objective=objective, stages=stages, task=task,
+            class_names=names,
+            class_counts=getattr(self, "class_counts", None),
+            results=results,
+            before=before,
+            eval_split=eval_split or "test",
+            eval_counts=eval_counts,
+            objective=objective,
+            stages=stages,
+            task=task,
             base_model=base_model if base_model and looks_like_hub_id(base_model) else None,
-            dataset_name=dataset_name or dataset_id, dataset_id=dataset_id if looks_like_hub_id(dataset_id) else None,
-            repo_id=repo_id or run_name, license=license, language=language,
-            tags=[tags] if isinstance(tags, str) else tags or (), plot_file=plot_file, versions=_versions(),
-            max_class_table=max_class_table, how_to_load=how_to_load, processor_saved=self._processor_saved(model),
-            adapter_of=adapter_of, eval_note=eval_note,
+            dataset_name=dataset_name or dataset_id,
+            dataset_id=dataset_id if looks_like_hub_id(dataset_id) else None,
+            repo_id=repo_id or run_name,
+            license=license,
+            language=language,
+            tags=[tags] if isinstance(tags, str) else tags or (),
+            plot_file=plot_file,
+            versions=_versions(),
+            max_class_table=max_class_table,
+            how_to_load=how_to_load,
+            processor_saved=self._processor_saved(model),
+            adapter_of=adapter_of,
+            eval_note=eval_note,
         )
         os.makedirs(self.args.output_dir, exist_ok=True)
         card.save(os.path.join(self.args.output_dir, "README.md"))
@@ -339,7 +423,7 @@ def _evaluation_of(log_history: list[dict[str, Any]], step: int | None) -> dict[
     if step is not None:
         for entry in log_history:
             if entry.get("step") == step:
-                metrics = {k[len("eval_"):]: v for k, v in entry.items() if k.startswith("eval_")}
+                metrics = {k[len("eval_") :]: v for k, v in entry.items() if k.startswith("eval_")}
                 if any(key in metrics for key in METRIC_LABELS):
                     return metrics
     return _last_evaluation(log_history)
@@ -348,7 +432,7 @@ def _evaluation_of(log_history: list[dict[str, Any]], step: int | None) -> dict[
 def _last_evaluation(log_history: list[dict[str, Any]]) -> dict[str, float] | None:
     """The metrics of the last `evaluate()` in the log history, without their ``eval_`` prefix."""
     for entry in reversed(log_history):
-        metrics = {k[len("eval_"):]: v for k, v in entry.items() if k.startswith("eval_")}
+        metrics = {k[len("eval_") :]: v for k, v in entry.items() if k.startswith("eval_")}
         if any(key in metrics for key in METRIC_LABELS):
             return metrics
     return None
@@ -363,4 +447,12 @@ def _versions() -> str:
     return f"selmix-hf {__version__}, transformers {transformers.__version__}, torch {torch.__version__}"
 
 
-__all__ = ["ModelCardMixin", "render_model_card", "objective_metrics", "CITATIONS", "METRIC_LABELS", "task_of", "template_path"]
+__all__ = [
+    "ModelCardMixin",
+    "render_model_card",
+    "objective_metrics",
+    "CITATIONS",
+    "METRIC_LABELS",
+    "task_of",
+    "template_path",
+]

@@ -27,16 +27,22 @@ def encode(state: Any, tensors: dict[str, torch.Tensor], path: str = "state") ->
     if isinstance(state, dict):
         if all(isinstance(key, str) and not key.startswith("__") for key in state):
             return {key: encode(value, tensors, f"{path}.{key}") for key, value in state.items()}
-        return {ITEMS: [[encode(key, tensors, f"{path}.key{i}"), encode(value, tensors, f"{path}.{i}")]
-                        for i, (key, value) in enumerate(state.items())]}
+        return {
+            ITEMS: [
+                [encode(key, tensors, f"{path}.key{i}"), encode(value, tensors, f"{path}.{i}")]
+                for i, (key, value) in enumerate(state.items())
+            ]
+        }
     if isinstance(state, tuple):
         return {TUPLE: [encode(value, tensors, f"{path}.{i}") for i, value in enumerate(state)]}
     if isinstance(state, list):
         return [encode(value, tensors, f"{path}.{i}") for i, value in enumerate(state)]
     if state is None or isinstance(state, (bool, int, float, str)):
         return state
-    raise TypeError(f"cannot store a {type(state).__name__} at {path} in a checkpoint state (tensors, dicts, lists, "
-                    "tuples and JSON scalars only)")
+    raise TypeError(
+        f"cannot store a {type(state).__name__} at {path} in a checkpoint state (tensors, dicts, lists, "
+        "tuples and JSON scalars only)"
+    )
 
 
 def decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:

@@ -98,8 +98,12 @@ def check_options(target: Any, options: dict[str, Any], what: str) -> None:
 
     init = target.__init__ if isinstance(target, type) else target
     params = inspect.signature(init).parameters
-    accepted = [p for p in params if p not in ("self", "num_classes", "class_counts") and params[p].kind not in (
-        inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    accepted = [
+        p
+        for p in params
+        if p not in ("self", "num_classes", "class_counts")
+        and params[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    ]
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = sorted(set(options) - set(accepted))
     if unknown and not takes_any:
@@ -152,7 +156,8 @@ class SelMixConfig(MethodConfig, TrainingArguments):
     Objective: ``objective``, ``objective_options``, ``class_prior``, ``tail_fraction``.
     Gains and pairs: ``gain_refresh_steps``, ``gain_estimator``, ``equal_norm_prototypes``, ``sampling_temperature``,
     ``scale_free_temperature``, ``sampling_epsilon``,
-    ``mix_lambda_min``, ``pair_distribution``, ``early_stop_on_gain_plateau``, ``plateau_window``, ``plateau_tolerance``.
+    ``mix_lambda_min``, ``pair_distribution``, ``early_stop_on_gain_plateau``, ``plateau_window``,
+    ``plateau_tolerance``.
     Optimisation: ``backbone_lr_ratio``, ``freeze_batchnorm``.
 
     ``per_device_train_batch_size`` counts *pairs*: each step forwards twice that many samples.
@@ -170,7 +175,9 @@ class SelMixConfig(MethodConfig, TrainingArguments):
     )
     objective_options: dict | str | None = field(
         default=None,
-        metadata={"help": 'Options of the objective as a dict or JSON string, e.g. \'{"omega": 50}\' or \'{"alpha": 0.95}\'.'},
+        metadata={
+            "help": "Options of the objective as a dict or JSON string, e.g. '{\"omega\": 50}' or '{\"alpha\": 0.95}'."
+        },
     )
     class_prior: list[float] | None = field(
         default=None,
@@ -178,38 +185,51 @@ class SelMixConfig(MethodConfig, TrainingArguments):
     )
     tail_fraction: float = field(
         default=0.1,
-        metadata={"help": "Fraction of classes (the rarest in the training set) that form the tail for head/tail metrics."},
+        metadata={
+            "help": "Fraction of classes (the rarest in the training set) that form the tail for head/tail metrics."
+        },
     )
     # -- gains and pairs --------------------------------------------------------------------------
     gain_refresh_steps: int = field(
-        default=50, metadata={"help": "Re-estimate the gain matrix from a validation pass every this many optimiser steps."}
+        default=50,
+        metadata={"help": "Re-estimate the gain matrix from a validation pass every this many optimiser steps."},
     )
     gain_estimator: str = field(
         default="selmix",
-        metadata={"help": f"Gain estimator: {' or '.join(ESTIMATORS)} ('selmix' is the published one; 'exact' adds the bias and per-sample terms)."},
+        metadata={
+            "help": f"Gain estimator: {' or '.join(ESTIMATORS)} ('selmix' is the published one; 'exact' adds the bias "
+            "and per-sample terms)."
+        },
     )
     equal_norm_prototypes: bool = field(
         default=False,
-        metadata={"help": "Rescale the class prototypes to their mean norm before the 'selmix' estimator reads them, so "
-                  "classes with larger embeddings do not weigh more in G (not published; see docs/benchmarks.md)."},
+        metadata={
+            "help": "Rescale the class prototypes to their mean norm before the 'selmix' estimator reads them, so "
+            "classes with larger embeddings do not weigh more in G (not published; see docs/benchmarks.md)."
+        },
     )
     # Default scale-free T = 1 (not the published T = 0.1 on raw G): chosen on the validation split of the quality
     # grid (docs/benchmarks.md), where the published T collapsed onto one pair; SelMixConfig.published() keeps 0.1.
     sampling_temperature: float = field(
         default=1.0,
-        metadata={"help": "Temperature T of the pair distribution softmax(G / T) (relative to max |G| when "
-                  "scale_free_temperature; the published 0.1 is on raw G)."},
+        metadata={
+            "help": "Temperature T of the pair distribution softmax(G / T) (relative to max |G| when "
+            "scale_free_temperature; the published 0.1 is on raw G)."
+        },
     )
     scale_free_temperature: bool = field(
         default=True,
-        metadata={"help": "Divide G by max |G| before softmax(G / T): T relative to the largest gain (not published; "
-                  "False with sampling_temperature=0.1 is the paper's setting)."},
+        metadata={
+            "help": "Divide G by max |G| before softmax(G / T): T relative to the largest gain (not published; "
+            "False with sampling_temperature=0.1 is the paper's setting)."
+        },
     )
     sampling_epsilon: float = field(
         default=1e-8, metadata={"help": "Mass added to every pair of the sampling distribution before normalising."}
     )
     mix_lambda_min: float = field(
-        default=0.6, metadata={"help": "Mixing weights are drawn from U(mix_lambda_min, 1); the label is the first sample's."}
+        default=0.6,
+        metadata={"help": "Mixing weights are drawn from U(mix_lambda_min, 1); the label is the first sample's."},
     )
     pair_distribution: str = field(
         default="gain",
@@ -217,7 +237,9 @@ class SelMixConfig(MethodConfig, TrainingArguments):
     )
     early_stop_on_gain_plateau: bool = field(
         default=False,
-        metadata={"help": "Stop when the max gain has plateaued over the last plateau_window refreshes (as published)."},
+        metadata={
+            "help": "Stop when the max gain has plateaued over the last plateau_window refreshes (as published)."
+        },
     )
     plateau_window: int = field(default=10, metadata={"help": "Number of refreshes the plateau test looks back over."})
     plateau_tolerance: float = field(
@@ -228,7 +250,8 @@ class SelMixConfig(MethodConfig, TrainingArguments):
         default=0.1, metadata={"help": "Backbone learning rate = backbone_lr_ratio x learning_rate (the head's)."}
     )
     freeze_batchnorm: bool = field(
-        default=True, metadata={"help": "Keep BatchNorm running statistics fixed during SelMix fine-tuning (as published)."}
+        default=True,
+        metadata={"help": "Keep BatchNorm running statistics fixed during SelMix fine-tuning (as published)."},
     )
     # -- defaults that differ from TrainingArguments ---------------------------------------------
     learning_rate: float = field(default=3e-4, metadata={"help": "Learning rate of the classifier head."})
@@ -242,14 +265,20 @@ class SelMixConfig(MethodConfig, TrainingArguments):
         self.check_field_types()
         check_options(OBJECTIVES.get(self.objective, object), self.objective_options, f"objective {self.objective!r}")
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; valid objectives are: {', '.join(sorted(OBJECTIVES))}")
+            raise ValueError(
+                f"unknown objective {self.objective!r}; valid objectives are: {', '.join(sorted(OBJECTIVES))}"
+            )
         if self.gain_estimator not in ESTIMATORS:
             raise ValueError(f"unknown gain_estimator {self.gain_estimator!r}; valid: {', '.join(ESTIMATORS)}")
         if self.equal_norm_prototypes and self.gain_estimator != "selmix":
-            raise ValueError("equal_norm_prototypes applies to gain_estimator='selmix' only (the 'exact' estimator reads "
-                             "every validation feature, not the prototypes' Gram): drop one of the two settings")
+            raise ValueError(
+                "equal_norm_prototypes applies to gain_estimator='selmix' only (the 'exact' estimator reads "
+                "every validation feature, not the prototypes' Gram): drop one of the two settings"
+            )
         if self.pair_distribution not in PAIR_DISTRIBUTIONS:
-            raise ValueError(f"unknown pair_distribution {self.pair_distribution!r}; valid: {', '.join(PAIR_DISTRIBUTIONS)}")
+            raise ValueError(
+                f"unknown pair_distribution {self.pair_distribution!r}; valid: {', '.join(PAIR_DISTRIBUTIONS)}"
+            )
         if self.gain_refresh_steps < 1:
             raise ValueError(f"gain_refresh_steps must be >= 1, got {self.gain_refresh_steps}")
         if self.sampling_temperature <= 0:
@@ -286,18 +315,18 @@ class LongTailConfig(MethodConfig, TrainingArguments):
     `TrainingArguments`.
     """
 
-    loss_type: str = field(
-        default="logit_adjusted", metadata={"help": f"Loss, one of: {', '.join(LOSSES)}."}
-    )
+    loss_type: str = field(default="logit_adjusted", metadata={"help": f"Loss, one of: {', '.join(LOSSES)}."})
     loss_options: dict | str | None = field(
-        default=None, metadata={"help": 'Options of the loss as a dict or JSON string, e.g. \'{"tau": 1.0}\'.'}
+        default=None, metadata={"help": "Options of the loss as a dict or JSON string, e.g. '{\"tau\": 1.0}'."}
     )
     class_counts: list[int] | None = field(
         default=None, metadata={"help": "Training samples per class; read from the training labels when not given."}
     )
     drw_start_epoch: float | None = field(
         default=None,
-        metadata={"help": "Epoch from which class-balanced re-weighting is switched on (DRW); losses with set_reweighting."},
+        metadata={
+            "help": "Epoch from which class-balanced re-weighting is switched on (DRW); losses with set_reweighting."
+        },
     )
     validation_refresh_steps: int = field(
         default=50, metadata={"help": "Steps between validation passes that update the cost-sensitive loss."}
@@ -324,10 +353,12 @@ class AutoBalanceConfig(LongTailConfig):
     """`LongTailConfig` plus the AutoBalance search.
 
     Loss family: ``num_groups`` (tie parameters over groups of frequency-sorted classes), ``init`` (ones, la, cdt),
-    ``delta_activation``, ``learn_delta``, ``learn_weights``. Search: ``hyper_update_steps`` (20), ``hypergradient`` (neumann or
-    unrolled), ``neumann_steps`` (5), ``neumann_lr`` (1.0), ``hyper_batches`` (10), ``hyper_learning_rate``,
-    ``hyper_optimizer``, ``search_steps`` (after it the parameters are frozen), ``hypergradient_params``. Upper objective: ``upper_objective`` (class-balanced CE as published, or any objective of
-    the engine through its surrogate on a soft confusion matrix) and ``upper_objective_options``.
+    ``delta_activation``, ``learn_delta``, ``learn_weights``. Search: ``hyper_update_steps`` (20), ``hypergradient``
+    (neumann or unrolled), ``neumann_steps`` (5), ``neumann_lr`` (1.0), ``hyper_batches`` (10, each of
+    per_device_train_batch_size x gradient_accumulation_steps samples), ``hyper_learning_rate``, ``hyper_optimizer``,
+    ``search_steps`` (after it the parameters are frozen), ``hypergradient_params``. Upper objective:
+    ``upper_objective`` (class-balanced CE as published, or any objective of the engine through its surrogate on a
+    soft confusion matrix) and ``upper_objective_options``.
     Defaults: ``loss_type`` is "parametric" (the searched loss); ``hypergradient_params`` is "head": the IFT
     treats the backbone as fixed, because PyTorch's fused attention kernels (SDPA, the default of transformers
     models) have no second derivative on CPU. "all" is the published setting and needs eager attention.
@@ -337,15 +368,22 @@ class AutoBalanceConfig(LongTailConfig):
     num_groups: int | None = field(default=None, metadata={"help": "Tie the loss parameters over this many groups."})
     init: str = field(default="ones", metadata={"help": "Initial loss: ones (CE), la (logit adjustment) or cdt."})
     delta_activation: str = field(
-        default="exp", metadata={"help": "Delta = activation(raw): exp (positive, starts at 1), sigmoid (published), identity."}
+        default="exp",
+        metadata={"help": "Delta = activation(raw): exp (positive, starts at 1), sigmoid (published), identity."},
     )
     learn_weights: bool = field(default=False, metadata={"help": "Also learn the per-class weights w."})
-    learn_delta: bool = field(default=True, metadata={"help": "Learn the multiplicative Delta (else only l, and w if asked)."})
+    learn_delta: bool = field(
+        default=True, metadata={"help": "Learn the multiplicative Delta (else only l, and w if asked)."}
+    )
     hyper_update_steps: int = field(default=20, metadata={"help": "Optimiser steps between hypergradient updates."})
-    hypergradient: str = field(default="neumann", metadata={"help": "neumann (IFT + Neumann series) or unrolled (one step)."})
+    hypergradient: str = field(
+        default="neumann", metadata={"help": "neumann (IFT + Neumann series) or unrolled (one step)."}
+    )
     neumann_steps: int = field(default=5, metadata={"help": "Terms of the Neumann series."})
     neumann_lr: float = field(default=1.0, metadata={"help": "Step size eta of the Neumann series."})
-    hyper_batches: int = field(default=10, metadata={"help": "Train and validation batches averaged per hypergradient."})
+    hyper_batches: int = field(
+        default=10, metadata={"help": "Train and validation batches averaged per hypergradient."}
+    )
     hyper_learning_rate: float = field(default=0.01, metadata={"help": "Learning rate of the loss parameters."})
     hyper_optimizer: str = field(default="adam", metadata={"help": "adam or sgd, for the loss parameters."})
     search_steps: int | None = field(
@@ -353,13 +391,20 @@ class AutoBalanceConfig(LongTailConfig):
     )
     hypergradient_params: str = field(
         default="head",
-        metadata={"help": "Lower-level weights in the hypergradient: head (final layer; works with every model) or all."},
+        metadata={
+            "help": "Lower-level weights in the hypergradient: head (final layer; works with every model) or all."
+        },
     )
     upper_objective: str = field(
         default="balanced_ce",
-        metadata={"help": f"Validation objective: {', '.join(UPPER_OBJECTIVES)} (engine objectives use a soft confusion matrix)."},
+        metadata={
+            "help": f"Validation objective: {', '.join(UPPER_OBJECTIVES)} (engine objectives use a soft confusion "
+            "matrix)."
+        },
     )
-    upper_objective_options: dict | str | None = field(default=None, metadata={"help": "Options of the upper objective (JSON)."})
+    upper_objective_options: dict | str | None = field(
+        default=None, metadata={"help": "Options of the upper objective (JSON)."}
+    )
 
     def __post_init__(self) -> None:
         self.upper_objective_options = parse_options(self.upper_objective_options, "upper_objective_options")
@@ -378,16 +423,29 @@ class AutoBalanceConfig(LongTailConfig):
             raise ValueError("hyper_update_steps and hyper_batches must be >= 1")
         super().__post_init__()
         if self.upper_objective in OBJECTIVES:
-            check_options(OBJECTIVES[self.upper_objective], self.upper_objective_options,
-                          f"upper_objective {self.upper_objective!r}")
+            check_options(
+                OBJECTIVES[self.upper_objective],
+                self.upper_objective_options,
+                f"upper_objective {self.upper_objective!r}",
+            )
 
     def parametric_loss_options(self) -> dict[str, Any]:
         """The options of the searched `ParametricCrossEntropy`: ``loss_options`` plus the loss-family fields."""
-        return {**self.loss_options, "num_groups": self.num_groups, "init": self.init,
-                "delta_activation": self.delta_activation, "learn_weights": self.learn_weights,
-                "learn_delta": self.learn_delta}
+        return {
+            **self.loss_options,
+            "num_groups": self.num_groups,
+            "init": self.init,
+            "delta_activation": self.delta_activation,
+            "learn_weights": self.learn_weights,
+            "learn_delta": self.learn_delta,
+        }
 
 
 __all__ = [
-    "AutoBalanceConfig", "LongTailConfig", "MethodConfig", "SelMixConfig", "check_options", "parse_options",
+    "AutoBalanceConfig",
+    "LongTailConfig",
+    "MethodConfig",
+    "SelMixConfig",
+    "check_options",
+    "parse_options",
 ]

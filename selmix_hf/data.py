@@ -41,9 +41,7 @@ def class_counts(dataset: Dataset, label_column: str = "label", num_classes: int
     return np.bincount(labels, minlength=num_classes).tolist()
 
 
-def long_tailed_counts(
-    n_max: int, num_classes: int, imbalance_ratio: float, profile: str = "exponential"
-) -> list[int]:
+def long_tailed_counts(n_max: int, num_classes: int, imbalance_ratio: float, profile: str = "exponential") -> list[int]:
     """Per-class sizes: exponential n_k = floor(n_max rho^(-k/(K-1))), or step (first half n_max, rest n_max/rho)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; valid profiles are: {', '.join(PROFILES)}")
@@ -101,7 +99,9 @@ def make_long_tailed(
     wanted = [0] * num_classes
     for rank, k in enumerate(order):
         wanted[k] = sizes[rank]
-    picked, _ = _select_per_class(labels, wanted, np.random.default_rng(seed), f"a {profile} profile with n_max={n_max}")
+    picked, _ = _select_per_class(
+        labels, wanted, np.random.default_rng(seed), f"a {profile} profile with n_max={n_max}"
+    )
     return dataset.select(picked)
 
 
@@ -133,7 +133,9 @@ def long_tailed_splits(
     """
     validation, rest = balanced_split(dataset, validation_per_class, label_column=label_column, seed=seed)
     num_classes = _labels(dataset, label_column)[1]
-    test, train = balanced_split(rest, test_per_class, label_column=label_column, seed=seed + 1, num_classes=num_classes)
+    test, train = balanced_split(
+        rest, test_per_class, label_column=label_column, seed=seed + 1, num_classes=num_classes
+    )
     if max_train_per_class is not None:
         labels = np.asarray(train[label_column])
         wanted = np.minimum(np.bincount(labels, minlength=num_classes), max_train_per_class)
@@ -156,7 +158,9 @@ def dataset_labels(dataset, label_names: Sequence[str] = LABEL_COLUMNS) -> np.nd
         for name in label_names:
             if name in dataset.column_names:
                 return _labels(dataset.with_format("numpy", columns=[name]), name)[0]
-        raise ValueError(f"dataset has none of the label columns {list(label_names)}; its columns are {dataset.column_names}")
+        raise ValueError(
+            f"dataset has none of the label columns {list(label_names)}; its columns are {dataset.column_names}"
+        )
     if not hasattr(dataset, "__len__"):
         raise ValueError("SelMix needs map-style datasets (with __len__), not iterable ones")
     for attribute in ("targets", "labels"):

@@ -50,10 +50,16 @@ def headless_hint(model: nn.Module) -> str:
     """The advice for a model without a classification head: which classifier class to load instead."""
     model = _compat.base_model_of(unwrap(model))
     classes = _compat.classifier_classes(getattr(getattr(model, "config", None), "model_type", None))
-    suggestion = " or ".join(classes) if classes else "an ...ForSequenceClassification (text) or ...ForImageClassification (images) class"
-    return (f"{type(model).__name__} has no classification head (it returns hidden states, not logits): load the "
-            f"checkpoint with {suggestion} (e.g. AutoModelForSequenceClassification.from_pretrained(name, "
-            "num_labels=K)), or register your own head with selmix_hf.register_head")
+    suggestion = (
+        " or ".join(classes)
+        if classes
+        else "an ...ForSequenceClassification (text) or ...ForImageClassification (images) class"
+    )
+    return (
+        f"{type(model).__name__} has no classification head (it returns hidden states, not logits): load the "
+        f"checkpoint with {suggestion} (e.g. AutoModelForSequenceClassification.from_pretrained(name, "
+        "num_labels=K)), or register your own head with selmix_hf.register_head"
+    )
 
 
 def num_labels_of(model: nn.Module) -> int:
@@ -110,14 +116,20 @@ def find_head(model: nn.Module, num_labels: int | None = None) -> tuple[str, nn.
         if not candidates:
             raise ValueError(
                 f"cannot find the classification head of {cls_name}: no nn.Linear with out_features == num_labels "
-                f"({num_labels}). Register it with selmix_hf.features.register_head({cls_name!r}, '<dotted.path.to.linear>')"
+                f"({num_labels}). Register it with "
+                f"selmix_hf.features.register_head({cls_name!r}, '<dotted.path.to.linear>')"
             )
         name, head = candidates[-1]
         if len(candidates) > 1:
             logger.warning(
                 "%s: %d linear layers have num_labels=%d outputs (%s); using the last, %r, as the classification head. "
                 "If that is wrong, call selmix_hf.register_head(%r, '<dotted.path.to.linear>').",
-                cls_name, len(candidates), num_labels, ", ".join(repr(n) for n, _ in candidates), name, cls_name,
+                cls_name,
+                len(candidates),
+                num_labels,
+                ", ".join(repr(n) for n, _ in candidates),
+                name,
+                cls_name,
             )
     if not isinstance(head, nn.Linear):
         raise ValueError(
@@ -125,7 +137,9 @@ def find_head(model: nn.Module, num_labels: int | None = None) -> tuple[str, nn.
             f"linear layer with selmix_hf.features.register_head({cls_name!r}, '<dotted.path.to.linear>')"
         )
     if num_labels is not None and head.out_features != num_labels:
-        raise ValueError(f"the head {name!r} of {cls_name} has {head.out_features} outputs but num_labels is {num_labels}")
+        raise ValueError(
+            f"the head {name!r} of {cls_name} has {head.out_features} outputs but num_labels is {num_labels}"
+        )
     return name, head
 
 
@@ -167,7 +181,8 @@ class PooledFeatures:
             pairs = self._lam.numel()
             if features.ndim != 2 or features.shape[0] != 2 * pairs:
                 raise RuntimeError(
-                    f"SelMix expects the head input to be (2 x {pairs}, dim) pooled embeddings, got {tuple(features.shape)}"
+                    f"SelMix expects the head input to be (2 x {pairs}, dim) pooled embeddings, "
+                    f"got {tuple(features.shape)}"
                 )
             lam = self._lam.to(device=features.device, dtype=features.dtype).unsqueeze(1)
             features = lam * features[:pairs] + (1.0 - lam) * features[pairs:]

@@ -19,12 +19,45 @@ FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
 # lexicographer files 03..28 of WordNet 3.0 (lexnames(5WN)): the 26 noun supersenses
 NOUN_SUPERSENSES = [
-    "Tops", "act", "animal", "artifact", "attribute", "body", "cognition", "communication", "event", "feeling",
-    "food", "group", "location", "motive", "object", "person", "phenomenon", "plant", "possession", "process",
-    "quantity", "relation", "shape", "state", "substance", "time",
+    "Tops",
+    "act",
+    "animal",
+    "artifact",
+    "attribute",
+    "body",
+    "cognition",
+    "communication",
+    "event",
+    "feeling",
+    "food",
+    "group",
+    "location",
+    "motive",
+    "object",
+    "person",
+    "phenomenon",
+    "plant",
+    "possession",
+    "process",
+    "quantity",
+    "relation",
+    "shape",
+    "state",
+    "substance",
+    "time",
 ]
-FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                         "Ankle boot"]
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def _require(path: str, package: str) -> None:
@@ -54,7 +87,11 @@ def load_wordnet_supersenses(path: str = WORDNET_NOUNS) -> Dataset:
 
 
 def wordnet_lt(
-    *, validation_per_class: int = 10, test_per_class: int = 20, max_per_class: int = 300, seed: int = 0,
+    *,
+    validation_per_class: int = 10,
+    test_per_class: int = 20,
+    max_per_class: int = 300,
+    seed: int = 0,
     path: str = WORDNET_NOUNS,
 ) -> DatasetDict:
     """WordNet-LT: balanced validation / test held out per class, the rest capped at max_per_class for training."""
@@ -86,7 +123,11 @@ def load_fashion_mnist(split: str = "train", root: str = FASHION_MNIST_ROOT) -> 
 
 
 def fashion_mnist_lt(
-    *, n_max: int = 1000, imbalance_ratio: float = 100.0, validation_per_class: int = 100, seed: int = 0,
+    *,
+    n_max: int = 1000,
+    imbalance_ratio: float = 100.0,
+    validation_per_class: int = 100,
+    seed: int = 0,
     root: str = FASHION_MNIST_ROOT,
 ) -> DatasetDict:
     """Fashion-MNIST-LT: exponential profile from the train set (1000 ... 10), balanced validation, official test."""

@@ -49,7 +49,9 @@ class LongTailTrainer(BaseTrainer):
             self.schedule_refresh(args.validation_refresh_steps)
         if args.drw_start_epoch is not None:
             if not getattr(self.loss_fn, "has_deferred_reweighting", False):
-                raise ValueError(f"drw_start_epoch is set but loss {type(self.loss_fn).__name__} has no re-weighting stage")
+                raise ValueError(
+                    f"drw_start_epoch is set but loss {type(self.loss_fn).__name__} has no re-weighting stage"
+                )
             self.add_callback(_DeferredReweighting(self.loss_fn, args.drw_start_epoch))
         self._posthoc = None
         if args.posthoc_tau is not None:

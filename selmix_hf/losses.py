@@ -156,14 +156,16 @@ class LDAMLoss(LongTailLoss):
     """CE(s (f - m_y e_y), y), m_k ~ n_k^(-1/4) (Cao et al., NeurIPS 2019), with deferred re-weighting (DRW).
 
     The published scale s = 30 is for cosine-normalised logits (a normalised head); every head this library finds
-    is an ordinary linear layer with raw logits, so the default here is s = 1. ``set_reweighting(True)`` switches on the class-balanced
-    weights (the DRW stage); the trainer does it at ``drw_start_epoch``.
+    is an ordinary linear layer with raw logits, so the default here is s = 1. ``set_reweighting(True)`` switches on
+    the class-balanced weights (the DRW stage); the trainer does it at ``drw_start_epoch``.
     """
 
     citation = "ldam"
     has_deferred_reweighting = True
 
-    def __init__(self, class_counts: Counts, max_margin: float = 0.5, scale: float = 1.0, drw_beta: float = 0.9999) -> None:
+    def __init__(
+        self, class_counts: Counts, max_margin: float = 0.5, scale: float = 1.0, drw_beta: float = 0.9999
+    ) -> None:
         super().__init__()
         self.scale = float(scale)
         self.register_buffer("margins", ldam_margins(class_counts, max_margin))
@@ -186,7 +188,7 @@ class LDAMLoss(LongTailLoss):
 
 
 class VSLoss(LongTailLoss):
-    """Vector-scaling loss CE(Delta * f + iota, y), Delta_k = (n_k / n_max)^gamma, iota_k = tau log pi_k (Kini et al., 2021)."""
+    """Vector-scaling loss CE(Delta * f + iota, y), Delta_k = (n_k / n_max)^gamma, iota_k = tau log pi_k (Kini)."""
 
     citation = "vs"
 
@@ -257,17 +259,23 @@ class ParametricCrossEntropy(LongTailLoss):
         group_counts = torch.zeros(num, dtype=torch.float64).index_add_(0, self.groups, counts)
         group_sizes = torch.bincount(self.groups, minlength=num).double()
         mean_counts = group_counts / group_sizes  # a group's classes share the mean count of the group
-        delta = (mean_counts / mean_counts.max()) ** cdt_gamma if init == "cdt" else torch.ones(num, dtype=torch.float64)
+        delta = (
+            (mean_counts / mean_counts.max()) ** cdt_gamma if init == "cdt" else torch.ones(num, dtype=torch.float64)
+        )
         if delta_activation == "sigmoid":
             delta = delta.clamp(1e-4, 1 - 1e-4)  # sigmoid never reaches 1: start as close as it gets
-        offset = la_tau * torch.log(mean_counts / counts.sum()) if init == "la" else torch.zeros(num, dtype=torch.float64)
+        offset = (
+            la_tau * torch.log(mean_counts / counts.sum()) if init == "la" else torch.zeros(num, dtype=torch.float64)
+        )
         inverse = DELTA_ACTIVATIONS[delta_activation][1]
         self.raw_delta = nn.Parameter(inverse(delta).float(), requires_grad=learn_delta)
         self.offset = nn.Parameter(offset.float())
         self.weight = nn.Parameter(torch.ones(num), requires_grad=learn_weights)
 
     @classmethod
-    def from_values(cls, delta: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor | None = None) -> ParametricCrossEntropy:
+    def from_values(
+        cls, delta: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> ParametricCrossEntropy:
         """A per-class loss with the given Delta, l and w (identity activation): for fixed losses and checks."""
         num_classes = len(delta)
         loss = cls(torch.ones(num_classes), delta_activation="identity")
@@ -312,7 +320,11 @@ class CostSensitiveLoss(LongTailLoss):
     DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"min_recall": {"omega": 0.1, "beta": 1.0}}
 
     def __init__(
-        self, class_counts: Counts, objective: Objective | str = "min_recall", tau: float = 1.0, **objective_options: Any
+        self,
+        class_counts: Counts,
+        objective: Objective | str = "min_recall",
+        tau: float = 1.0,
+        **objective_options: Any,
     ) -> None:
         super().__init__()
         counts = counts_tensor(class_counts, "the cost-sensitive loss")
@@ -370,17 +382,33 @@ def build_loss(loss_type: str, class_counts: Counts, **options: Any) -> nn.Modul
 
         name = options.get("objective", "min_recall")
         if isinstance(name, str) and name in OBJECTIVES:
-            accepted += [p for p in inspect.signature(OBJECTIVES[name].__init__).parameters if p not in ("self", "num_classes")]
+            accepted += [
+                p for p in inspect.signature(OBJECTIVES[name].__init__).parameters if p not in ("self", "num_classes")
+            ]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"loss_type {loss_type!r} does not take option(s) {unknown}; it accepts: {', '.join(accepted)}")
+        raise ValueError(
+            f"loss_type {loss_type!r} does not take option(s) {unknown}; it accepts: {', '.join(accepted)}"
+        )
     if "class_counts" in params:
         options["class_counts"] = class_counts
     return cls(**options)
 
 
 __all__ = [
-    "LOSSES", "BalancedSoftmaxLoss", "CostSensitiveLoss", "CrossEntropy", "FocalLoss", "LDAMLoss", "LogitAdjustedLoss",
-    "LongTailLoss", "ParametricCrossEntropy", "VSLoss", "WeightedCrossEntropy", "build_loss", "class_balanced_weights",
-    "inverse_frequency_weights", "ldam_margins",
+    "LOSSES",
+    "BalancedSoftmaxLoss",
+    "CostSensitiveLoss",
+    "CrossEntropy",
+    "FocalLoss",
+    "LDAMLoss",
+    "LogitAdjustedLoss",
+    "LongTailLoss",
+    "ParametricCrossEntropy",
+    "VSLoss",
+    "WeightedCrossEntropy",
+    "build_loss",
+    "class_balanced_weights",
+    "inverse_frequency_weights",
+    "ldam_margins",
 ]

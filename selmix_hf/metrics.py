@@ -72,7 +72,9 @@ def normalized_confusion(
             "Every class needs at least one validation sample: rebuild the split with "
             "selmix_hf.data.balanced_split (or pass a validation set that covers all classes)."
         )
-    prior = uniform_prior(num_classes, dtype, counts_t.device) if class_prior is None else _as_tensor(class_prior, dtype)
+    prior = (
+        uniform_prior(num_classes, dtype, counts_t.device) if class_prior is None else _as_tensor(class_prior, dtype)
+    )
     prior = check_prior(prior, num_classes).to(counts_t.device)
     return counts_t * (prior / row_totals).unsqueeze(1)
 
@@ -179,7 +181,9 @@ def head_tail_split(
         tail_set = set(tail) if tail is not None else everything - head_set
         return HeadTailSplit(tuple(sorted(head_set)), tuple(sorted(tail_set))).check(num_classes)
     if class_counts is None:
-        raise ValueError("head/tail metrics need the training class counts (class_counts=...) or explicit head/tail lists")
+        raise ValueError(
+            "head/tail metrics need the training class counts (class_counts=...) or explicit head/tail lists"
+        )
     if not 0.0 < tail_fraction < 1.0:
         raise ValueError(f"tail_fraction must lie in (0, 1), got {tail_fraction}")
     counts = _as_tensor(class_counts).reshape(-1)

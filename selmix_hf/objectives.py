@@ -35,7 +35,11 @@ class Objective:
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
         self.num_classes = num_classes
-        prior = metrics.uniform_prior(num_classes) if class_prior is None else torch.as_tensor(class_prior, dtype=torch.float64)
+        prior = (
+            metrics.uniform_prior(num_classes)
+            if class_prior is None
+            else torch.as_tensor(class_prior, dtype=torch.float64)
+        )
         self.class_prior = metrics.check_prior(prior.detach().cpu().to(torch.float64), num_classes)
 
     # -- what subclasses define -------------------------------------------------------------
@@ -80,7 +84,9 @@ class Objective:
             raise ValueError(f"multipliers {sorted(saved)} do not match {self.name}'s {sorted(current)}")
         for key, tensor in saved.items():
             if tensor.shape != current[key].shape:
-                raise ValueError(f"multiplier {key!r} has shape {tuple(tensor.shape)}, expected {tuple(current[key].shape)}")
+                raise ValueError(
+                    f"multiplier {key!r} has shape {tuple(tensor.shape)}, expected {tuple(current[key].shape)}"
+                )
             setattr(self, key, tensor.to(torch.float64).clone())
 
     def _check_confusion(self, confusion: torch.Tensor) -> None:

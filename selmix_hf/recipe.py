@@ -27,8 +27,18 @@ from .plots import save_run_figures
 
 logger = logging.getLogger(__name__)
 
-REPORTED = ("mean_recall", "min_recall", "h_mean", "g_mean", "min_coverage", "min_head_tail_recall",
-            "many_shot_recall", "medium_shot_recall", "few_shot_recall", "accuracy")
+REPORTED = (
+    "mean_recall",
+    "min_recall",
+    "h_mean",
+    "g_mean",
+    "min_coverage",
+    "min_head_tail_recall",
+    "many_shot_recall",
+    "medium_shot_recall",
+    "few_shot_recall",
+    "accuracy",
+)
 
 
 @dataclass
@@ -40,15 +50,22 @@ class StageArguments:
     stage1_checkpoint: str | None = field(
         default=None, metadata={"help": "Start stage 2 from this stage-1 model (a folder or Hub id); skips stage 1."}
     )
-    stage1_loss_type: str = field(default="logit_adjusted", metadata={"help": f"Stage-1 loss, one of: {', '.join(LOSSES)}."})
+    stage1_loss_type: str = field(
+        default="logit_adjusted", metadata={"help": f"Stage-1 loss, one of: {', '.join(LOSSES)}."}
+    )
     stage1_loss_options: str | None = field(default=None, metadata={"help": "Stage-1 loss options as JSON."})
     stage1_learning_rate: float = field(default=1e-4, metadata={"help": "Stage-1 learning rate (whole model)."})
-    stage1_optim: str = field(default="adamw_torch", metadata={"help": "Stage-1 optimizer (a TrainingArguments optim)."})
+    stage1_optim: str = field(
+        default="adamw_torch", metadata={"help": "Stage-1 optimizer (a TrainingArguments optim)."}
+    )
     stage1_weight_decay: float = field(default=0.01, metadata={"help": "Stage-1 weight decay."})
-    stage1_num_train_epochs: float = field(default=3.0, metadata={"help": "Stage-1 epochs (ignored if stage1_max_steps > 0)."})
+    stage1_num_train_epochs: float = field(
+        default=3.0, metadata={"help": "Stage-1 epochs (ignored if stage1_max_steps > 0)."}
+    )
     stage1_max_steps: int = field(default=-1, metadata={"help": "Stage-1 optimiser steps; -1: use the epochs."})
     stage1_per_device_train_batch_size: int | None = field(
-        default=None, metadata={"help": "Stage-1 samples per device and step; default twice the SelMix pairs (same volume)."}
+        default=None,
+        metadata={"help": "Stage-1 samples per device and step; default twice the SelMix pairs (same volume)."},
     )
     plots: bool = field(default=True, metadata={"help": "Write the figures (needs matplotlib)."})
 
@@ -74,9 +91,15 @@ class CardArguments:
     """What the model card says that the run cannot know."""
 
     card_license: str | None = field(default=None, metadata={"help": "License of the model, e.g. apache-2.0."})
-    card_language: str | None = field(default=None, metadata={"help": "Language code(s) of a text model, comma-separated."})
-    card_model_name: str | None = field(default=None, metadata={"help": "Title of the card; default the Hub repo's name."})
-    card_max_class_table: int = field(default=50, metadata={"help": "List every class up to this many; beyond, the worst half."})
+    card_language: str | None = field(
+        default=None, metadata={"help": "Language code(s) of a text model, comma-separated."}
+    )
+    card_model_name: str | None = field(
+        default=None, metadata={"help": "Title of the card; default the Hub repo's name."}
+    )
+    card_max_class_table: int = field(
+        default=50, metadata={"help": "List every class up to this many; beyond, the worst half."}
+    )
 
 
 def display_path(path: str) -> str:
@@ -137,8 +160,9 @@ def _command_line_names(parser: argparse.ArgumentParser, argv: Sequence[str]) ->
     return names
 
 
-def parse_recipe_arguments(dataclass_types: Sequence[type], argv: Sequence[str] | None, default_config: str | None
-                           ) -> ParsedArguments:
+def parse_recipe_arguments(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None, default_config: str | None
+) -> ParsedArguments:
     """HfArgumentParser over the dataclasses; a YAML file (``--config``, default the recipe's) gives the defaults,
     the command line overrides them. An unknown key in the YAML or on the command line is an error naming it;
     ``--help`` shows the YAML's values as the defaults, since they are the ones that apply."""
@@ -157,12 +181,17 @@ def parse_recipe_arguments(dataclass_types: Sequence[type], argv: Sequence[str] 
     parser.allow_abbrev = False  # a mistyped flag is an error, not silently the flag it abbreviates
     shown = display_path(config) if config else None
     parser.add_argument(
-        "--config", default=argparse.SUPPRESS,  # read above, before parsing; SUPPRESS keeps it out of the namespace
+        "--config",
+        default=argparse.SUPPRESS,  # read above, before parsing; SUPPRESS keeps it out of the namespace
         help=(f"YAML file of defaults (default: {shown})" if shown else "YAML file of defaults").replace("%", "%%")
         + "; its keys are the other options, and flags given on the command line override it.",
     )
-    parser.description = (f"Defaults shown as 'default from {shown}' come from that YAML file; the others are the "
-                          "built-in defaults. Flags override both." if shown else None)
+    parser.description = (
+        f"Defaults shown as 'default from {shown}' come from that YAML file; the others are the "
+        "built-in defaults. Flags override both."
+        if shown
+        else None
+    )
     given = _command_line_names(parser, argv)
     values: dict[str, Any] = {}
     if config:
@@ -216,8 +245,10 @@ def set_class_names(model: Any, names: Sequence[str]) -> None:
     config = model.config
     names = [str(name) for name in names]
     if config.num_labels != len(names):
-        raise ValueError(f"{type(model).__name__} has {config.num_labels} outputs (config.num_labels) for "
-                         f"{len(names)} classes; load it with num_labels={len(names)}")
+        raise ValueError(
+            f"{type(model).__name__} has {config.num_labels} outputs (config.num_labels) for "
+            f"{len(names)} classes; load it with num_labels={len(names)}"
+        )
     if len(set(names)) != len(names):
         logger.warning("the class names are not unique: label2id keeps the last id of a repeated name")
     config.id2label = dict(enumerate(names))
@@ -243,9 +274,12 @@ def hub_splits(
         if name and name in dataset:
             out[role] = dataset[name]
         else:
-            logger.warning("no %r split: holding out %d samples per class of train as %s", name, holdout_per_class, role)
-            out[role], out["train"] = balanced_split(out["train"], holdout_per_class, label_column=label_column,
-                                                     seed=seed + (role == "validation"))
+            logger.warning(
+                "no %r split: holding out %d samples per class of train as %s", name, holdout_per_class, role
+            )
+            out[role], out["train"] = balanced_split(
+                out["train"], holdout_per_class, label_column=label_column, seed=seed + (role == "validation")
+            )
     if label_column != "label":
         out = {k: v.rename_column(label_column, "label") for k, v in out.items()}
     return out
@@ -261,8 +295,14 @@ def _resume_point(output_dir: str, wanted: bool) -> str | None:
 def test_report(trainer: Any, test: Any, names: Sequence[str], counts: Sequence[int]) -> dict[str, float]:
     """The full metric table of the trainer's model on the test split (gathered over processes)."""
     output = trainer.predict(test, metric_key_prefix="test")
-    return classification_report(output.label_ids, np.asarray(output.predictions).argmax(-1), len(names),
-                                 class_counts=counts, per_class=True, class_names=names)
+    return classification_report(
+        output.label_ids,
+        np.asarray(output.predictions).argmax(-1),
+        len(names),
+        class_counts=counts,
+        per_class=True,
+        class_names=names,
+    )
 
 
 def format_table(before: dict[str, float] | None, after: dict[str, float]) -> str:
@@ -299,8 +339,13 @@ def run_two_stages(
     names = [str(name) for name in class_names]
     set_class_names(model, names)
     counts = np.bincount(dataset_labels(splits["train"]), minlength=len(names)).tolist()
-    common = dict(train_dataset=splits["train"], eval_dataset=splits["validation"], processing_class=processing_class,
-                  data_collator=data_collator, compute_metrics=make_compute_metrics(len(names), class_counts=counts))
+    common = dict(
+        train_dataset=splits["train"],
+        eval_dataset=splits["validation"],
+        processing_class=processing_class,
+        data_collator=data_collator,
+        compute_metrics=make_compute_metrics(len(names), class_counts=counts),
+    )
     before, trainer = None, None
     if stages.run_stage1:
         config1 = stage1_config(args, stages, final=not stages.run_stage2)
@@ -327,9 +372,17 @@ def run_two_stages(
     return finish(trainer, after, before, names, stages, card, dataset_id, dataset_name, test_counts)
 
 
-def finish(trainer: Any, after: dict[str, float], before: dict[str, float] | None, names: Sequence[str],
-           stages: StageArguments, card: CardArguments, dataset_id: str | None, dataset_name: str | None,
-           test_counts: Sequence[int] | None = None) -> dict[str, Any]:
+def finish(
+    trainer: Any,
+    after: dict[str, float],
+    before: dict[str, float] | None,
+    names: Sequence[str],
+    stages: StageArguments,
+    card: CardArguments,
+    dataset_id: str | None,
+    dataset_name: str | None,
+    test_counts: Sequence[int] | None = None,
+) -> dict[str, Any]:
     """Final model + processor, metrics JSON, figures and card into output_dir; the Hub upload when asked."""
     out = trainer.args.output_dir
     trainer.save_model(out)
@@ -337,10 +390,20 @@ def finish(trainer: Any, after: dict[str, float], before: dict[str, float] | Non
         trainer.save_metrics("test", {f"test_{k}": v for k, v in after.items()}, combined=False)
         with open(os.path.join(out, "test_metrics_before_after.json"), "w") as fh:
             json.dump({"before": before, "after": after}, fh, indent=2)
-    figures = save_run_figures(trainer, out, names, after, before, ("start of stage 2", "final model")) if stages.plots else []
+    figures = (
+        save_run_figures(trainer, out, names, after, before, ("start of stage 2", "final model"))
+        if stages.plots
+        else []
+    )
     card_kwargs = dict(
-        license=card.card_license, language=card.card_language.split(",") if card.card_language else None,
-        model_name=card.card_model_name, dataset=dataset_id, dataset_name=dataset_name, results=after, before=before, eval_split="test",
+        license=card.card_license,
+        language=card.card_language.split(",") if card.card_language else None,
+        model_name=card.card_model_name,
+        dataset=dataset_id,
+        dataset_name=dataset_name,
+        results=after,
+        before=before,
+        eval_split="test",
         eval_counts=test_counts,
         plot_file="per_class_recall.png" if any(f.endswith("per_class_recall.png") for f in figures) else None,
         max_class_table=card.card_max_class_table,
@@ -352,5 +415,16 @@ def finish(trainer: Any, after: dict[str, float], before: dict[str, float] | Non
     return {"before": before, "after": after, "figures": figures, "trainer": trainer, "pushed": pushed}
 
 
-__all__ = ["CardArguments", "ParsedArguments", "SplitArguments", "StageArguments", "display_path", "format_table",
-           "hub_splits", "parse_recipe_arguments", "run_two_stages", "set_class_names", "stage1_config"]
+__all__ = [
+    "CardArguments",
+    "ParsedArguments",
+    "SplitArguments",
+    "StageArguments",
+    "display_path",
+    "format_table",
+    "hub_splits",
+    "parse_recipe_arguments",
+    "run_two_stages",
+    "set_class_names",
+    "stage1_config",
+]

@@ -17,7 +17,7 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 class PairBatchSampler:
-    """Yields batches of 2B dataset indices: B samples of classes i ~ sum_j P_ij, then their B partners j ~ P_ij / sum_j P_ij.
+    """Yields batches of 2B dataset indices: B samples of classes i ~ sum_j P_ij, then partners j ~ P_ij / sum_j P_ij.
 
     Samples are uniform within a class. Every draw is a function of one uniform stream consumed pair by pair, so
     B pairs in one batch are the same pairs as in B/m batches of m (gradient accumulation). ``set_distribution``
@@ -57,13 +57,17 @@ class PairBatchSampler:
         """Use P (K x K, non-negative) from now on; classes with no training sample get no mass."""
         p = torch.as_tensor(probabilities, dtype=torch.float64).detach().cpu().clone()
         if p.shape != (self.num_classes, self.num_classes):
-            raise ValueError(f"sampling distribution must be {self.num_classes} x {self.num_classes}, got {tuple(p.shape)}")
+            raise ValueError(
+                f"sampling distribution must be {self.num_classes} x {self.num_classes}, got {tuple(p.shape)}"
+            )
         if not torch.isfinite(p).all() or (p < 0).any():
             raise ValueError("sampling distribution must be finite and non-negative")
         present = (self.class_sizes > 0).double()
         p = p * present.unsqueeze(1) * present.unsqueeze(0)
         if p.sum() <= 0:
-            raise ValueError("the sampling distribution puts no mass on any pair of classes present in the training set")
+            raise ValueError(
+                "the sampling distribution puts no mass on any pair of classes present in the training set"
+            )
         self.probabilities = p / p.sum()
         marginal = self.probabilities.sum(1)
         self._first_cdf = torch.cumsum(marginal, 0)
@@ -75,7 +79,9 @@ class PairBatchSampler:
     def draw(self, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Dataset indices of the first and second members of ``pairs`` pairs."""
         u = torch.rand(pairs, 4, generator=self.generator, dtype=torch.float64)
-        first_class = torch.searchsorted(self._first_cdf, u[:, 0].contiguous(), right=True).clamp_max(self.num_classes - 1)
+        first_class = torch.searchsorted(self._first_cdf, u[:, 0].contiguous(), right=True).clamp_max(
+            self.num_classes - 1
+        )
         second_class = torch.searchsorted(self._second_cdf[first_class], u[:, 1:2].contiguous(), right=True).squeeze(1)
         second_class = second_class.clamp_max(self.num_classes - 1)
         return self._member(first_class, u[:, 2]), self._member(second_class, u[:, 3])

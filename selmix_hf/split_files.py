@@ -7,7 +7,11 @@ from typing import Any, Callable, Sequence
 
 from datasets import Dataset, DatasetDict
 
-IMAGENET_LT_FILES = {"train": "ImageNet_LT_train.txt", "validation": "ImageNet_LT_val.txt", "test": "ImageNet_LT_test.txt"}
+IMAGENET_LT_FILES = {
+    "train": "ImageNet_LT_train.txt",
+    "validation": "ImageNet_LT_val.txt",
+    "test": "ImageNet_LT_test.txt",
+}
 
 
 def id_ranges(ids: Sequence[int], limit: int = 10) -> str:
@@ -22,8 +26,9 @@ def id_ranges(ids: Sequence[int], limit: int = 10) -> str:
     return ", ".join(text) + (", ..." if len(runs) > limit else "")
 
 
-def check_class_ids(labels: dict[str, Sequence[int]], num_labels: int | None = None, origin: str | None = None,
-                    data: str = "the data") -> int:
+def check_class_ids(
+    labels: dict[str, Sequence[int]], num_labels: int | None = None, origin: str | None = None, data: str = "the data"
+) -> int:
     """The number of classes (``num_labels``, else the largest label + 1), checked against the labels of all splits:
     every class id 0 .. K-1 needs a sample somewhere and no label may reach K. ``origin`` (where num_labels was set
     and how to change it) goes into the error, so that a stale num_labels is found where it was set."""
@@ -39,26 +44,36 @@ def check_class_ids(labels: dict[str, Sequence[int]], num_labels: int | None = N
     outside = [k for k in seen if k >= n]
     if outside:
         where = next(name for name, values in labels.items() if outside[0] in set(values))
-        raise ValueError(f"{stated}, but {has}: label(s) {id_ranges(outside)} (the first in {where}) are outside "
-                         f"0 .. {n - 1}; set num_labels to {seen[-1] + 1} or fix the labels")
+        raise ValueError(
+            f"{stated}, but {has}: label(s) {id_ranges(outside)} (the first in {where}) are outside "
+            f"0 .. {n - 1}; set num_labels to {seen[-1] + 1} or fix the labels"
+        )
     present = set(seen)
     missing = [k for k in range(n) if k not in present]
     if missing:
         if not given:
-            fix = (f"renumber the labels to 0 .. {len(seen) - 1} without gaps, or add samples of the missing "
-                   "class(es)")
+            fix = f"renumber the labels to 0 .. {len(seen) - 1} without gaps, or add samples of the missing class(es)"
         elif seen == list(range(len(seen))):
             fix = f"set num_labels to {len(seen)}, or add samples of the missing class(es)"
         else:
-            fix = (f"add samples of the missing class(es), or renumber the labels to 0 .. {len(seen) - 1} and set "
-                   f"num_labels to {len(seen)}")
-        raise ValueError(f"{stated}, but {has}: class id(s) {id_ranges(missing)} ({len(missing)} of {n}) have no "
-                         f"sample in any split; {fix}")
+            fix = (
+                f"add samples of the missing class(es), or renumber the labels to 0 .. {len(seen) - 1} and set "
+                f"num_labels to {len(seen)}"
+            )
+        raise ValueError(
+            f"{stated}, but {has}: class id(s) {id_ranges(missing)} ({len(missing)} of {n}) have no "
+            f"sample in any split; {fix}"
+        )
     return n
 
 
-def read_split_file(path: str, image_root: str, num_labels: int | None = None, check_images: bool = True,
-                    num_labels_origin: str | None = None) -> Dataset:
+def read_split_file(
+    path: str,
+    image_root: str,
+    num_labels: int | None = None,
+    check_images: bool = True,
+    num_labels_origin: str | None = None,
+) -> Dataset:
     """A Dataset with columns ``image_path`` (absolute) and ``label`` from one split file; every line checked
     (``num_labels_origin``, where num_labels was set, is named when a label is out of range)."""
     if not os.path.isfile(path):
@@ -79,7 +94,9 @@ def read_split_file(path: str, image_root: str, num_labels: int | None = None, c
                 raise ValueError(f"{path}:{number}: label {label} is outside {bound}; fix the file or {change}")
             image = os.path.join(image_root, parts[0])
             if check_images and not os.path.isfile(image):
-                raise FileNotFoundError(f"{path}:{number}: image {image} does not exist (paths are relative to {image_root})")
+                raise FileNotFoundError(
+                    f"{path}:{number}: image {image} does not exist (paths are relative to {image_root})"
+                )
             paths.append(image)
             labels.append(label)
     if not paths:
@@ -99,20 +116,32 @@ def load_split_files(
     default. A num_labels that disagrees with the labels is an error naming ``num_labels_origin`` (where it was set)."""
     files = split_files or IMAGENET_LT_FILES
     folder = splits_dir or image_root
-    splits = DatasetDict({name: read_split_file(os.path.join(folder, file), image_root, num_labels, check_images,
-                                                num_labels_origin) for name, file in files.items()})
-    num_labels = check_class_ids({files[name]: split["label"] for name, split in splits.items()}, num_labels,
-                                 num_labels_origin, data=f"the data (split files in {folder})")
+    splits = DatasetDict(
+        {
+            name: read_split_file(os.path.join(folder, file), image_root, num_labels, check_images, num_labels_origin)
+            for name, file in files.items()
+        }
+    )
+    num_labels = check_class_ids(
+        {files[name]: split["label"] for name, split in splits.items()},
+        num_labels,
+        num_labels_origin,
+        data=f"the data (split files in {folder})",
+    )
     for name, split in splits.items():
         missing = sorted(set(range(num_labels)) - set(split["label"]))
         if name != "train" and missing:
             shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-            raise ValueError(f"the {name} split ({files[name]}) has no sample of class(es) {shown}; every class must "
-                             "be present for per-class recall (SelMix's gains need them on validation too)")
+            raise ValueError(
+                f"the {name} split ({files[name]}) has no sample of class(es) {shown}; every class must "
+                "be present for per-class recall (SelMix's gains need them on validation too)"
+            )
     return splits
 
 
-def with_image_transform(dataset: Dataset, transform: Callable[[Any], Any], image_column: str = "image_path") -> Dataset:
+def with_image_transform(
+    dataset: Dataset, transform: Callable[[Any], Any], image_column: str = "image_path"
+) -> Dataset:
     """Decode (a path or a PIL image) to RGB and apply ``transform`` lazily; the model input is ``pixel_values``."""
     from PIL import Image
 
@@ -126,5 +155,11 @@ def with_image_transform(dataset: Dataset, transform: Callable[[Any], Any], imag
     return dataset.with_transform(apply)
 
 
-__all__ = ["IMAGENET_LT_FILES", "check_class_ids", "id_ranges", "load_split_files", "read_split_file",
-           "with_image_transform"]
+__all__ = [
+    "IMAGENET_LT_FILES",
+    "check_class_ids",
+    "id_ranges",
+    "load_split_files",
+    "read_split_file",
+    "with_image_transform",
+]

@@ -64,9 +64,17 @@ class SelMixTrainer(BaseTrainer):
     ) -> None:
         super().__init__(model, args, validation_dataset=validation_dataset, **kwargs)
         self.use_validation_set("SelMixTrainer")
-        self.objective = objective if objective is not None else objective_for_training(
-            args.objective, self.num_labels, self.class_counts, args.tail_fraction, class_prior=args.class_prior,
-            **args.objective_options,
+        self.objective = (
+            objective
+            if objective is not None
+            else objective_for_training(
+                args.objective,
+                self.num_labels,
+                self.class_counts,
+                args.tail_fraction,
+                class_prior=args.class_prior,
+                **args.objective_options,
+            )
         )
         if self.objective.num_classes != self.num_labels:
             raise ValueError(f"the objective has {self.objective.num_classes} classes, the model {self.num_labels}")
@@ -161,7 +169,11 @@ class SelMixTrainer(BaseTrainer):
         return self._refresh_logs(confusion, raw_prototypes)
 
     def compute_loss(
-        self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
     ) -> Any:
         """Training: CE of the mixed pairs on the first half's labels. Evaluation: the model's plain CE."""
         if not model.training:  # evaluate() / predict(): no mixing
@@ -202,7 +214,9 @@ class SelMixTrainer(BaseTrainer):
                 "lr": base_lr if is_head else base_lr * self.args.backbone_lr_ratio,
                 "weight_decay": self.args.weight_decay if decays else 0.0,
             }
-            for (is_head, decays), params in sorted(groups.items(), reverse=True)  # head first: its lr is the one logged
+            for (is_head, decays), params in sorted(
+                groups.items(), reverse=True
+            )  # head first: its lr is the one logged
         ]
         if self.optimizer_cls_and_kwargs is not None:
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
@@ -211,8 +225,8 @@ class SelMixTrainer(BaseTrainer):
         special = sorted({"params", "model", "optimizer_dict"} & set(optimizer_kwargs))
         if special:
             raise ValueError(
-                f"optim={self.args.optim!r} builds its own parameter groups ({', '.join(special)}), which would replace "
-                "SelMix's head / backbone groups; choose an optimizer such as adamw_torch or sgd"
+                f"optim={self.args.optim!r} builds its own parameter groups ({', '.join(special)}), which would "
+                "replace SelMix's head / backbone groups; choose an optimizer such as adamw_torch or sgd"
             )
         self.optimizer = optimizer_cls(param_groups, **optimizer_kwargs)
         return self.optimizer
@@ -253,8 +267,10 @@ class SelMixTrainer(BaseTrainer):
         never = torch.nonzero(self.last_confusion_counts.sum(0) == 0).flatten().tolist()
         reasons = []
         if never:
-            reasons.append(f"the model never predicts {', '.join(names[k] for k in never[:10])} on the validation "
-                           "set, and the first-order gain of a class the model never predicts is ~0")
+            reasons.append(
+                f"the model never predicts {', '.join(names[k] for k in never[:10])} on the validation "
+                "set, and the first-order gain of a class the model never predicts is ~0"
+            )
         head_std = float(self.pooled.head.weight.detach().float().std())
         if head_std < FRESH_HEAD_STD:
             reasons.append(f"the classifier head looks freshly initialised (weight std {head_std:.3f})")
@@ -266,8 +282,11 @@ class SelMixTrainer(BaseTrainer):
             "task: train it first (e.g. LongTailTrainer with loss_type='logit_adjusted'), or raise learning_rate, or "
             "try gain_estimator='exact'. If no refresh of the run finds a larger gain, the model card will not claim "
             "the objective was optimised.",
-            self.objective.name, NEGLIGIBLE_REFRESHES, max(self.max_gain_history[-NEGLIGIBLE_REFRESHES:]),
-            NEGLIGIBLE_CHANGE, self.args.learning_rate,
+            self.objective.name,
+            NEGLIGIBLE_REFRESHES,
+            max(self.max_gain_history[-NEGLIGIBLE_REFRESHES:]),
+            NEGLIGIBLE_CHANGE,
+            self.args.learning_rate,
             why[:1].upper() + why[1:],
         )
 
@@ -303,8 +322,10 @@ class SelMixTrainer(BaseTrainer):
         """What SelMix did, with the validation objective at the first and last refresh."""
         text = "mixup of pooled embeddings between class pairs drawn by their estimated gain in the objective"
         if self.objective_history:
-            text += (f"; validation {self.objective.name} {self.objective_history[0]:.3f} at the first refresh, "
-                     f"{self.objective_history[-1]:.3f} at the last")
+            text += (
+                f"; validation {self.objective.name} {self.objective_history[0]:.3f} at the first refresh, "
+                f"{self.objective_history[-1]:.3f} at the last"
+            )
         return text
 
     # -- checkpoints ------------------------------------------------------------------------------

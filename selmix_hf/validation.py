@@ -71,10 +71,12 @@ def gathered_validation_pass(
                 inputs_ok = inputs_finite(batch, len(batch_labels)).to(batch_labels.device)
                 with trainer.compute_loss_context_manager():
                     batch_logits = logits_of(model(**batch))
-                batch_features = (pooled.captured.float() if pooled is not None
-                                  else batch_logits.new_zeros(len(batch_labels), 0))
+                batch_features = (
+                    pooled.captured.float() if pooled is not None else batch_logits.new_zeros(len(batch_labels), 0)
+                )
                 gathered = trainer.accelerator.gather_for_metrics(
-                    (batch_features, batch_logits.float(), batch_labels, inputs_ok))
+                    (batch_features, batch_logits.float(), batch_labels, inputs_ok)
+                )
                 for store, tensor in zip((features, logits, labels, finite_inputs), gathered):
                     store.append(tensor)
     finally:

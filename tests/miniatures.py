@@ -1,4 +1,4 @@
-"""Generated miniatures for the recipe tests: an ImageNet-LT-format image folder, a text csv, tiny models saved to disk."""
+"""Generated miniatures for the recipe tests: an ImageNet-LT-format folder, a text csv, tiny models saved to disk."""
 
 from __future__ import annotations
 
@@ -36,10 +36,19 @@ def tiny_vit(folder: str, num_labels: int = 4, size: int = 16) -> str:
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     torch.manual_seed(0)
-    config = ViTConfig(image_size=size, patch_size=4, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                       intermediate_size=32, num_labels=num_labels)
+    config = ViTConfig(
+        image_size=size,
+        patch_size=4,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=num_labels,
+    )
     ViTForImageClassification(config).save_pretrained(folder)
-    ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
+        folder
+    )
     return folder
 
 
@@ -67,8 +76,15 @@ def tiny_bert(folder: str, num_labels: int = 4) -> str:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sum(WORDS, [])]
     BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, num_labels=num_labels)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_labels=num_labels,
+    )
     BertForSequenceClassification(config).save_pretrained(folder)
     return folder
 
@@ -79,8 +95,13 @@ def tiny_timm(folder: str, num_labels: int = 4, size: int = 16) -> str:
     from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
 
     torch.manual_seed(0)
-    data = {"input_size": (3, size, size), "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 1.0,
-            "interpolation": "bilinear"}  # timm's data config: the processor is built from it, as for Hub timm repos
+    data = {
+        "input_size": (3, size, size),
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "crop_pct": 1.0,
+        "interpolation": "bilinear",
+    }  # timm's data config: the processor is built from it, as for Hub timm repos
     config = TimmWrapperConfig(architecture="resnet10t", num_labels=num_labels, pretrained_cfg=data)
     TimmWrapperForImageClassification(config).save_pretrained(folder)
     return folder

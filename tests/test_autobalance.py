@@ -14,8 +14,8 @@ from selmix_hf.autobalance import (
     save_parametric_loss,
 )
 from selmix_hf.checkpoint_state import load_state
-from selmix_hf.losses import ParametricCrossEntropy
 from selmix_hf.longtail_trainer import LongTailConfig, LongTailTrainer
+from selmix_hf.losses import ParametricCrossEntropy
 
 F64 = torch.float64
 RIDGE = 0.5
@@ -42,8 +42,9 @@ def solve(loss, x, y):
     """The ridge-regularised lower problem, solved to convergence (strongly convex)."""
     weight = torch.zeros(3, 3, dtype=F64, requires_grad=True)
     bias = torch.zeros(3, dtype=F64, requires_grad=True)
-    optimiser = torch.optim.LBFGS([weight, bias], lr=1, max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16,
-                                  line_search_fn="strong_wolfe")
+    optimiser = torch.optim.LBFGS(
+        [weight, bias], lr=1, max_iter=500, tolerance_grad=1e-14, tolerance_change=1e-16, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         optimiser.zero_grad()
@@ -64,14 +65,18 @@ def test_neumann_hypergradient_matches_finite_differences():
     weight, bias = solve(loss, x_train, y_train)
     flat = torch.cat([weight.detach().flatten(), bias.detach()]).requires_grad_(True)
     hessian = torch.autograd.functional.hessian(
-        lambda w: train_objective(loss, x_train, y_train, w[:9].reshape(3, 3), w[9:]), flat)
+        lambda w: train_objective(loss, x_train, y_train, w[:9].reshape(3, 3), w[9:]), flat
+    )
     step = 1.0 / float(torch.linalg.eigvalsh(hessian).max())
     hyper = [loss.raw_delta, loss.offset]
     predicted = hypergradient(
-        [weight, bias], hyper,
+        [weight, bias],
+        hyper,
         lambda: train_objective(loss, x_train, y_train, weight, bias),
         lambda: validation_loss(x_val, y_val, weight, bias),
-        method="neumann", neumann_steps=3000, neumann_lr=step,
+        method="neumann",
+        neumann_steps=3000,
+        neumann_lr=step,
     )
     predicted = torch.cat([g.flatten() for g in predicted])
     eps, measured = 1e-5, []
@@ -94,8 +99,14 @@ def test_unrolled_hypergradient_is_one_sgd_step():
     x_train, y_train, x_val, y_val, loss = logistic_problem()
     weight, bias = solve(loss, x_train, y_train)
     lr = 0.3
-    predicted = hypergradient([weight, bias], [loss.offset], lambda: train_objective(loss, x_train, y_train, weight, bias),
-                              lambda: validation_loss(x_val, y_val, weight, bias), method="unrolled", unroll_lr=lr)[0]
+    predicted = hypergradient(
+        [weight, bias],
+        [loss.offset],
+        lambda: train_objective(loss, x_train, y_train, weight, bias),
+        lambda: validation_loss(x_val, y_val, weight, bias),
+        method="unrolled",
+        unroll_lr=lr,
+    )[0]
 
     def after_one_step():
         w, b = weight.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
@@ -124,27 +135,57 @@ COUNTS = [300, 100, 30, 10]
 
 
 def common(tmp_path, seed, **overrides):
-    return {**dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-                   logging_strategy="no", per_device_train_batch_size=32, max_steps=400, optim="sgd",
-                   learning_rate=0.1, lr_scheduler_type="constant", seed=seed), **overrides}
+    return {
+        **dict(
+            output_dir=str(tmp_path / "out"),
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            logging_strategy="no",
+            per_device_train_batch_size=32,
+            max_steps=400,
+            optim="sgd",
+            learning_rate=0.1,
+            lr_scheduler_type="constant",
+            seed=seed,
+        ),
+        **overrides,
+    }
 
 
 def autobalance(tmp_path, seed=0, **overrides):
     torch.manual_seed(seed)
-    args = AutoBalanceConfig(**common(tmp_path, seed, **{
-        "hyper_learning_rate": 0.1, "hyper_update_steps": 10, "hyper_batches": 4, "neumann_lr": 0.1, **overrides}))
-    return AutoBalanceTrainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)), args=args,
-                              train_dataset=gaussian_problem(COUNTS, seed=seed + 1, spread=0.8),
-                              eval_dataset=gaussian_problem([30] * K, seed=seed + 2, spread=0.8))
+    args = AutoBalanceConfig(
+        **common(
+            tmp_path,
+            seed,
+            **{
+                "hyper_learning_rate": 0.1,
+                "hyper_update_steps": 10,
+                "hyper_batches": 4,
+                "neumann_lr": 0.1,
+                **overrides,
+            },
+        )
+    )
+    return AutoBalanceTrainer(
+        model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)),
+        args=args,
+        train_dataset=gaussian_problem(COUNTS, seed=seed + 1, spread=0.8),
+        eval_dataset=gaussian_problem([30] * K, seed=seed + 2, spread=0.8),
+    )
 
 
 @pytest.mark.slow
 def test_autobalance_beats_ce_on_balanced_validation_accuracy(tmp_path):
     for seed in range(2):
         torch.manual_seed(seed)
-        ce = LongTailTrainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)),
-                             args=LongTailConfig(loss_type="ce", **common(tmp_path / f"ce{seed}", seed)),
-                             train_dataset=gaussian_problem(COUNTS, seed=seed + 1, spread=0.8))
+        ce = LongTailTrainer(
+            model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)),
+            args=LongTailConfig(loss_type="ce", **common(tmp_path / f"ce{seed}", seed)),
+            train_dataset=gaussian_problem(COUNTS, seed=seed + 1, spread=0.8),
+        )
         ce.train()
         searched = autobalance(tmp_path / f"ab{seed}", seed)
         searched.train()
@@ -166,9 +207,12 @@ def test_learned_parameters_are_logged_frozen_after_search_and_exported(tmp_path
     frozen = load_parametric_loss(str(tmp_path / "out" / "autobalance_loss.json"))
     logits, labels = torch.randn(8, K), torch.randint(0, K, (8,))
     torch.testing.assert_close(frozen(logits, labels), trainer.loss_fn(logits, labels))
-    fresh = LongTailTrainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)), loss=frozen,
-                            args=LongTailConfig(**common(tmp_path / "fresh", 0, max_steps=5)),
-                            train_dataset=gaussian_problem(COUNTS, seed=1))
+    fresh = LongTailTrainer(
+        model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)),
+        loss=frozen,
+        args=LongTailConfig(**common(tmp_path / "fresh", 0, max_steps=5)),
+        train_dataset=gaussian_problem(COUNTS, seed=1),
+    )
     fresh.train()
     torch.testing.assert_close(frozen.class_offset(), torch.tensor(exported["offset"]))
 
@@ -197,12 +241,15 @@ def test_upper_objective_from_the_engine(tmp_path):
     assert trainer.loss_fn.offset.numel() == 2 and not torch.equal(trainer.loss_fn.offset.detach(), before)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"hypergradient": "exact"}, "neumann, unrolled"),
-    ({"upper_objective": "accuracy_at_k"}, "balanced_ce"),
-    ({"loss_type": "ce"}, "must be 'parametric'"),
-    ({"init": "zeros"}, "ones, la, cdt"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"hypergradient": "exact"}, "neumann, unrolled"),
+        ({"upper_objective": "accuracy_at_k"}, "balanced_ce"),
+        ({"loss_type": "ce"}, "must be 'parametric'"),
+        ({"init": "zeros"}, "ones, la, cdt"),
+    ],
+)
 def test_bad_config_is_a_clear_error(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         autobalance(tmp_path, **overrides)
@@ -210,25 +257,35 @@ def test_bad_config_is_a_clear_error(overrides, message, tmp_path):
 
 def test_class_without_training_samples_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"classes \[3\] have zero training samples"):
-        AutoBalanceTrainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)),
-                           args=AutoBalanceConfig(**common(tmp_path, 0)),
-                           train_dataset=gaussian_problem([30, 10, 5, 0], seed=1),
-                           eval_dataset=gaussian_problem([3] * K, seed=2))
+        AutoBalanceTrainer(
+            model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)),
+            args=AutoBalanceConfig(**common(tmp_path, 0)),
+            train_dataset=gaussian_problem([30, 10, 5, 0], seed=1),
+            eval_dataset=gaussian_problem([3] * K, seed=2),
+        )
 
 
 def test_whole_model_hypergradient_through_fused_attention_names_the_fix(tmp_path):
     from tiny import ARCHITECTURES, class_signal_dataset
 
     vit = next(a for a in ARCHITECTURES if a.name == "vit")
-    args = AutoBalanceConfig(**common(tmp_path, 0, max_steps=2, hyper_batches=1, per_device_train_batch_size=4,
-                                      hypergradient_params="all"))
-    trainer = AutoBalanceTrainer(model=vit.build(), args=args, train_dataset=class_signal_dataset("image", [8, 6, 4]),
-                                 eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1))
+    args = AutoBalanceConfig(
+        **common(tmp_path, 0, max_steps=2, hyper_batches=1, per_device_train_batch_size=4, hypergradient_params="all")
+    )
+    trainer = AutoBalanceTrainer(
+        model=vit.build(),
+        args=args,
+        train_dataset=class_signal_dataset("image", [8, 6, 4]),
+        eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1),
+    )
     with pytest.raises(RuntimeError, match="attn_implementation='eager'"):
         trainer.train()
-    head_only = AutoBalanceTrainer(model=vit.build(), args=AutoBalanceConfig(**{**args.to_dict(), "hypergradient_params": "head"}),
-                                   train_dataset=class_signal_dataset("image", [8, 6, 4]),
-                                   eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1))
+    head_only = AutoBalanceTrainer(
+        model=vit.build(),
+        args=AutoBalanceConfig(**{**args.to_dict(), "hypergradient_params": "head"}),
+        train_dataset=class_signal_dataset("image", [8, 6, 4]),
+        eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1),
+    )
     head_only.train()
 
 
@@ -246,10 +303,15 @@ def test_hyper_step_leaves_batchnorm_statistics_alone(tmp_path):
 
     resnet = next(a for a in ARCHITECTURES if a.name == "timm-resnet").build()
     stats = {n: b.clone() for n, b in resnet.named_buffers() if "running_mean" in n}
-    args = AutoBalanceConfig(**common(tmp_path, 0, max_steps=1, hyper_batches=2, per_device_train_batch_size=4,
-                                      learning_rate=0.0))
-    trainer = AutoBalanceTrainer(model=resnet, args=args, train_dataset=class_signal_dataset("image", [8, 6, 4]),
-                                 eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1))
+    args = AutoBalanceConfig(
+        **common(tmp_path, 0, max_steps=1, hyper_batches=2, per_device_train_batch_size=4, learning_rate=0.0)
+    )
+    trainer = AutoBalanceTrainer(
+        model=resnet,
+        args=args,
+        train_dataset=class_signal_dataset("image", [8, 6, 4]),
+        eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1),
+    )
     trainer.refresh()
     for name, buffer in resnet.named_buffers():
         if name in stats:

@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import ModelCard
+from tiny import TinyMLPConfig, TinyMLPForClassification, gaussian_problem
 
 from selmix_hf import LongTailConfig, LongTailTrainer, SelMixConfig, SelMixTrainer, classification_report
 from selmix_hf.cards import objective_metrics, render_model_card
-from tiny import TinyMLPConfig, TinyMLPForClassification, gaussian_problem
 
 
 @pytest.fixture
@@ -37,8 +37,11 @@ def report(num_classes: int, seed: int = 0, zero: int | None = None) -> tuple[di
     predictions = np.where(rng.random(labels.size) < 0.7, labels, rng.integers(0, num_classes, labels.size))
     if zero is not None:
         predictions[labels == zero] = (zero + 1) % num_classes
-    return classification_report(labels, predictions, num_classes, class_counts=counts, per_class=True,
-                                 class_names=names), names, counts
+    return (
+        classification_report(labels, predictions, num_classes, class_counts=counts, per_class=True, class_names=names),
+        names,
+        counts,
+    )
 
 
 def front_matter(card: ModelCard) -> dict:
@@ -48,19 +51,39 @@ def front_matter(card: ModelCard) -> dict:
 
 
 STAGES = [
-    {"title": "fine-tuning with the logit-adjusted loss", "method": "logit_adjusted", "cite": ["logit_adjusted"],
-     "settings": {"steps": 300, "learning_rate": 3e-4}},
-    {"title": "SelMix fine-tuning for min_recall", "method": "selmix", "cite": ["selmix"], "objective": "min_recall",
-     "settings": {"steps": 150, "gain_estimator": "selmix"}},
+    {
+        "title": "fine-tuning with the logit-adjusted loss",
+        "method": "logit_adjusted",
+        "cite": ["logit_adjusted"],
+        "settings": {"steps": 300, "learning_rate": 3e-4},
+    },
+    {
+        "title": "SelMix fine-tuning for min_recall",
+        "method": "selmix",
+        "cite": ["selmix"],
+        "objective": "min_recall",
+        "settings": {"steps": 150, "gain_estimator": "selmix"},
+    },
 ]
 
 
 def test_card_with_evaluation_has_model_index_tables_and_citations(no_network):
     after, names, counts = report(6, zero=5)
     before, _, _ = report(6, seed=1)
-    card = render_model_card(model_name="demo", class_names=names, class_counts=counts, results=after, before=before,
-                             objective="min_recall", stages=STAGES, base_model="org/base", dataset_id="org/data",
-                             license="mit", plot_file="per_class_recall.png", repo_id="me/demo")
+    card = render_model_card(
+        model_name="demo",
+        class_names=names,
+        class_counts=counts,
+        results=after,
+        before=before,
+        objective="min_recall",
+        stages=STAGES,
+        base_model="org/base",
+        dataset_id="org/data",
+        license="mit",
+        plot_file="per_class_recall.png",
+        repo_id="me/demo",
+    )
     meta = front_matter(card)
     assert meta["base_model"] == "org/base" and meta["datasets"] == ["org/data"] and meta["license"] == "mit"
     metrics = {m["type"]: m for m in meta["model-index"][0]["results"][0]["metrics"]}
@@ -88,8 +111,15 @@ def test_card_without_evaluation_leaves_results_out(no_network):
 
 def test_many_classes_get_a_summary_not_a_table(no_network):
     after, names, counts = report(120, zero=7)
-    card = render_model_card(model_name="many", class_names=names, class_counts=counts, results=after,
-                             objective="h_mean", stages=STAGES, task="image-classification")
+    card = render_model_card(
+        model_name="many",
+        class_names=names,
+        class_counts=counts,
+        results=after,
+        objective="h_mean",
+        stages=STAGES,
+        task="image-classification",
+    )
     text = str(card)
     rows = [line for line in text.splitlines() if line.startswith("| class ") and not line.startswith("| class |")]
     assert len(rows) == 25  # the worst half of the 50-row budget
@@ -131,15 +161,30 @@ def test_trainer_card_uses_its_last_evaluation_and_recorded_stages(no_network, t
     counts = [60, 20, 8]
     torch.manual_seed(0)
     model = TinyMLPForClassification(TinyMLPConfig(num_labels=3))
-    common = dict(use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
-                  max_steps=10, per_device_train_batch_size=8, optim="sgd", learning_rate=0.1)
-    stage1 = LongTailTrainer(model=model, args=LongTailConfig(output_dir=str(tmp_path / "s1"), **common),
-                             train_dataset=gaussian_problem(counts, 0))
+    common = dict(
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        max_steps=10,
+        per_device_train_batch_size=8,
+        optim="sgd",
+        learning_rate=0.1,
+    )
+    stage1 = LongTailTrainer(
+        model=model,
+        args=LongTailConfig(output_dir=str(tmp_path / "s1"), **common),
+        train_dataset=gaussian_problem(counts, 0),
+    )
     stage1.train()
-    stage2 = SelMixTrainer(model=stage1.model, args=SelMixConfig(output_dir=str(tmp_path / "s2"), gain_refresh_steps=5,
-                                                                 objective="mean_recall", **common),
-                           train_dataset=gaussian_problem(counts, 0), eval_dataset=gaussian_problem([10, 10, 10], 1),
-                           compute_metrics=__import__("selmix_hf").make_compute_metrics(3, class_counts=counts))
+    stage2 = SelMixTrainer(
+        model=stage1.model,
+        args=SelMixConfig(output_dir=str(tmp_path / "s2"), gain_refresh_steps=5, objective="mean_recall", **common),
+        train_dataset=gaussian_problem(counts, 0),
+        eval_dataset=gaussian_problem([10, 10, 10], 1),
+        compute_metrics=__import__("selmix_hf").make_compute_metrics(3, class_counts=counts),
+    )
     stage2.create_model_card()  # before training and evaluation: stage 1 only, no results
     text = open(tmp_path / "s2" / "README.md").read()
     assert "## Results" not in text and "logit-adjusted" in text and "SelMix fine-tuning" not in text
@@ -193,38 +238,68 @@ def test_committed_benchmark_cards_load_and_mark_their_objective(name):
 def test_stage_history_survives_output_folders_that_share_a_basename(no_network, tmp_path):
     """../shared/repro/r5_card_stages.py: stage1/model then stage2/model kept only the second stage."""
     counts = [60, 20, 8]
-    common = dict(use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, max_steps=4,
-                  per_device_train_batch_size=8)
-    stage1 = LongTailTrainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=3)),
-                             args=LongTailConfig(output_dir=str(tmp_path / "stage1" / "model"), **common),
-                             train_dataset=gaussian_problem(counts, 0))
+    common = dict(
+        use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, max_steps=4, per_device_train_batch_size=8
+    )
+    stage1 = LongTailTrainer(
+        model=TinyMLPForClassification(TinyMLPConfig(num_labels=3)),
+        args=LongTailConfig(output_dir=str(tmp_path / "stage1" / "model"), **common),
+        train_dataset=gaussian_problem(counts, 0),
+    )
     stage1.train()
     stage1.save_model()
     model = TinyMLPForClassification.from_pretrained(str(tmp_path / "stage1" / "model"), num_labels=3)
-    stage2 = SelMixTrainer(model=model, args=SelMixConfig(output_dir=str(tmp_path / "stage2" / "model"), **common),
-                           train_dataset=gaussian_problem(counts, 0), eval_dataset=gaussian_problem([5, 5, 5], 1))
+    stage2 = SelMixTrainer(
+        model=model,
+        args=SelMixConfig(output_dir=str(tmp_path / "stage2" / "model"), **common),
+        train_dataset=gaussian_problem(counts, 0),
+        eval_dataset=gaussian_problem([5, 5, 5], 1),
+    )
     stage2.train()
     text = stage2.create_model_card().text
     assert "1. **fine-tuning with the logit-adjusted loss**" in text and "2. **SelMix" in text
-    assert str(tmp_path) not in text and "model\"" not in text.split("## How to load")[0]
+    assert str(tmp_path) not in text and 'model"' not in text.split("## How to load")[0]
 
 
 def test_a_peft_adapter_card_says_so_and_names_its_base_model(no_network, tmp_path):
     peft = pytest.importorskip("peft")
     from transformers import BertConfig, BertForSequenceClassification
 
-    base = BertForSequenceClassification(BertConfig(vocab_size=60, hidden_size=16, num_hidden_layers=1,
-                                                    num_attention_heads=2, intermediate_size=32, num_labels=3))
+    base = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=60,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=3,
+        )
+    )
     base.config._name_or_path = "org/tiny-bert"
-    model = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"],
-                                                       base_model_name_or_path="org/tiny-bert"))
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            task_type="SEQ_CLS", r=2, target_modules=["query", "value"], base_model_name_or_path="org/tiny-bert"
+        ),
+    )
     model.peft_config["default"].base_model_name_or_path = "org/tiny-bert"
-    data = [{"input_ids": torch.randint(5, 60, (6,)), "attention_mask": torch.ones(6, dtype=torch.long), "labels": k}
-            for k in (0, 1, 2) for _ in range(4)]
-    trainer = LongTailTrainer(model=model, args=LongTailConfig(output_dir=str(tmp_path / "adapter"), use_cpu=True,
-                                                               report_to=[], max_steps=2, save_strategy="no",
-                                                               per_device_train_batch_size=4),
-                              train_dataset=data)
+    data = [
+        {"input_ids": torch.randint(5, 60, (6,)), "attention_mask": torch.ones(6, dtype=torch.long), "labels": k}
+        for k in (0, 1, 2)
+        for _ in range(4)
+    ]
+    trainer = LongTailTrainer(
+        model=model,
+        args=LongTailConfig(
+            output_dir=str(tmp_path / "adapter"),
+            use_cpu=True,
+            report_to=[],
+            max_steps=2,
+            save_strategy="no",
+            per_device_train_batch_size=4,
+        ),
+        train_dataset=data,
+    )
     trainer.train()
     card = trainer.create_model_card(license="mit")
     meta = front_matter(card)

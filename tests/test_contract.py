@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny import ListDataset, TinyMLPConfig, TinyMLPForClassification, gaussian_problem  # noqa: E402
+from tiny import ListDataset, TinyMLPConfig, TinyMLPForClassification, gaussian_problem, two_cpu_ranks  # noqa: E402
 from transformers import BertConfig, BertModel, TrainerCallback, TrainingArguments  # noqa: E402
 
 from selmix_hf import (  # noqa: E402
@@ -56,18 +55,25 @@ class Subject:
 
 SUBJECTS = [
     Subject(
-        "selmix", SelMixTrainer, SelMixConfig, {"gain_refresh_steps": 2, "objective": "min_recall"},
+        "selmix",
+        SelMixTrainer,
+        SelMixConfig,
+        {"gain_refresh_steps": 2, "objective": "min_recall"},
         lambda t: {"gains": t.gains, "distribution": t.distribution, **t.objective.multipliers()},
         ("gain_refresh_steps", "2"),
     ),
     Subject(
-        "longtail-cost-sensitive", LongTailTrainer, LongTailConfig,
+        "longtail-cost-sensitive",
+        LongTailTrainer,
+        LongTailConfig,
         {"loss_type": "cost_sensitive", "validation_refresh_steps": 2},
         lambda t: dict(t.loss_fn.state_dict()),
         ("validation_refresh_steps", 2.5),
     ),
     Subject(
-        "autobalance", AutoBalanceTrainer, AutoBalanceConfig,
+        "autobalance",
+        AutoBalanceTrainer,
+        AutoBalanceConfig,
         {"hyper_update_steps": 2, "hyper_batches": 2, "neumann_lr": 0.1, "hyper_learning_rate": 0.1},
         lambda t: {f"theta{i}": p for i, p in enumerate(t.hyperparameters)},
         ("hyper_update_steps", "two"),
@@ -76,20 +82,46 @@ SUBJECTS = [
 ids = [s.name for s in SUBJECTS]
 
 
-def build(subject: Subject, out: str, *, model: Any = None, train: Any = None, validation: Any = None,
-          callbacks: list | None = None, compute_metrics: Any = None, data_collator: Any = None,
-          **overrides: Any) -> Any:
+def build(
+    subject: Subject,
+    out: str,
+    *,
+    model: Any = None,
+    train: Any = None,
+    validation: Any = None,
+    callbacks: list | None = None,
+    compute_metrics: Any = None,
+    data_collator: Any = None,
+    **overrides: Any,
+) -> Any:
     """The subject's trainer over a tiny MLP on Gaussian classes, seeded so that two builds are identical."""
     torch.manual_seed(0)
-    settings = dict(output_dir=out, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-                    logging_strategy="no", per_device_train_batch_size=4, per_device_eval_batch_size=5, max_steps=6,
-                    optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", seed=0)
+    settings = dict(
+        output_dir=out,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_strategy="no",
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=5,
+        max_steps=6,
+        optim="sgd",
+        learning_rate=0.1,
+        lr_scheduler_type="constant",
+        seed=0,
+    )
     args = subject.config(**{**settings, **subject.settings, **overrides})
     model = model if model is not None else TinyMLPForClassification(TinyMLPConfig(num_labels=K))
-    return subject.trainer(model=model, args=args, callbacks=callbacks, compute_metrics=compute_metrics,
-                           data_collator=data_collator,
-                           train_dataset=train if train is not None else gaussian_problem(TRAIN_COUNTS, seed=1),
-                           eval_dataset=validation if validation is not None else gaussian_problem(VALIDATION_COUNTS, seed=2))
+    return subject.trainer(
+        model=model,
+        args=args,
+        callbacks=callbacks,
+        compute_metrics=compute_metrics,
+        data_collator=data_collator,
+        train_dataset=train if train is not None else gaussian_problem(TRAIN_COUNTS, seed=1),
+        eval_dataset=validation if validation is not None else gaussian_problem(VALIDATION_COUNTS, seed=2),
+    )
 
 
 def assert_same(a: Any, b: Any, where: str = "state", skip: tuple[str, ...] = (), **tolerance: Any) -> None:
@@ -124,7 +156,9 @@ def weights(trainer: Any) -> dict[str, torch.Tensor]:
 def test_gradient_accumulation_equals_the_large_batch(subject, tmp_path):
     logs = dict(logging_strategy="steps", logging_steps=1)
     whole = build(subject, str(tmp_path / "whole"), per_device_train_batch_size=8, **logs)
-    split = build(subject, str(tmp_path / "split"), per_device_train_batch_size=2, gradient_accumulation_steps=4, **logs)
+    split = build(
+        subject, str(tmp_path / "split"), per_device_train_batch_size=2, gradient_accumulation_steps=4, **logs
+    )
     whole.train()
     split.train()
     tolerance = dict(rtol=1e-5, atol=1e-6)
@@ -161,7 +195,10 @@ def test_resume_continues_exactly_where_the_run_stopped(subject, batch_size, tmp
     checkpoint = os.path.join(out, "checkpoint-3")
     files = os.listdir(checkpoint)
     state_files = [f for f in files if f.startswith(subject.trainer.state_stem)]
-    assert sorted(state_files) == [f"{subject.trainer.state_stem}_rank0.json", f"{subject.trainer.state_stem}_rank0.safetensors"]
+    assert sorted(state_files) == [
+        f"{subject.trainer.state_stem}_rank0.json",
+        f"{subject.trainer.state_stem}_rank0.safetensors",
+    ]
     assert not [f for f in files if f.endswith((".pt", ".pkl", ".bin")) and "state" in f and "trainer" not in f]
     resumed = build(subject, out, **save)
     resumed.train(resume_from_checkpoint=True)
@@ -199,19 +236,23 @@ def two_rank_run(name: str, out_dir: str) -> None:
     assert dist.is_initialized() and dist.get_world_size() == 2 and trainer.args.world_size == 2
     trainer.train()
     _, logits, labels = trainer.validation_pass()
-    torch.save({"rank": trainer.args.process_index, "steps": trainer.state.global_step, "weights": weights(trainer),
-                "shared": copy.deepcopy(subject.shared_state(trainer)),
-                "validation_labels": labels.cpu(), "validation_logits": logits.cpu()},
-               f"{out_dir}/rank{trainer.args.process_index}.pt")
+    torch.save(
+        {
+            "rank": trainer.args.process_index,
+            "steps": trainer.state.global_step,
+            "weights": weights(trainer),
+            "shared": copy.deepcopy(subject.shared_state(trainer)),
+            "validation_labels": labels.cpu(),
+            "validation_logits": logits.cpu(),
+        },
+        f"{out_dir}/rank{trainer.args.process_index}.pt",
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
 def test_two_ranks_agree_and_count_each_validation_sample_once(subject, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-               subject.name, str(tmp_path)]
-    result = subprocess.run(command, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True)
+    result = two_cpu_ranks(__file__, subject.name, str(tmp_path))
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["steps"] == 4 for r in ranks)
@@ -228,8 +269,9 @@ def two_rank_nan_run(name: str, out_dir: str) -> None:
     subject = next(s for s in SUBJECTS if s.name == name)
     rank = int(os.environ["RANK"])
     train = Poisoned(gaussian_problem(TRAIN_COUNTS, seed=1).examples, active=False)
-    trainer = build(subject, f"{out_dir}/run", train=train, max_steps=8,
-                    callbacks=[Activate(train, 2)] if rank == 1 else [])
+    trainer = build(
+        subject, f"{out_dir}/run", train=train, max_steps=8, callbacks=[Activate(train, 2)] if rank == 1 else []
+    )
     try:
         trainer.train()
     except NonFiniteError as err:
@@ -241,10 +283,7 @@ def two_rank_nan_run(name: str, out_dir: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
 def test_a_nan_on_one_rank_stops_both(subject, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-               subject.name, str(tmp_path), "nan"]
-    result = subprocess.run(command, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                            text=True)
+    result = two_cpu_ranks(__file__, subject.name, str(tmp_path), "nan")
     assert result.returncode != 0
     errors = [(tmp_path / f"error{r}.txt").read_text() for r in range(2)]
     assert "'features'" in errors[1] and "NaN or inf" in errors[1]
@@ -284,8 +323,9 @@ def checkpoint_files(folder: str) -> dict[str, bytes]:
 def test_nan_in_training_inputs_stops_before_any_checkpoint_is_overwritten(subject, tmp_path):
     train = Poisoned(gaussian_problem(TRAIN_COUNTS, seed=1).examples, active=False)
     out = str(tmp_path / "run")
-    trainer = build(subject, out, train=train, callbacks=[Activate(train, 3)], save_strategy="steps", save_steps=2,
-                    max_steps=8)
+    trainer = build(
+        subject, out, train=train, callbacks=[Activate(train, 3)], save_strategy="steps", save_steps=2, max_steps=8
+    )
     saved: dict[str, dict[str, bytes]] = {}
 
     class Snapshot(TrainerCallback):
@@ -333,10 +373,14 @@ def test_bad_configuration_is_a_clear_error(subject, tmp_path):
         build(subject, str(tmp_path / "typed"), **{name: value})
     plain = TrainingArguments(output_dir=str(tmp_path / "plain"), use_cpu=True, report_to=[])
     with pytest.raises(TypeError, match=rf"needs args={subject.config.__name__}"):
-        subject.trainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)), args=plain,
-                        train_dataset=gaussian_problem(TRAIN_COUNTS, seed=1))
-    headless = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                    intermediate_size=32))
+        subject.trainer(
+            model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)),
+            args=plain,
+            train_dataset=gaussian_problem(TRAIN_COUNTS, seed=1),
+        )
+    headless = BertModel(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    )
     with pytest.raises(ValueError, match="no classification head.*BertForSequenceClassification"):
         build(subject, str(tmp_path / "headless"), model=headless)
     with pytest.raises(ValueError, match="one label column"):
@@ -351,8 +395,10 @@ def test_label_smoothing_is_applied_or_refused(subject, tmp_path):
         with pytest.raises(ValueError, match="label_smoothing_factor=0.2 is not applied"):
             build(subject, str(tmp_path / "refused"), label_smoothing_factor=0.2)
         return
-    runs = {factor: build(subject, str(tmp_path / f"ls{factor}"), label_smoothing_factor=factor, max_steps=2)
-            for factor in (0.0, 0.2)}
+    runs = {
+        factor: build(subject, str(tmp_path / f"ls{factor}"), label_smoothing_factor=factor, max_steps=2)
+        for factor in (0.0, 0.2)
+    }
     losses = {factor: trainer.train().training_loss for factor, trainer in runs.items()}
     assert losses[0.0] != losses[0.2]
     with pytest.raises(AssertionError):  # smoothing changed the gradients, hence the weights
@@ -361,8 +407,12 @@ def test_label_smoothing_is_applied_or_refused(subject, tmp_path):
 
 def renamed(dataset: ListDataset, key: str) -> ListDataset:
     """The dataset with its label under ``key`` (a tensor for label_ids, which the default collator stacks)."""
-    return ListDataset([{"features": e["features"], key: torch.tensor(e["labels"]) if key == "label_ids" else e["labels"]}
-                        for e in dataset.examples])
+    return ListDataset(
+        [
+            {"features": e["features"], key: torch.tensor(e["labels"]) if key == "label_ids" else e["labels"]}
+            for e in dataset.examples
+        ]
+    )
 
 
 class DictOutputMLP(TinyMLPForClassification):
@@ -377,15 +427,25 @@ def test_label_columns_and_dict_outputs_as_trainer_accepts_them(subject, tmp_pat
     reference = build(subject, str(tmp_path / "reference"), max_steps=4)
     reference.train()
     for key in ("label", "label_ids"):
-        trainer = build(subject, str(tmp_path / key), max_steps=4,
-                        train=renamed(gaussian_problem(TRAIN_COUNTS, seed=1), key),
-                        validation=renamed(gaussian_problem(VALIDATION_COUNTS, seed=2), key))
+        trainer = build(
+            subject,
+            str(tmp_path / key),
+            max_steps=4,
+            train=renamed(gaussian_problem(TRAIN_COUNTS, seed=1), key),
+            validation=renamed(gaussian_problem(VALIDATION_COUNTS, seed=2), key),
+        )
         trainer.train()
         assert_same(weights(reference), weights(trainer), key)
-    named = build(subject, str(tmp_path / "named"), max_steps=4, label_names=["target"], remove_unused_columns=False,
-                  train=renamed(gaussian_problem(TRAIN_COUNTS, seed=1), "target"),
-                  validation=renamed(gaussian_problem(VALIDATION_COUNTS, seed=2), "target"),
-                  data_collator=lambda rows: {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]})
+    named = build(
+        subject,
+        str(tmp_path / "named"),
+        max_steps=4,
+        label_names=["target"],
+        remove_unused_columns=False,
+        train=renamed(gaussian_problem(TRAIN_COUNTS, seed=1), "target"),
+        validation=renamed(gaussian_problem(VALIDATION_COUNTS, seed=2), "target"),
+        data_collator=lambda rows: {k: torch.stack([torch.as_tensor(r[k]) for r in rows]) for k in rows[0]},
+    )
     named.train()
     assert_same(weights(reference), weights(named), "label_names")
     torch.manual_seed(0)
@@ -400,9 +460,20 @@ def test_label_columns_and_dict_outputs_as_trainer_accepts_them(subject, tmp_pat
 @pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
 def test_best_model_loading_and_its_card_describe_the_saved_weights(subject, tmp_path):
     out = str(tmp_path / "run")
-    trainer = build(subject, out, max_steps=8, eval_strategy="steps", eval_steps=2, save_strategy="steps",
-                    save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,
-                    compute_metrics=make_compute_metrics(K), learning_rate=0.05)
+    trainer = build(
+        subject,
+        out,
+        max_steps=8,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+        compute_metrics=make_compute_metrics(K),
+        learning_rate=0.05,
+    )
     trainer.train()
     best_step = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
     assert best_step != trainer.state.global_step  # the highest validation loss: an early checkpoint

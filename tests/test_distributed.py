@@ -6,14 +6,13 @@ already run (as accelerate.debug_launcher does) can deadlock the children.
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny import TinyMLPConfig, TinyMLPForClassification, gaussian_problem  # noqa: E402
+from tiny import TinyMLPConfig, TinyMLPForClassification, gaussian_problem, two_cpu_ranks  # noqa: E402
 
 from selmix_hf.config import SelMixConfig  # noqa: E402
 from selmix_hf.trainer import SelMixTrainer  # noqa: E402
@@ -30,8 +29,10 @@ class RecordingCollator:
 
     def __call__(self, examples):
         self.batches.append([int(e["id"]) for e in examples])
-        return {"features": torch.stack([e["features"] for e in examples]),
-                "labels": torch.tensor([e["labels"] for e in examples])}
+        return {
+            "features": torch.stack([e["features"] for e in examples]),
+            "labels": torch.tensor([e["labels"] for e in examples]),
+        }
 
 
 def with_ids(dataset):
@@ -45,34 +46,49 @@ def two_rank_run(out_dir: str) -> None:
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    args = SelMixConfig(output_dir=f"{out_dir}/run", use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
-                        max_steps=6, per_device_train_batch_size=4, per_device_eval_batch_size=4, gain_refresh_steps=2,
-                        remove_unused_columns=False, logging_strategy="no", optim="sgd", learning_rate=0.1)
+    args = SelMixConfig(
+        output_dir=f"{out_dir}/run",
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        max_steps=6,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        gain_refresh_steps=2,
+        remove_unused_columns=False,
+        logging_strategy="no",
+        optim="sgd",
+        learning_rate=0.1,
+    )
     assert dist.is_initialized() and dist.get_world_size() == 2 and args.world_size == 2
     collator = RecordingCollator()
-    trainer = SelMixTrainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)), args=args,
-                            data_collator=collator,
-                            train_dataset=with_ids(gaussian_problem([40, 30, 20, 10], seed=1)),
-                            eval_dataset=with_ids(gaussian_problem(VALIDATION_COUNTS, seed=2)))
+    trainer = SelMixTrainer(
+        model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)),
+        args=args,
+        data_collator=collator,
+        train_dataset=with_ids(gaussian_problem([40, 30, 20, 10], seed=1)),
+        eval_dataset=with_ids(gaussian_problem(VALIDATION_COUNTS, seed=2)),
+    )
     trainer.train()
     train_batches = [b for b in collator.batches if len(b) == 8]  # pair batches (eval batches hold <= 4)
-    torch.save({
-        "rank": args.process_index,
-        "steps": trainer.state.global_step,
-        "gains": trainer.gains,
-        "distribution": trainer.distribution,
-        "counts": trainer.last_confusion_counts,
-        "multipliers": trainer.objective.multipliers(),
-        "train_batches": train_batches,
-        "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
-    }, f"{out_dir}/rank{args.process_index}.pt")
+    torch.save(
+        {
+            "rank": args.process_index,
+            "steps": trainer.state.global_step,
+            "gains": trainer.gains,
+            "distribution": trainer.distribution,
+            "counts": trainer.last_confusion_counts,
+            "multipliers": trainer.objective.multipliers(),
+            "train_batches": train_batches,
+            "params": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
+        },
+        f"{out_dir}/rank{args.process_index}.pt",
+    )
 
 
 def launch(tmp_path, mode: str) -> list[dict]:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-               mode, str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, timeout=300, env=env, capture_output=True, text=True)
+    result = two_cpu_ranks(__file__, mode, str(tmp_path))
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
 

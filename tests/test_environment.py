@@ -20,9 +20,26 @@ def test_timm_model_runs():
 def test_bert_and_vit_classifiers_run():
     from transformers import BertConfig, BertForSequenceClassification, ViTConfig, ViTForImageClassification
 
-    bert = BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
-                                                    num_attention_heads=2, intermediate_size=32, num_labels=3))
+    bert = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=3,
+        )
+    )
     assert bert(input_ids=torch.randint(0, 50, (2, 7))).logits.shape == (2, 3)
-    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1,
-                                              num_attention_heads=2, intermediate_size=32, num_labels=4))
+    vit = ViTForImageClassification(
+        ViTConfig(
+            image_size=16,
+            patch_size=8,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=4,
+        )
+    )
     assert vit(pixel_values=torch.randn(2, 3, 16, 16)).logits.shape == (2, 4)

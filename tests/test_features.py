@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from torch import nn
 from tiny import ARCHITECTURES, NUM_LABELS, model_inputs
+from torch import nn
 
 from selmix_hf.features import HEAD_PATHS, PooledFeatures, find_head, register_head
 
@@ -69,9 +69,17 @@ def test_registered_head_is_used():
 def test_teacher_model_is_refused_with_the_alternative():
     from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
 
-    model = DeiTForImageClassificationWithTeacher(DeiTConfig(image_size=16, patch_size=8, hidden_size=16,
-                                                            num_hidden_layers=1, num_attention_heads=2,
-                                                            intermediate_size=32, num_labels=NUM_LABELS))
+    model = DeiTForImageClassificationWithTeacher(
+        DeiTConfig(
+            image_size=16,
+            patch_size=8,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=NUM_LABELS,
+        )
+    )
     with pytest.raises(ValueError, match="DeiTForImageClassification instead"):
         find_head(model)
 

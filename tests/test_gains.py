@@ -89,15 +89,23 @@ def test_exact_estimator_predicts_the_change_after_a_head_step(name):
     k, d, per_class, lam_min = 4, 5, 12, 0.6
     gen = torch.Generator().manual_seed(11)
     labels = torch.arange(k).repeat_interleave(per_class)
-    features = torch.randn(k * per_class, d, generator=gen, dtype=F64) + 1.5 * torch.randn(k, d, generator=gen, dtype=F64)[labels]
+    features = (
+        torch.randn(k * per_class, d, generator=gen, dtype=F64)
+        + 1.5 * torch.randn(k, d, generator=gen, dtype=F64)[labels]
+    )
     weight = torch.randn(k, d, generator=gen, dtype=F64) * 0.5
     bias = torch.randn(k, generator=gen, dtype=F64) * 0.2
     prior = metrics.uniform_prior(k)
     protos = class_prototypes(features, labels, k)
-    obj = objective(name, k, metrics.normalized_confusion(
-        metrics.confusion_counts(labels, (features @ weight.T + bias).argmax(1), k)), None)
-    predicted = gain_matrix(obj, None, protos, weight, bias, estimator="exact", features=features, labels=labels,
-                            mix_lambda_min=lam_min)
+    obj = objective(
+        name,
+        k,
+        metrics.normalized_confusion(metrics.confusion_counts(labels, (features @ weight.T + bias).argmax(1), k)),
+        None,
+    )
+    predicted = gain_matrix(
+        obj, None, protos, weight, bias, estimator="exact", features=features, labels=labels, mix_lambda_min=lam_min
+    )
     lam_bar, eps = (1 + lam_min) / 2, 1e-5
     measured = torch.zeros(k, k, dtype=F64)
     for i in range(k):
@@ -126,11 +134,16 @@ def test_selmix_gain_matrix_is_the_dispatchers_selmix_estimator(name, prior):
     confusion, protos, weight, bias = problem(13, prior=prior)
     obj = objective(name, 6, confusion, prior)
     direct = selmix_gain_matrix(obj, confusion, protos, weight, bias, mix_lambda_min=0.7, class_prior=prior)
-    dispatched = gain_matrix(obj, confusion, protos, weight, bias, mix_lambda_min=0.7, estimator="selmix",
-                             class_prior=prior)
+    dispatched = gain_matrix(
+        obj, confusion, protos, weight, bias, mix_lambda_min=0.7, estimator="selmix", class_prior=prior
+    )
     torch.testing.assert_close(direct, dispatched, rtol=0, atol=0)
-    torch.testing.assert_close(selmix_gain_matrix(obj, confusion, protos, weight, None),
-                               gain_matrix(obj, confusion, protos, weight, None), rtol=0, atol=0)
+    torch.testing.assert_close(
+        selmix_gain_matrix(obj, confusion, protos, weight, None),
+        gain_matrix(obj, confusion, protos, weight, None),
+        rtol=0,
+        atol=0,
+    )
 
 
 @pytest.mark.parametrize("name", ["mean_recall", "g_mean", "mean_recall_min_coverage"])
@@ -141,8 +154,18 @@ def test_exact_gain_matrix_is_the_dispatchers_exact_estimator(name, prior):
     protos = class_prototypes(features, labels, 6)
     obj = objective(name, 6, confusion, prior)
     direct = exact_gain_matrix(obj, protos, weight, bias, features, labels, mix_lambda_min=0.5, class_prior=prior)
-    dispatched = gain_matrix(obj, None, protos, weight, bias, mix_lambda_min=0.5, estimator="exact",
-                             class_prior=prior, features=features, labels=labels)
+    dispatched = gain_matrix(
+        obj,
+        None,
+        protos,
+        weight,
+        bias,
+        mix_lambda_min=0.5,
+        estimator="exact",
+        class_prior=prior,
+        features=features,
+        labels=labels,
+    )
     torch.testing.assert_close(direct, dispatched, rtol=0, atol=0)
     assert direct.abs().max() > 1e-6
 
@@ -151,20 +174,25 @@ def test_the_two_estimators_check_their_arguments_alike():
     confusion, protos, weight, bias = problem(15)
     features, labels = validation_sample(15)
     obj = get_objective("mean_recall", 6)
-    for call in (lambda: selmix_gain_matrix(obj, confusion, protos[:5], weight, bias),
-                 lambda: exact_gain_matrix(obj, protos[:5], weight, bias, features, labels)):
+    for call in (
+        lambda: selmix_gain_matrix(obj, confusion, protos[:5], weight, bias),
+        lambda: exact_gain_matrix(obj, protos[:5], weight, bias, features, labels),
+    ):
         with pytest.raises(ValueError, match="prototypes has 5 rows"):
             call()
-    for call in (lambda: selmix_gain_matrix(obj, confusion, protos, weight, bias, mix_lambda_min=1.5),
-                 lambda: exact_gain_matrix(obj, protos, weight, bias, features, labels, mix_lambda_min=1.5)):
+    for call in (
+        lambda: selmix_gain_matrix(obj, confusion, protos, weight, bias, mix_lambda_min=1.5),
+        lambda: exact_gain_matrix(obj, protos, weight, bias, features, labels, mix_lambda_min=1.5),
+    ):
         with pytest.raises(ValueError, match="mix_lambda_min"):
             call()
 
 
 def test_dispatcher_rejects_an_unknown_estimator_before_reading_the_inputs():
     with pytest.raises(ValueError, match="unknown gain estimator 'taylor'; valid estimators are: selmix, exact"):
-        gain_matrix(get_objective("mean_recall", 3), None, torch.zeros(2, 2), torch.zeros(3, 2), None,
-                    estimator="taylor")
+        gain_matrix(
+            get_objective("mean_recall", 3), None, torch.zeros(2, 2), torch.zeros(3, 2), None, estimator="taylor"
+        )
 
 
 def test_float32_agrees_with_float64():

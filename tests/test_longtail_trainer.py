@@ -5,25 +5,38 @@ import pytest
 import torch
 from tiny import TinyMLPConfig, TinyMLPForClassification, gaussian_problem, per_class_recall
 
-from selmix_hf.losses import LogitAdjustedLoss
 from selmix_hf.longtail_trainer import LongTailConfig, LongTailTrainer
+from selmix_hf.losses import LogitAdjustedLoss
 
 K = 4
 COUNTS = [200, 60, 15, 5]
 
 
 def config(tmp_path, **overrides) -> LongTailConfig:
-    base = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-                logging_strategy="no", per_device_train_batch_size=16, max_steps=4, optim="sgd", learning_rate=0.1,
-                lr_scheduler_type="constant")
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_strategy="no",
+        per_device_train_batch_size=16,
+        max_steps=4,
+        optim="sgd",
+        learning_rate=0.1,
+        lr_scheduler_type="constant",
+    )
     return LongTailConfig(**{**base, **overrides})
 
 
 def trainer_for(tmp_path, seed=0, **overrides) -> LongTailTrainer:
     torch.manual_seed(seed)
-    return LongTailTrainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)), args=config(tmp_path, **overrides),
-                           train_dataset=gaussian_problem(COUNTS, seed=seed + 1, spread=0.8),
-                           eval_dataset=gaussian_problem([25] * K, seed=seed + 2, spread=0.8))
+    return LongTailTrainer(
+        model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)),
+        args=config(tmp_path, **overrides),
+        train_dataset=gaussian_problem(COUNTS, seed=seed + 1, spread=0.8),
+        eval_dataset=gaussian_problem([25] * K, seed=seed + 2, spread=0.8),
+    )
 
 
 @pytest.mark.slow
@@ -32,8 +45,14 @@ def test_cost_sensitive_min_recall_beats_ce_on_the_worst_class(tmp_path):
     for seed in range(2):
         recalls = {}
         for loss_type in ("ce", "cost_sensitive"):
-            trainer = trainer_for(tmp_path / f"{loss_type}{seed}", seed=seed, loss_type=loss_type, max_steps=400,
-                                  validation_refresh_steps=20, learning_rate=0.05)
+            trainer = trainer_for(
+                tmp_path / f"{loss_type}{seed}",
+                seed=seed,
+                loss_type=loss_type,
+                max_steps=400,
+                validation_refresh_steps=20,
+                learning_rate=0.05,
+            )
             trainer.train()
             recalls[loss_type] = per_class_recall(trainer.model, trainer.validation_dataset or trainer.eval_dataset, K)
         gaps.append(recalls["cost_sensitive"].min() - recalls["ce"].min())
@@ -42,10 +61,23 @@ def test_cost_sensitive_min_recall_beats_ce_on_the_worst_class(tmp_path):
 
 @pytest.mark.parametrize("loss_type", ["weighted_ce", "logit_adjusted", "focal"])
 def test_gradient_accumulation_matches_one_large_batch(loss_type, tmp_path):
-    whole = trainer_for(tmp_path / "whole", loss_type=loss_type, per_device_train_batch_size=16, max_steps=4,
-                        logging_strategy="steps", logging_steps=1)
-    accumulated = trainer_for(tmp_path / "acc", loss_type=loss_type, per_device_train_batch_size=4,
-                              gradient_accumulation_steps=4, max_steps=4, logging_strategy="steps", logging_steps=1)
+    whole = trainer_for(
+        tmp_path / "whole",
+        loss_type=loss_type,
+        per_device_train_batch_size=16,
+        max_steps=4,
+        logging_strategy="steps",
+        logging_steps=1,
+    )
+    accumulated = trainer_for(
+        tmp_path / "acc",
+        loss_type=loss_type,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=4,
+        max_steps=4,
+        logging_strategy="steps",
+        logging_steps=1,
+    )
     whole.train()
     accumulated.train()
     losses = [[log["loss"] for log in t.state.log_history if "loss" in log] for t in (whole, accumulated)]
@@ -63,17 +95,22 @@ def test_the_configured_loss_is_the_training_loss(tmp_path):
     loss = trainer.compute_loss(trainer.model, batch)
     logits = trainer.model(features=batch["features"]).logits
     prior = torch.tensor(COUNTS, dtype=torch.float32) / sum(COUNTS)
-    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits + 0.7 * torch.log(prior), batch["labels"]))
+    torch.testing.assert_close(
+        loss, torch.nn.functional.cross_entropy(logits + 0.7 * torch.log(prior), batch["labels"])
+    )
 
 
 def test_drw_switches_reweighting_on_at_the_given_epoch(tmp_path):
     trainer = trainer_for(tmp_path, loss_type="ldam", loss_options={"scale": 1.0}, drw_start_epoch=1.0, max_steps=30)
     seen = []
     original = trainer.loss_fn.forward
-    trainer.loss_fn.forward = lambda logits, labels: (seen.append(trainer.loss_fn.reweighting), original(logits, labels))[1]
+    trainer.loss_fn.forward = lambda logits, labels: (
+        seen.append(trainer.loss_fn.reweighting),
+        original(logits, labels),
+    )[1]
     trainer.train()
     steps_per_epoch = len(trainer.get_train_dataloader())
-    assert seen[:steps_per_epoch] == [False] * steps_per_epoch and all(seen[steps_per_epoch + 1:])
+    assert seen[:steps_per_epoch] == [False] * steps_per_epoch and all(seen[steps_per_epoch + 1 :])
 
 
 def test_posthoc_adjustment_at_prediction(tmp_path):
@@ -91,8 +128,14 @@ def test_posthoc_adjustment_at_prediction(tmp_path):
 
 def test_resume_restores_the_cost_sensitive_multipliers(tmp_path):
     def run(folder, resume=None):
-        trainer = trainer_for(tmp_path / folder, loss_type="cost_sensitive", max_steps=8, save_strategy="steps",
-                              save_steps=4, validation_refresh_steps=3)
+        trainer = trainer_for(
+            tmp_path / folder,
+            loss_type="cost_sensitive",
+            max_steps=8,
+            save_strategy="steps",
+            save_steps=4,
+            validation_refresh_steps=3,
+        )
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
@@ -104,13 +147,16 @@ def test_resume_restores_the_cost_sensitive_multipliers(tmp_path):
         torch.testing.assert_close(p, q)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"loss_type": "ldam_drw"}, "valid loss types are: ce, weighted_ce"),
-    ({"class_counts": [10, 5, 2]}, "class_counts has 3 entries but the model has num_labels=4"),
-    ({"class_counts": [10, 5, 0, 2]}, r"classes \[2\] have zero training samples"),
-    ({"loss_type": "ce", "drw_start_epoch": 1.0}, "has no re-weighting stage"),
-    ({"loss_options": {"gamma": 2.0}}, r"does not take option\(s\) \['gamma'\]"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"loss_type": "ldam_drw"}, "valid loss types are: ce, weighted_ce"),
+        ({"class_counts": [10, 5, 2]}, "class_counts has 3 entries but the model has num_labels=4"),
+        ({"class_counts": [10, 5, 0, 2]}, r"classes \[2\] have zero training samples"),
+        ({"loss_type": "ce", "drw_start_epoch": 1.0}, "has no re-weighting stage"),
+        ({"loss_options": {"gamma": 2.0}}, r"does not take option\(s\) \['gamma'\]"),
+    ],
+)
 def test_bad_input_is_a_clear_error(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         trainer_for(tmp_path, **overrides)
@@ -131,11 +177,25 @@ def test_best_model_loading_restores_every_weight_of_a_vit(tmp_path):
 
     torch.manual_seed(0)
     model = next(a for a in ARCHITECTURES if a.name == "vit").build()
-    args = config(tmp_path, max_steps=8, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
-                  load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,
-                  learning_rate=1e-2, optim="adamw_torch")
-    trainer = LongTailTrainer(model=model, args=args, train_dataset=class_signal_dataset("image", [20, 8, 4]),
-                              eval_dataset=class_signal_dataset("image", [3, 3, 3], seed=1))
+    args = config(
+        tmp_path,
+        max_steps=8,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        greater_is_better=True,
+        learning_rate=1e-2,
+        optim="adamw_torch",
+    )
+    trainer = LongTailTrainer(
+        model=model,
+        args=args,
+        train_dataset=class_signal_dataset("image", [20, 8, 4]),
+        eval_dataset=class_signal_dataset("image", [3, 3, 3], seed=1),
+    )
     trainer.train()
     assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
     best = type(model).from_pretrained(trainer.state.best_model_checkpoint)

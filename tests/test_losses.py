@@ -61,14 +61,19 @@ def hand_la(tau=1.0):
 def hand_ldam(scale=1.0, max_margin=0.5):
     raw = [n**-0.25 for n in COUNTS]
     margins = [m * max_margin / max(raw) for m in raw]
-    return mean([ce([scale * (f - (margins[y] if k == y else 0.0)) for k, f in enumerate(row)], y)
-                 for row, y in zip(LOGITS, LABELS)])
+    return mean(
+        [
+            ce([scale * (f - (margins[y] if k == y else 0.0)) for k, f in enumerate(row)], y)
+            for row, y in zip(LOGITS, LABELS)
+        ]
+    )
 
 
 def hand_vs(gamma=0.2, tau=1.0):
     delta = [(n / max(COUNTS)) ** gamma for n in COUNTS]
-    return mean([ce([d * f + tau * math.log(pi) for f, d, pi in zip(row, delta, PRIOR)], y)
-                 for row, y in zip(LOGITS, LABELS)])
+    return mean(
+        [ce([d * f + tau * math.log(pi) for f, d, pi in zip(row, delta, PRIOR)], y) for row, y in zip(LOGITS, LABELS)]
+    )
 
 
 CASES = [
@@ -98,8 +103,9 @@ def test_ldam_drw_switches_on_class_balanced_weights():
     loss.set_reweighting(True)
     margins = ldam_margins(COUNTS).tolist()
     w = cb_weights()
-    expected = mean([w[y] * ce([f - (margins[y] if k == y else 0) for k, f in enumerate(row)], y)
-                     for row, y in zip(LOGITS, LABELS)])
+    expected = mean(
+        [w[y] * ce([f - (margins[y] if k == y else 0) for k, f in enumerate(row)], y) for row, y in zip(LOGITS, LABELS)]
+    )
     assert float(loss(logits, labels)) == pytest.approx(expected, rel=1e-5) and expected != pytest.approx(plain)
     restored = LDAMLoss(COUNTS, scale=1.0)
     restored.load_state_dict(loss.state_dict())
@@ -108,8 +114,10 @@ def test_ldam_drw_switches_on_class_balanced_weights():
 
 def test_la_with_tau_one_is_balanced_softmax():
     logits, labels = torch.randn(16, 4), torch.randint(0, 4, (16,))
-    torch.testing.assert_close(build_loss("logit_adjusted", COUNTS, tau=1.0)(logits, labels),
-                               build_loss("balanced_softmax", COUNTS)(logits, labels))
+    torch.testing.assert_close(
+        build_loss("logit_adjusted", COUNTS, tau=1.0)(logits, labels),
+        build_loss("balanced_softmax", COUNTS)(logits, labels),
+    )
 
 
 def test_ldam_margins_follow_n_to_the_minus_quarter():
@@ -120,7 +128,11 @@ def test_ldam_margins_follow_n_to_the_minus_quarter():
 
 
 def test_class_weights_sum_to_k_and_favour_rare_classes():
-    for weights in (class_balanced_weights(COUNTS), class_balanced_weights(COUNTS, beta=0.99), inverse_frequency_weights(COUNTS)):
+    for weights in (
+        class_balanced_weights(COUNTS),
+        class_balanced_weights(COUNTS, beta=0.99),
+        inverse_frequency_weights(COUNTS),
+    ):
         assert float(weights.sum()) == pytest.approx(4.0)
         assert torch.all(weights[1:] > weights[:-1])
 
@@ -136,7 +148,9 @@ def special_case(name):
     if name == "la":
         return ParametricCrossEntropy.from_values(ones, torch.log(counts / counts.sum())), LogitAdjustedLoss(COUNTS)
     if name == "cdt":
-        return ParametricCrossEntropy.from_values((counts / counts.max()) ** 0.2, zeros), VSLoss(COUNTS, gamma=0.2, tau=0.0)
+        return ParametricCrossEntropy.from_values((counts / counts.max()) ** 0.2, zeros), VSLoss(
+            COUNTS, gamma=0.2, tau=0.0
+        )
     delta = (counts / counts.max()) ** 0.3
     return ParametricCrossEntropy.from_values(delta, 1.1 * torch.log(counts / counts.sum())), VSLoss(COUNTS, 0.3, 1.1)
 
@@ -148,15 +162,20 @@ def test_parametric_loss_reduces_to_the_known_losses(name):
     torch.testing.assert_close(parametric(logits, labels), known(logits, labels))
 
 
-@pytest.mark.parametrize("init, activation", [("ones", "exp"), ("la", "exp"), ("cdt", "exp"), ("cdt", "sigmoid"),
-                                              ("la", "identity")])
+@pytest.mark.parametrize(
+    "init, activation", [("ones", "exp"), ("la", "exp"), ("cdt", "exp"), ("cdt", "sigmoid"), ("la", "identity")]
+)
 def test_parametric_initialisations(init, activation):
     loss = ParametricCrossEntropy(COUNTS, init=init, delta_activation=activation)
     counts = torch.tensor(COUNTS, dtype=torch.float32)
     expected_delta = (counts / counts.max()) ** 0.2 if init == "cdt" else torch.ones(4)
     expected_offset = torch.log(counts / counts.sum()) if init == "la" else torch.zeros(4)
-    torch.testing.assert_close(loss.class_delta(), expected_delta.clamp(max=1 - 1e-4) if activation == "sigmoid"
-                               else expected_delta, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        loss.class_delta(),
+        expected_delta.clamp(max=1 - 1e-4) if activation == "sigmoid" else expected_delta,
+        atol=1e-4,
+        rtol=1e-4,
+    )
     torch.testing.assert_close(loss.class_offset(), expected_offset)
 
 
@@ -181,7 +200,9 @@ def test_cost_sensitive_min_recall_is_la_minus_log_multipliers():
     lam = torch.softmax(torch.log(torch.full((4,), 0.25, dtype=torch.float64)) - 0.1 * recall, 0)
     torch.testing.assert_close(loss.objective.lam, lam)
     logits, labels = torch.randn(8, 4), torch.randint(0, 4, (8,))
-    expected = torch.nn.functional.cross_entropy(logits + torch.log(torch.tensor(PRIOR)) - torch.log(lam.float()), labels)
+    expected = torch.nn.functional.cross_entropy(
+        logits + torch.log(torch.tensor(PRIOR)) - torch.log(lam.float()), labels
+    )
     torch.testing.assert_close(loss(logits, labels), expected)
 
 
@@ -217,8 +238,9 @@ def test_unknown_option_lists_accepted_ones():
         build_loss("logit_adjusted", COUNTS, temperature=2.0)
 
 
-@pytest.mark.parametrize("loss_type", ["weighted_ce", "logit_adjusted", "balanced_softmax", "ldam", "vs", "parametric",
-                                       "cost_sensitive"])
+@pytest.mark.parametrize(
+    "loss_type", ["weighted_ce", "logit_adjusted", "balanced_softmax", "ldam", "vs", "parametric", "cost_sensitive"]
+)
 def test_class_with_zero_training_samples_is_named(loss_type):
     with pytest.raises(ValueError, match=r"classes \[2\] have zero training samples"):
         build_loss(loss_type, [10, 5, 0, 3])

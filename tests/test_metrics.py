@@ -32,8 +32,9 @@ def test_uniform_prior_on_balanced_data_is_normalize_all():
 
 
 def test_report_values_by_hand():
-    report = metrics.classification_report(LABELS, PREDS, 3, class_counts=[150, 60, 5], per_class=True,
-                                           class_names=["cat", "dog", "red fox"])
+    report = metrics.classification_report(
+        LABELS, PREDS, 3, class_counts=[150, 60, 5], per_class=True, class_names=["cat", "dog", "red fox"]
+    )
     expected = {
         "accuracy": (0.8 + 0.75 + 0.5) / 3,
         "mean_recall": (0.8 + 0.75 + 0.5) / 3,

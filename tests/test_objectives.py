@@ -76,8 +76,15 @@ def closed_form(name: str, obj, c: torch.Tensor) -> torch.Tensor:
 
 def test_registry_holds_the_published_objectives_and_accuracy():
     published = {
-        "mean_recall", "min_recall", "min_head_tail_recall", "g_mean", "h_mean", "mean_recall_min_coverage",
-        "h_mean_min_coverage", "mean_recall_min_head_tail_coverage", "h_mean_min_head_tail_coverage",
+        "mean_recall",
+        "min_recall",
+        "min_head_tail_recall",
+        "g_mean",
+        "h_mean",
+        "mean_recall_min_coverage",
+        "h_mean_min_coverage",
+        "mean_recall_min_head_tail_coverage",
+        "h_mean_min_head_tail_coverage",
     }
     assert set(OBJECTIVES) == published | {"accuracy"}
 

@@ -49,15 +49,31 @@ def test_selmix_refresh_on_real_minilm_features(tmp_path):
     data = load_wordnet_supersenses()
     splits = long_tailed_splits(data, validation_per_class=2, test_per_class=2, max_train_per_class=6, seed=0)
     tokenizer, model = load_minilm_classifier(26)
-    splits = splits.map(lambda b: tokenizer(b["text"], truncation=True, max_length=16, padding="max_length"),
-                        batched=True, remove_columns=["text"])
-    args = SelMixConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, gain_refresh_steps=2,
-                        report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, per_device_eval_batch_size=32)
+    splits = splits.map(
+        lambda b: tokenizer(b["text"], truncation=True, max_length=16, padding="max_length"),
+        batched=True,
+        remove_columns=["text"],
+    )
+    args = SelMixConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        gain_refresh_steps=2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        per_device_eval_batch_size=32,
+    )
     trainer = SelMixTrainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"])
     trainer.train()
     assert trainer.gains.shape == (26, 26) and torch.isfinite(trainer.gains).all()
     assert torch.isfinite(trainer.distribution).all() and float(trainer.distribution.sum()) == pytest.approx(1.0)
     output = trainer.predict(splits["test"])
-    report = classification_report(output.label_ids, output.predictions.argmax(-1), 26,
-                                   class_counts=np.bincount(splits["train"]["label"], minlength=26))
+    report = classification_report(
+        output.label_ids,
+        output.predictions.argmax(-1),
+        26,
+        class_counts=np.bincount(splits["train"]["label"], minlength=26),
+    )
     assert {"mean_recall", "min_recall", "h_mean", "min_coverage", "few_shot_recall"} <= set(report)

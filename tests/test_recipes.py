@@ -12,16 +12,41 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from miniatures import imagenet_lt_folder, text_csv, tiny_bert, tiny_timm, tiny_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_COUNTS = [24, 12, 6, 4]
 TEXT_COUNTS = [40, 20, 12, 10]
-FAST = ["--use_cpu", "true", "--bf16", "false", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
-        "--per_device_train_batch_size", "4", "--stage1_per_device_train_batch_size", "16", "--max_steps", "12",
-        "--stage1_max_steps", "40", "--gain_refresh_steps", "6", "--stage1_learning_rate", "3e-3",
-        "--learning_rate", "1e-2", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "5"]
+FAST = [
+    "--use_cpu",
+    "true",
+    "--bf16",
+    "false",
+    "--dataloader_num_workers",
+    "0",
+    "--disable_tqdm",
+    "true",
+    "--per_device_train_batch_size",
+    "4",
+    "--stage1_per_device_train_batch_size",
+    "16",
+    "--max_steps",
+    "12",
+    "--stage1_max_steps",
+    "40",
+    "--gain_refresh_steps",
+    "6",
+    "--stage1_learning_rate",
+    "3e-3",
+    "--learning_rate",
+    "1e-2",
+    "--save_strategy",
+    "no",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "5",
+]
 
 
 def recipe(name: str):
@@ -46,13 +71,38 @@ def text_data(tmp_path_factory):
 
 def image_args(image_data, out, *extra):
     data, vit = image_data
-    return ["--image_root", data, "--model_name_or_path", vit, "--num_labels", "4", "--output_dir", str(out), *FAST, *extra]
+    return [
+        "--image_root",
+        data,
+        "--model_name_or_path",
+        vit,
+        "--num_labels",
+        "4",
+        "--output_dir",
+        str(out),
+        *FAST,
+        *extra,
+    ]
 
 
 def text_args(text_data, out, *extra):
     csv, bert = text_data
-    return ["--train_file", csv, "--text_column", "sentence", "--label_column", "topic", "--holdout_per_class", "3",
-            "--model_name_or_path", bert, "--output_dir", str(out), *FAST, *extra]
+    return [
+        "--train_file",
+        csv,
+        "--text_column",
+        "sentence",
+        "--label_column",
+        "topic",
+        "--holdout_per_class",
+        "3",
+        "--model_name_or_path",
+        bert,
+        "--output_dir",
+        str(out),
+        *FAST,
+        *extra,
+    ]
 
 
 def card_yaml(folder) -> dict:
@@ -75,8 +125,16 @@ def test_vit_recipe_end_to_end(image_data, tmp_path):
     result = recipe("vit_imagenet_lt").main(image_args(image_data, out, "--report_to", "tensorboard"))
     before, after = result["before"], result["after"]
     assert before["mean_recall"] > 1 / len(IMAGE_COUNTS) + 0.1  # stage 1 learned the colours
-    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "test_results.json",
-                 "per_class_recall.png", "gain_matrix.png", "sampling_distribution.png"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "README.md",
+        "test_results.json",
+        "per_class_recall.png",
+        "gain_matrix.png",
+        "sampling_distribution.png",
+    ):
         assert (out / name).is_file(), name
     assert (out / "_stage1" / "model.safetensors").is_file()
     saved = json.load(open(out / "test_results.json"))
@@ -112,7 +170,10 @@ def test_vit_recipe_runs_a_timm_model_with_timms_own_transforms(image_data, tmp_
     args = image_args((data, timm_model), out)
     result = recipe("vit_imagenet_lt").main(args)
     assert type(result["trainer"].model).__name__ == "TimmWrapperForImageClassification"
-    assert [s["method"] for s in json.load(open(out / "config.json"))["selmix_hf_stages"]] == ["logit_adjusted", "selmix"]
+    assert [s["method"] for s in json.load(open(out / "config.json"))["selmix_hf_stages"]] == [
+        "logit_adjusted",
+        "selmix",
+    ]
     assert card_yaml(out)["pipeline_tag"] == "image-classification"
     from transformers import AutoImageProcessor
 
@@ -138,9 +199,27 @@ def test_image_recipe_saves_the_class_names_it_trained_with(make_model, three_cl
     data, names_file = three_classes
     checkpoint = make_model(str(tmp_path / "checkpoint"), num_labels=2)
     out = tmp_path / "run"
-    recipe("vit_imagenet_lt").main(["--image_root", data, "--model_name_or_path", checkpoint, "--num_labels", "3",
-                                    "--class_names_file", names_file, "--output_dir", str(out), *FAST,
-                                    "--stage1_max_steps", "6", "--max_steps", "4", "--plots", "false"])
+    recipe("vit_imagenet_lt").main(
+        [
+            "--image_root",
+            data,
+            "--model_name_or_path",
+            checkpoint,
+            "--num_labels",
+            "3",
+            "--class_names_file",
+            names_file,
+            "--output_dir",
+            str(out),
+            *FAST,
+            "--stage1_max_steps",
+            "6",
+            "--max_steps",
+            "4",
+            "--plots",
+            "false",
+        ]
+    )
     names = ["red", "green", "blue"]
     for folder in (out, out / "_stage1"):
         config = AutoConfig.from_pretrained(folder)
@@ -177,8 +256,9 @@ def test_text_recipe_saves_the_class_names_it_trained_with(text_data, tmp_path):
 
 def test_text_recipe_end_to_end_with_string_labels(text_data, tmp_path):
     out = tmp_path / "text_run"
-    result = recipe("bert_text_lt").main(text_args(text_data, out, "--card_license", "apache-2.0",
-                                                   "--card_language", "en"))
+    result = recipe("bert_text_lt").main(
+        text_args(text_data, out, "--card_license", "apache-2.0", "--card_language", "en")
+    )
     assert result["before"]["mean_recall"] > 1 / len(TEXT_COUNTS) + 0.1
     config = json.load(open(out / "config.json"))
     assert config["id2label"] == {"0": "topic_a", "1": "topic_b", "2": "topic_c", "3": "topic_d"}
@@ -208,8 +288,11 @@ def test_either_stage_can_be_skipped(variant, text_data, tmp_path):
         extra = ["--stage1_checkpoint", str(first)]
     result = recipe("bert_text_lt").main(text_args(text_data, out, *extra))
     methods = [s["method"] for s in json.load(open(out / "config.json"))["selmix_hf_stages"]]
-    expected = {"stage2_only": ["selmix"], "stage1_only": ["logit_adjusted"],
-                "from_stage1_checkpoint": ["logit_adjusted", "selmix"]}[variant]
+    expected = {
+        "stage2_only": ["selmix"],
+        "stage1_only": ["logit_adjusted"],
+        "from_stage1_checkpoint": ["logit_adjusted", "selmix"],
+    }[variant]
     assert methods == expected
     assert (result["before"] is not None) == (variant == "from_stage1_checkpoint")
     assert (out / "README.md").is_file() and (out / "model.safetensors").is_file()
@@ -222,7 +305,9 @@ def test_resumed_run_continues_where_it_stopped(text_data, tmp_path):
     common = ["--save_strategy", "steps", "--save_steps", "6"]
     recipe("bert_text_lt").main(text_args(text_data, out, *common))  # stage 2 stops at step 12 (checkpoint-12)
     stage1_weights = os.path.getmtime(out / "_stage1" / "model.safetensors")
-    recipe("bert_text_lt").main(text_args(text_data, out, *common, "--max_steps", "18", "--resume_from_checkpoint", "true"))
+    recipe("bert_text_lt").main(
+        text_args(text_data, out, *common, "--max_steps", "18", "--resume_from_checkpoint", "true")
+    )
     assert os.path.getmtime(out / "_stage1" / "model.safetensors") == stage1_weights  # stage 1 was not redone
     state = json.load(open(out / "checkpoint-18" / "trainer_state.json"))
     steps = [entry["step"] for entry in state["log_history"] if "loss" in entry]
@@ -233,9 +318,22 @@ def test_resumed_run_continues_where_it_stopped(text_data, tmp_path):
 def test_two_processes_with_accelerate_launch(text_data, tmp_path):
     out = tmp_path / "two_ranks"
     # accelerate's multi-process launcher; with no GPU the processes talk over gloo (--use_cpu true in FAST)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-               "1", "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(ROOT, "recipes", "bert_text_lt.py"),
-               *text_args(text_data, out)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        os.path.join(ROOT, "recipes", "bert_text_lt.py"),
+        *text_args(text_data, out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -249,7 +347,9 @@ def test_two_processes_with_accelerate_launch(text_data, tmp_path):
 # -- bad input --------------------------------------------------------------------------------------------------
 def test_missing_split_file_is_named(image_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="ImageNet_LT_test_missing.txt"):
-        recipe("vit_imagenet_lt").main(image_args(image_data, tmp_path / "o", "--test_split_file", "ImageNet_LT_test_missing.txt"))
+        recipe("vit_imagenet_lt").main(
+            image_args(image_data, tmp_path / "o", "--test_split_file", "ImageNet_LT_test_missing.txt")
+        )
 
 
 def test_missing_image_is_named(image_data, tmp_path):
@@ -277,8 +377,19 @@ def test_num_labels_from_the_yaml_file_is_named_when_classes_are_missing(image_d
     config = tmp_path / "six_classes.yaml"
     config.write_text("num_labels: 6\nobjective: min_recall\n")
     with pytest.raises(ValueError) as error:
-        recipe("vit_imagenet_lt").main(["--config", str(config), "--image_root", data, "--model_name_or_path", vit,
-                                        "--output_dir", str(tmp_path / "o"), *FAST])
+        recipe("vit_imagenet_lt").main(
+            [
+                "--config",
+                str(config),
+                "--image_root",
+                data,
+                "--model_name_or_path",
+                vit,
+                "--output_dir",
+                str(tmp_path / "o"),
+                *FAST,
+            ]
+        )
     message = str(error.value)
     assert "num_labels is 6" in message and f"from the YAML config {config}" in message
     assert "has 4 classes (ids 0 .. 3)" in message and "class id(s) 4, 5 (2 of 6) have no sample" in message
@@ -291,7 +402,8 @@ def test_num_labels_from_the_flag_is_named_when_a_class_has_no_image(image_data,
     gap.mkdir()
     for split in ("train", "val", "test"):
         lines = open(os.path.join(data, f"ImageNet_LT_{split}.txt")).read().splitlines()
-        (gap / f"ImageNet_LT_{split}.txt").write_text("\n".join(l for l in lines if not l.endswith(" 2")) + "\n")
+        kept = [line for line in lines if not line.endswith(" 2")]
+        (gap / f"ImageNet_LT_{split}.txt").write_text("\n".join(kept) + "\n")
     with pytest.raises(ValueError) as error:
         recipe("vit_imagenet_lt").main(image_args(image_data, tmp_path / "o", "--splits_dir", str(gap)))
     message = str(error.value)
@@ -317,8 +429,9 @@ def help_entries(text: str) -> dict[str, str]:
 
 def test_help_shows_the_yaml_values_as_the_defaults(tmp_path, monkeypatch, capsys):
     module = recipe("vit_imagenet_lt")
-    (tmp_path / "small.yaml").write_text("learning_rate: 3.0e-4\nobjective: h_mean\nplots: false\n"
-                                         "optim_args: momentum=0.9\nnum_labels: 10\n")
+    (tmp_path / "small.yaml").write_text(
+        "learning_rate: 3.0e-4\nobjective: h_mean\nplots: false\noptim_args: momentum=0.9\nnum_labels: 10\n"
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COLUMNS", "100")
     with pytest.raises(SystemExit) as done:
@@ -372,9 +485,15 @@ def test_shipped_configs_only_use_known_keys():
         module = recipe(name)
         values = yaml.safe_load(open(module.DEFAULT_CONFIG))
         parsed = module.parse_recipe_arguments(
-            tuple(t for t in (getattr(module, n, None) for n in ("ModelArguments", "ImageDataArguments",
-                                                                  "TextDataArguments")) if t)
-            + (module.SelMixConfig, module.StageArguments, module.CardArguments), ["--use_cpu", "true"],
+            tuple(
+                t
+                for t in (
+                    getattr(module, n, None) for n in ("ModelArguments", "ImageDataArguments", "TextDataArguments")
+                )
+                if t
+            )
+            + (module.SelMixConfig, module.StageArguments, module.CardArguments),
+            ["--use_cpu", "true"],
             module.DEFAULT_CONFIG,
         )
         flat = {k: v for part in parsed for k, v in vars(part).items()}
@@ -386,23 +505,45 @@ def test_shipped_configs_only_use_known_keys():
 @pytest.mark.slow
 def test_push_to_hub_uploads_a_loadable_model_with_its_card(image_data, tmp_path):
     """The ViT recipe with --push_to_hub against a local Hub on 127.0.0.1 (HF_ENDPOINT, dummy token)."""
-    from PIL import Image
-
     from hub_server import LocalHub
+    from PIL import Image
 
     out = tmp_path / "pushed_run"
     with LocalHub(tmp_path / "hub") as hub:
-        command = [sys.executable, os.path.join(ROOT, "recipes", "vit_imagenet_lt.py"),
-                   *image_args(image_data, out, "--push_to_hub", "true", "--hub_model_id", "user/vit-lt",
-                               "--card_license", "apache-2.0")]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=str(tmp_path),
-                              env=hub.client_env(tmp_path / "hf_home"))
+        command = [
+            sys.executable,
+            os.path.join(ROOT, "recipes", "vit_imagenet_lt.py"),
+            *image_args(
+                image_data,
+                out,
+                "--push_to_hub",
+                "true",
+                "--hub_model_id",
+                "user/vit-lt",
+                "--card_license",
+                "apache-2.0",
+            ),
+        ]
+        done = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=str(tmp_path),
+            env=hub.client_env(tmp_path / "hf_home"),
+        )
         assert done.returncode == 0, done.stderr[-3000:] + f"\nhub log: {hub.log}"
         assert not hub.unhandled
         repo = hub.repo_dir("user/vit-lt")
         uploaded = {p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()}
-        assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md",
-                "per_class_recall.png", "test_results.json"} <= uploaded
+        assert {
+            "model.safetensors",
+            "config.json",
+            "preprocessor_config.json",
+            "README.md",
+            "per_class_recall.png",
+            "test_results.json",
+        } <= uploaded
         assert not any(name.startswith(("_stage1", "checkpoint-")) for name in uploaded)
         assert any("selmix-hf" in commit.message for commit in hub.commits("user/vit-lt"))
     meta = card_yaml(repo)

@@ -22,9 +22,17 @@ from selmix_hf.trainer import SelMixTrainer
 
 
 def config(tmp_path, **overrides) -> SelMixConfig:
-    base = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, save_strategy="no",
-                disable_tqdm=True, logging_strategy="no", per_device_train_batch_size=2, max_steps=1,
-                per_device_eval_batch_size=4)
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_strategy="no",
+        per_device_train_batch_size=2,
+        max_steps=1,
+        per_device_eval_batch_size=4,
+    )
     return SelMixConfig(**{**base, **overrides})
 
 
@@ -44,11 +52,22 @@ def test_a_selmix_step_moves_head_and_backbone_at_their_rates(arch, tmp_path):
     torch.manual_seed(0)
     model = arch.build()
     recorder = GradientRecorder()
-    args = config(tmp_path, optim="sgd", learning_rate=0.5, backbone_lr_ratio=0.1, lr_scheduler_type="constant",
-                  weight_decay=0.0, max_grad_norm=0.0)
-    trainer = SelMixTrainer(model=model, args=args, callbacks=[recorder],
-                            train_dataset=class_signal_dataset(arch.kind, [8, 6, 4]),
-                            eval_dataset=class_signal_dataset(arch.kind, [2, 2, 2], seed=1))
+    args = config(
+        tmp_path,
+        optim="sgd",
+        learning_rate=0.5,
+        backbone_lr_ratio=0.1,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+    )
+    trainer = SelMixTrainer(
+        model=model,
+        args=args,
+        callbacks=[recorder],
+        train_dataset=class_signal_dataset(arch.kind, [8, 6, 4]),
+        eval_dataset=class_signal_dataset(arch.kind, [2, 2, 2], seed=1),
+    )
     trainer.train()
     head_prefix = arch.head + "."
     moved = {"head": 0, "backbone": 0}
@@ -66,18 +85,24 @@ def test_batchnorm_statistics_stay_frozen(tmp_path):
     arch = next(a for a in ARCHITECTURES if a.name == "timm-resnet")
     model = arch.build()
     stats = {n: b.clone() for n, b in model.named_buffers() if "running_mean" in n}
-    trainer = SelMixTrainer(model=model, args=config(tmp_path, max_steps=2),
-                            train_dataset=class_signal_dataset("image", [8, 6, 4]),
-                            eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1))
+    trainer = SelMixTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=2),
+        train_dataset=class_signal_dataset("image", [8, 6, 4]),
+        eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1),
+    )
     trainer.train()
     for name, buffer in model.named_buffers():
         if name in stats:
             torch.testing.assert_close(buffer, stats[name])
     unfrozen = arch.build()
     unfrozen.load_state_dict(model.state_dict())
-    SelMixTrainer(model=unfrozen, args=config(tmp_path, max_steps=2, freeze_batchnorm=False),
-                  train_dataset=class_signal_dataset("image", [8, 6, 4]),
-                  eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1)).train()
+    SelMixTrainer(
+        model=unfrozen,
+        args=config(tmp_path, max_steps=2, freeze_batchnorm=False),
+        train_dataset=class_signal_dataset("image", [8, 6, 4]),
+        eval_dataset=class_signal_dataset("image", [2, 2, 2], seed=1),
+    ).train()
     assert any(not torch.equal(b, stats[n]) for n, b in unfrozen.named_buffers() if n in stats)
 
 
@@ -108,10 +133,20 @@ def fine_tune(seed: int, pair_distribution: str, tmp_path) -> tuple[np.ndarray, 
     model, train = ce_start(seed)
     test = gaussian_problem([300] * K, seed=seed + 30)
     before = per_class_recall(model, test, K)
-    args = config(tmp_path, max_steps=600, per_device_train_batch_size=32, gain_refresh_steps=5, learning_rate=0.01,
-                  optim="sgd", lr_scheduler_type="constant", pair_distribution=pair_distribution, seed=seed)
-    SelMixTrainer(model=model, args=args, train_dataset=train,
-                  eval_dataset=gaussian_problem([25] * K, seed=seed + 20)).train()
+    args = config(
+        tmp_path,
+        max_steps=600,
+        per_device_train_batch_size=32,
+        gain_refresh_steps=5,
+        learning_rate=0.01,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        pair_distribution=pair_distribution,
+        seed=seed,
+    )
+    SelMixTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=gaussian_problem([25] * K, seed=seed + 20)
+    ).train()
     return before, per_class_recall(model, test, K)
 
 
@@ -133,19 +168,34 @@ def test_selmix_lifts_the_worst_class_and_beats_uniform_pairs(tmp_path):
 def mlp_run(tmp_path, name: str, **overrides):
     torch.manual_seed(0)
     model = TinyMLPForClassification(TinyMLPConfig(num_labels=K))
-    settings = dict(optim="sgd", learning_rate=0.1, lr_scheduler_type="constant", gain_refresh_steps=2,
-                    logging_strategy="steps", logging_steps=1)
+    settings = dict(
+        optim="sgd",
+        learning_rate=0.1,
+        lr_scheduler_type="constant",
+        gain_refresh_steps=2,
+        logging_strategy="steps",
+        logging_steps=1,
+    )
     args = config(tmp_path / name, **{**settings, **overrides})
-    return SelMixTrainer(model=model, args=args, train_dataset=gaussian_problem([40, 30, 20, 10], seed=1),
-                         eval_dataset=gaussian_problem([5] * K, seed=2))
+    return SelMixTrainer(
+        model=model,
+        args=args,
+        train_dataset=gaussian_problem([40, 30, 20, 10], seed=1),
+        eval_dataset=gaussian_problem([5] * K, seed=2),
+    )
 
 
 def selmix_state(trainer: SelMixTrainer) -> dict:
     state = trainer.method_state()
-    return {"multipliers": state["objective"]["multipliers"], "distribution": state["distribution"],
-            "gains": state["gains"], "history": state["max_gain_history"],
-            "sampler": state["sampler"]["generator"], "drawn": state["sampler"]["batches_drawn"],
-            "mix": state["mix_generator"]}
+    return {
+        "multipliers": state["objective"]["multipliers"],
+        "distribution": state["distribution"],
+        "gains": state["gains"],
+        "history": state["max_gain_history"],
+        "sampler": state["sampler"]["generator"],
+        "drawn": state["sampler"]["batches_drawn"],
+        "mix": state["mix_generator"],
+    }
 
 
 @pytest.mark.parametrize("arch_name", ["bert"])  # the MLP and odd batch sizes: tests/test_contract.py
@@ -158,14 +208,23 @@ def test_resume_continues_exactly_where_it_stopped(arch_name, tmp_path):
         else:
             model = next(a for a in ARCHITECTURES if a.name == arch_name).build()
             data = class_signal_dataset("text", [30, 12, 6]), class_signal_dataset("text", [3, 3, 3], seed=1)
-        args = config(tmp_path / folder, max_steps=8, save_strategy="steps", save_steps=4, gain_refresh_steps=3,
-                      per_device_train_batch_size=4, objective="min_recall")
+        args = config(
+            tmp_path / folder,
+            max_steps=8,
+            save_strategy="steps",
+            save_steps=4,
+            gain_refresh_steps=3,
+            per_device_train_batch_size=4,
+            objective="min_recall",
+        )
         return SelMixTrainer(model=model, args=args, train_dataset=data[0], eval_dataset=data[1])
 
     straight = build("straight")
     straight.train()
     checkpoint = tmp_path / "straight" / "out" / "checkpoint-4"
-    assert (checkpoint / "selmix_state_rank0.json").exists() and (checkpoint / "selmix_state_rank0.safetensors").exists()
+    assert (checkpoint / "selmix_state_rank0.json").exists() and (
+        checkpoint / "selmix_state_rank0.safetensors"
+    ).exists()
     resumed = build("resumed")
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
@@ -224,11 +283,27 @@ def test_evaluate_and_predict_behave_like_the_wrapped_model(tmp_path):
 
 
 def test_config_parses_from_the_command_line(tmp_path):
-    (args,) = HfArgumentParser(SelMixConfig).parse_args_into_dataclasses([
-        "--output_dir", str(tmp_path), "--objective", "mean_recall_min_coverage",
-        "--objective_options", '{"alpha": 0.9}', "--class_prior", "0.5", "0.3", "0.2",
-        "--gain_refresh_steps", "20", "--backbone_lr_ratio", "0.5", "--use_cpu", "--report_to", "none",
-    ])
+    (args,) = HfArgumentParser(SelMixConfig).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--objective",
+            "mean_recall_min_coverage",
+            "--objective_options",
+            '{"alpha": 0.9}',
+            "--class_prior",
+            "0.5",
+            "0.3",
+            "0.2",
+            "--gain_refresh_steps",
+            "20",
+            "--backbone_lr_ratio",
+            "0.5",
+            "--use_cpu",
+            "--report_to",
+            "none",
+        ]
+    )
     assert args.objective == "mean_recall_min_coverage" and args.objective_options == {"alpha": 0.9}
     assert args.class_prior == [0.5, 0.3, 0.2] and args.gain_refresh_steps == 20 and args.backbone_lr_ratio == 0.5
     assert args.ignore_data_skip and args.learning_rate == 3e-4
@@ -247,25 +322,31 @@ def test_default_temperature_is_scale_free(tmp_path):
     assert args.scale_free_temperature and args.sampling_temperature == 1.0
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"objective": "worst_recall"}, "valid objectives are: .*min_recall"),
-    ({"gain_estimator": "taylor"}, "selmix, exact"),
-    ({"pair_distribution": "random"}, "gain, uniform"),
-    ({"sampling_temperature": 0.0}, "positive"),
-    ({"ignore_data_skip": False}, "ignore_data_skip=True"),
-    ({"objective_options": "{alpha: 1"}, "not valid JSON"),
-    ({"equal_norm_prototypes": True, "gain_estimator": "exact"}, "gain_estimator='selmix' only"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"objective": "worst_recall"}, "valid objectives are: .*min_recall"),
+        ({"gain_estimator": "taylor"}, "selmix, exact"),
+        ({"pair_distribution": "random"}, "gain, uniform"),
+        ({"sampling_temperature": 0.0}, "positive"),
+        ({"ignore_data_skip": False}, "ignore_data_skip=True"),
+        ({"objective_options": "{alpha: 1"}, "not valid JSON"),
+        ({"equal_norm_prototypes": True, "gain_estimator": "exact"}, "gain_estimator='selmix' only"),
+    ],
+)
 def test_bad_config_is_a_clear_error(settings, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         config(tmp_path, **settings)
 
 
-@pytest.mark.parametrize("objective, options, message", [  # ../shared/repro/r9_errors.py
-    ("min_recall", {"omega": "fifty"}, "option 'omega' must be float, got 'fifty'"),
-    ("min_recall", {"omega": None}, "option 'omega' must be float, got None"),
-    ("mean_recall_min_coverage", {"alpha": "0.95"}, "option 'alpha' must be float, got '0.95'"),
-])
+@pytest.mark.parametrize(
+    "objective, options, message",
+    [  # ../shared/repro/r9_errors.py
+        ("min_recall", {"omega": "fifty"}, "option 'omega' must be float, got 'fifty'"),
+        ("min_recall", {"omega": None}, "option 'omega' must be float, got None"),
+        ("mean_recall_min_coverage", {"alpha": "0.95"}, "option 'alpha' must be float, got '0.95'"),
+    ],
+)
 def test_wrongly_typed_objective_option_names_the_option_and_type(objective, options, message, tmp_path):
     with pytest.raises(TypeError, match=message):
         config(tmp_path, objective=objective, objective_options=options)
@@ -275,9 +356,12 @@ def test_a_run_that_cannot_move_its_objective_warns_and_its_card_says_so(tmp_pat
     """../shared/repro/r10_noop.py: a fresh head never predicting some classes gives gains ~0 at every refresh."""
     torch.manual_seed(0)
     model = next(a for a in ARCHITECTURES if a.name == "bert").build()
-    trainer = SelMixTrainer(model=model, args=config(tmp_path, max_steps=8, gain_refresh_steps=2),
-                            train_dataset=class_signal_dataset("text", [30, 12, 6]),
-                            eval_dataset=class_signal_dataset("text", [3, 3, 3], seed=1))
+    trainer = SelMixTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=8, gain_refresh_steps=2),
+        train_dataset=class_signal_dataset("text", [30, 12, 6]),
+        eval_dataset=class_signal_dataset("text", [3, 3, 3], seed=1),
+    )
     with caplog.at_level("WARNING", logger="selmix_hf.trainer"):
         trainer.train()
     warnings = [r.getMessage() for r in caplog.records if "have been negligible" in r.getMessage()]
@@ -292,9 +376,14 @@ def test_a_run_that_cannot_move_its_objective_warns_and_its_card_says_so(tmp_pat
 
 def test_a_trained_classifier_moves_its_objective_without_the_warning(tmp_path, caplog):
     model, train = ce_start(0)  # it never predicts its rarest class: min recall's gains are ~0, mean recall's are not
-    trainer = SelMixTrainer(model=model, args=config(tmp_path, max_steps=6, gain_refresh_steps=2, learning_rate=0.05,
-                                                     optim="sgd", objective="mean_recall"), train_dataset=train,
-                            eval_dataset=gaussian_problem([25] * K, seed=20))
+    trainer = SelMixTrainer(
+        model=model,
+        args=config(
+            tmp_path, max_steps=6, gain_refresh_steps=2, learning_rate=0.05, optim="sgd", objective="mean_recall"
+        ),
+        train_dataset=train,
+        eval_dataset=gaussian_problem([25] * K, seed=20),
+    )
     with caplog.at_level("WARNING", logger="selmix_hf.trainer"):
         trainer.train()
     assert not [r for r in caplog.records if "have been negligible" in r.getMessage()]
@@ -306,14 +395,17 @@ def with_label(dataset, index: int, label: int):
     return dataset
 
 
-@pytest.mark.parametrize("case, message", [
-    ("validation missing a class", r"classes \[3\] have no sample in the validation set"),
-    ("train label outside num_labels", r"training labels contain values outside \[0, 4\): \[7\]"),
-    ("validation label outside num_labels", r"validation labels contain values outside \[0, 4\): \[-2\]"),
-    ("empty validation set", "validation set is empty"),
-    ("no validation set", "needs a labelled validation set"),
-    ("model without head", "cannot find the classification head"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("validation missing a class", r"classes \[3\] have no sample in the validation set"),
+        ("train label outside num_labels", r"training labels contain values outside \[0, 4\): \[7\]"),
+        ("validation label outside num_labels", r"validation labels contain values outside \[0, 4\): \[-2\]"),
+        ("empty validation set", "validation set is empty"),
+        ("no validation set", "needs a labelled validation set"),
+        ("model without head", "cannot find the classification head"),
+    ],
+)
 def test_bad_input_fails_before_training(case, message, tmp_path):
     model = TinyMLPForClassification(TinyMLPConfig(num_labels=K))
     train, validation = gaussian_problem([10, 8, 6, 4], seed=1), gaussian_problem([3] * K, seed=2)
@@ -338,9 +430,13 @@ def test_custom_objective_instance_is_used(tmp_path):
 
     objective = CustomObjective(K, lambda c: c[3, 3] / c[3].sum(), name="tail_recall")
     model = TinyMLPForClassification(TinyMLPConfig(num_labels=K))
-    trainer = SelMixTrainer(model=model, args=config(tmp_path, max_steps=2, logging_strategy="steps", logging_steps=1),
-                            objective=objective, train_dataset=gaussian_problem([10, 8, 6, 4], seed=1),
-                            eval_dataset=gaussian_problem([3] * K, seed=2))
+    trainer = SelMixTrainer(
+        model=model,
+        args=config(tmp_path, max_steps=2, logging_strategy="steps", logging_steps=1),
+        objective=objective,
+        train_dataset=gaussian_problem([10, 8, 6, 4], seed=1),
+        eval_dataset=gaussian_problem([3] * K, seed=2),
+    )
     trainer.train()
     assert any("selmix/tail_recall" in log for log in trainer.state.log_history)
 
@@ -349,12 +445,26 @@ def test_custom_objective_instance_is_used(tmp_path):
 
 
 def test_early_stop_on_gain_plateau(tmp_path):
-    stopped = mlp_run(tmp_path, "stop", max_steps=20, gain_refresh_steps=1, early_stop_on_gain_plateau=True,
-                      plateau_window=3, plateau_tolerance=10.0)
+    stopped = mlp_run(
+        tmp_path,
+        "stop",
+        max_steps=20,
+        gain_refresh_steps=1,
+        early_stop_on_gain_plateau=True,
+        plateau_window=3,
+        plateau_tolerance=10.0,
+    )
     stopped.train()
     assert stopped.state.global_step == 2  # refreshes at steps 0, 1, 2: the window is full and within tolerance
-    running = mlp_run(tmp_path, "run", max_steps=6, gain_refresh_steps=1, early_stop_on_gain_plateau=True,
-                      plateau_window=3, plateau_tolerance=0.0)
+    running = mlp_run(
+        tmp_path,
+        "run",
+        max_steps=6,
+        gain_refresh_steps=1,
+        early_stop_on_gain_plateau=True,
+        plateau_window=3,
+        plateau_tolerance=0.0,
+    )
     running.train()
     assert running.state.global_step == 6
 
@@ -363,7 +473,9 @@ def test_early_stop_on_gain_plateau(tmp_path):
 def test_both_estimators_drive_the_sampler(estimator, tmp_path):
     model, train = ce_start(0)
     args = config(tmp_path, max_steps=3, gain_refresh_steps=1, gain_estimator=estimator, per_device_train_batch_size=8)
-    trainer = SelMixTrainer(model=model, args=args, train_dataset=train, eval_dataset=gaussian_problem([10] * K, seed=2))
+    trainer = SelMixTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=gaussian_problem([10] * K, seed=2)
+    )
     trainer.train()
     assert torch.isfinite(trainer.gains).all() and trainer.gains.max() > 0
     torch.testing.assert_close(trainer.sampler.probabilities, trainer.distribution.double())
@@ -411,21 +523,38 @@ def tiny_bert():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
-                                                    num_attention_heads=2, intermediate_size=32, num_labels=3,
-                                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=3,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+    )
 
 
 def test_gradient_accumulation_with_a_bert_model_that_accepts_loss_kwargs(tmp_path):
     """BERT's forward takes **kwargs, the case where the Trainer used to skip dividing by the accumulation steps."""
     runs = []
     for name, batch, steps in (("whole", 8, 1), ("acc", 2, 4)):
-        trainer = SelMixTrainer(model=tiny_bert(), args=config(tmp_path / name, per_device_train_batch_size=batch,
-                                                               gradient_accumulation_steps=steps, max_steps=3,
-                                                               optim="sgd", learning_rate=0.5,
-                                                               lr_scheduler_type="constant"),
-                                train_dataset=class_signal_dataset("text", [30, 20, 14]),
-                                eval_dataset=class_signal_dataset("text", [3, 3, 3], seed=1))
+        trainer = SelMixTrainer(
+            model=tiny_bert(),
+            args=config(
+                tmp_path / name,
+                per_device_train_batch_size=batch,
+                gradient_accumulation_steps=steps,
+                max_steps=3,
+                optim="sgd",
+                learning_rate=0.5,
+                lr_scheduler_type="constant",
+            ),
+            train_dataset=class_signal_dataset("text", [30, 20, 14]),
+            eval_dataset=class_signal_dataset("text", [3, 3, 3], seed=1),
+        )
         assert trainer.model_accepts_loss_kwargs is False
         trainer.train()
         runs.append(trainer)
@@ -451,14 +580,22 @@ def test_one_prior_for_confusion_and_gains(tmp_path):
 
     prior = [0.4, 0.3, 0.2, 0.1]
     objective = get_objective("min_recall", K, class_prior=prior)
-    trainer = SelMixTrainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)), objective=objective,
-                            args=config(tmp_path, max_steps=1), train_dataset=gaussian_problem([10, 8, 6, 4], seed=1),
-                            eval_dataset=gaussian_problem([3] * K, seed=2))
+    trainer = SelMixTrainer(
+        model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)),
+        objective=objective,
+        args=config(tmp_path, max_steps=1),
+        train_dataset=gaussian_problem([10, 8, 6, 4], seed=1),
+        eval_dataset=gaussian_problem([3] * K, seed=2),
+    )
     torch.testing.assert_close(trainer.class_prior, torch.tensor(prior, dtype=torch.float64))
     with pytest.raises(ValueError, match="differ"):
-        SelMixTrainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)), objective=objective,
-                      args=config(tmp_path, class_prior=[0.25] * 4), train_dataset=gaussian_problem([10, 8, 6, 4], seed=1),
-                      eval_dataset=gaussian_problem([3] * K, seed=2))
+        SelMixTrainer(
+            model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)),
+            objective=objective,
+            args=config(tmp_path, class_prior=[0.25] * 4),
+            train_dataset=gaussian_problem([10, 8, 6, 4], seed=1),
+            eval_dataset=gaussian_problem([3] * K, seed=2),
+        )
 
 
 def test_validation_pass_keeps_every_sample_whatever_the_eval_loader_settings(tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,15 +37,28 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 NUM_LABELS = 3
 VOCAB, SEQ, IMAGE = 64, 8, 16
-TEXT = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-            max_position_embeddings=32, num_labels=NUM_LABELS)
-VISION = dict(image_size=IMAGE, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-              num_labels=NUM_LABELS)
+TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=32,
+    num_labels=NUM_LABELS,
+)
+VISION = dict(
+    image_size=IMAGE,
+    hidden_size=16,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=32,
+    num_labels=NUM_LABELS,
+)
 
 
 @dataclass
 class Arch:
-    """One supported architecture: how to build it, its input kind, and an independent reference for the pooled feature."""
+    """One supported architecture: how to build it, its input kind, an independent reference for the pooled feature."""
 
     name: str
     build: Callable[[], nn.Module]
@@ -56,37 +72,101 @@ def _first_token(out) -> torch.Tensor:
 
 
 ARCHITECTURES = [
-    Arch("bert", lambda: BertForSequenceClassification(BertConfig(**TEXT)), "text",
-         lambda m, x: m.bert(**x).pooler_output, "classifier"),
-    Arch("roberta", lambda: RobertaForSequenceClassification(RobertaConfig(**{**TEXT, "max_position_embeddings": 40})),
-         "text", lambda m, x: torch.tanh(m.classifier.dense(_first_token(m.roberta(**x)))), "classifier.out_proj"),
-    Arch("distilbert", lambda: DistilBertForSequenceClassification(DistilBertConfig(
-        vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, hidden_dim=32, max_position_embeddings=32, num_labels=NUM_LABELS)),
-         "text", lambda m, x: torch.relu(m.pre_classifier(_first_token(m.distilbert(**x)))), "classifier"),
-    Arch("deberta-v2", lambda: DebertaV2ForSequenceClassification(DebertaV2Config(**TEXT)), "text",
-         lambda m, x: m.pooler(m.deberta(**x).last_hidden_state), "classifier"),
-    Arch("vit", lambda: ViTForImageClassification(ViTConfig(**VISION, patch_size=8)), "image",
-         lambda m, x: _first_token(m.vit(**x)), "classifier"),
-    Arch("deit", lambda: DeiTForImageClassification(DeiTConfig(**VISION, patch_size=8)), "image",
-         lambda m, x: _first_token(m.deit(**x)), "classifier"),
-    Arch("swin", lambda: SwinForImageClassification(SwinConfig(
-        image_size=IMAGE, patch_size=4, embed_dim=8, depths=[1], num_heads=[1], window_size=2, num_labels=NUM_LABELS)),
-         "image", lambda m, x: m.swin(**x).pooler_output, "classifier"),
-    Arch("convnext", lambda: ConvNextForImageClassification(ConvNextConfig(
-        num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=NUM_LABELS)),
-         "image", lambda m, x: m.convnext(**x).pooler_output, "classifier"),
-    Arch("timm-resnet", lambda: TimmWrapperForImageClassification(TimmWrapperConfig(
-        architecture="resnet10t", num_labels=NUM_LABELS)), "image",
-         lambda m, x: m.timm_model.forward_head(m.timm_model.forward_features(x["pixel_values"]), pre_logits=True),
-         "timm_model.fc"),
+    Arch(
+        "bert",
+        lambda: BertForSequenceClassification(BertConfig(**TEXT)),
+        "text",
+        lambda m, x: m.bert(**x).pooler_output,
+        "classifier",
+    ),
+    Arch(
+        "roberta",
+        lambda: RobertaForSequenceClassification(RobertaConfig(**{**TEXT, "max_position_embeddings": 40})),
+        "text",
+        lambda m, x: torch.tanh(m.classifier.dense(_first_token(m.roberta(**x)))),
+        "classifier.out_proj",
+    ),
+    Arch(
+        "distilbert",
+        lambda: DistilBertForSequenceClassification(
+            DistilBertConfig(
+                vocab_size=VOCAB,
+                dim=16,
+                n_layers=1,
+                n_heads=2,
+                hidden_dim=32,
+                max_position_embeddings=32,
+                num_labels=NUM_LABELS,
+            )
+        ),
+        "text",
+        lambda m, x: torch.relu(m.pre_classifier(_first_token(m.distilbert(**x)))),
+        "classifier",
+    ),
+    Arch(
+        "deberta-v2",
+        lambda: DebertaV2ForSequenceClassification(DebertaV2Config(**TEXT)),
+        "text",
+        lambda m, x: m.pooler(m.deberta(**x).last_hidden_state),
+        "classifier",
+    ),
+    Arch(
+        "vit",
+        lambda: ViTForImageClassification(ViTConfig(**VISION, patch_size=8)),
+        "image",
+        lambda m, x: _first_token(m.vit(**x)),
+        "classifier",
+    ),
+    Arch(
+        "deit",
+        lambda: DeiTForImageClassification(DeiTConfig(**VISION, patch_size=8)),
+        "image",
+        lambda m, x: _first_token(m.deit(**x)),
+        "classifier",
+    ),
+    Arch(
+        "swin",
+        lambda: SwinForImageClassification(
+            SwinConfig(
+                image_size=IMAGE,
+                patch_size=4,
+                embed_dim=8,
+                depths=[1],
+                num_heads=[1],
+                window_size=2,
+                num_labels=NUM_LABELS,
+            )
+        ),
+        "image",
+        lambda m, x: m.swin(**x).pooler_output,
+        "classifier",
+    ),
+    Arch(
+        "convnext",
+        lambda: ConvNextForImageClassification(
+            ConvNextConfig(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1], num_labels=NUM_LABELS)
+        ),
+        "image",
+        lambda m, x: m.convnext(**x).pooler_output,
+        "classifier",
+    ),
+    Arch(
+        "timm-resnet",
+        lambda: TimmWrapperForImageClassification(TimmWrapperConfig(architecture="resnet10t", num_labels=NUM_LABELS)),
+        "image",
+        lambda m, x: m.timm_model.forward_head(m.timm_model.forward_features(x["pixel_values"]), pre_logits=True),
+        "timm_model.fc",
+    ),
 ]
 
 
 def model_inputs(kind: str, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     if kind == "text":
-        return {"input_ids": torch.randint(3, VOCAB, (batch, SEQ), generator=gen),
-                "attention_mask": torch.ones(batch, SEQ, dtype=torch.long)}
+        return {
+            "input_ids": torch.randint(3, VOCAB, (batch, SEQ), generator=gen),
+            "attention_mask": torch.ones(batch, SEQ, dtype=torch.long),
+        }
     return {"pixel_values": torch.randn(batch, 3, IMAGE, IMAGE, generator=gen)}
 
 
@@ -149,7 +229,9 @@ class TinyMLPForClassification(PreTrainedModel):
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
-def gaussian_problem(counts: list[int], seed: int, dim: int = 8, spread: float = 1.0, means_seed: int = 0) -> ListDataset:
+def gaussian_problem(
+    counts: list[int], seed: int, dim: int = 8, spread: float = 1.0, means_seed: int = 0
+) -> ListDataset:
     """Gaussian classes around fixed means (means_seed), sampled with the given per-class counts."""
     means = torch.randn(len(counts), dim, generator=torch.Generator().manual_seed(means_seed)) * spread
     gen = torch.Generator().manual_seed(seed)
@@ -168,3 +250,13 @@ def per_class_recall(model: nn.Module, dataset: ListDataset, num_labels: int) ->
     with torch.no_grad():
         pred = model(features=x).logits.argmax(1)
     return np.array([(pred[y == k] == k).float().mean().item() for k in range(num_labels)])
+
+
+def two_cpu_ranks(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a test file's ``__main__`` as two gloo ranks under torchrun, one OpenMP thread each.
+
+    Fresh processes, not forks: forking a pytest process whose OpenMP pool already ran can deadlock the children.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, timeout=600, env=env, capture_output=True, text=True)
