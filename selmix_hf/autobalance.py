@@ -220,11 +220,24 @@ class AutoBalanceTrainer(LongTailTrainer):
             return logits_of(model(**inputs)).float()
 
     def _features(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        """The pooled embeddings of a batch, without a graph (the head-only hypergradient treats them as data)."""
+        """The pooled embeddings of a batch, without a graph (the head-only hypergradient treats them as data).
+
+        The forwards run in micro-batches of per_device_train_batch_size, so a hyper-batch of a run with gradient
+        accumulation needs no more memory than a training step.
+        """
         inputs = {k: v for k, v in batch.items() if k not in (self.label_key, "_index")}
-        with torch.no_grad(), self.pooled.capture(), self.compute_loss_context_manager():
-            model(**inputs)
-        features = self.pooled.captured.float()
+        rows = len(batch[self.label_key])
+        size = self.args.per_device_train_batch_size
+        chunks = []
+        for start in range(0, rows, size):
+            part = {
+                k: v[start : start + size] if torch.is_tensor(v) and v.shape[:1] == (rows,) else v
+                for k, v in inputs.items()
+            }
+            with torch.no_grad(), self.pooled.capture(), self.compute_loss_context_manager():
+                model(**part)
+            chunks.append(self.pooled.captured.float())
+        features = torch.cat(chunks)
         bad = first_bad(row_is_finite(features))
         if bad is not None:
             raise NonFiniteError(

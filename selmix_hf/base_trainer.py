@@ -108,7 +108,7 @@ class BaseTrainer(ModelCardMixin, Trainer):
         if self.reads_head_weights:
             self._require_whole_head()
         self.label_key = self._label_key()
-        self.train_labels = self._labels_of(self.train_dataset, "training") if self.train_dataset is not None else None
+        self.train_labels: np.ndarray | None = None  # read by count_classes when the counts come from them
         self.class_counts = self.count_classes()
         self._validation_argument = validation_dataset
         self.validation_dataset: Any = None
@@ -125,6 +125,7 @@ class BaseTrainer(ModelCardMixin, Trainer):
                 f"{type(self).__name__} trains a classifier on one label column; label_names={names} "
                 "names several. Pass label_names=['<your label column>'] or leave it unset"
             )
+        self.label_names = names  # a forward without a labels argument left it empty: the column must be kept
         return names[0]
 
     def _label_columns(self) -> tuple[str, ...]:
@@ -137,9 +138,10 @@ class BaseTrainer(ModelCardMixin, Trainer):
         return labels
 
     def count_classes(self) -> list[int]:
-        """Training samples per class, from the training labels."""
-        if self.train_labels is None:
+        """Training samples per class, from the training labels (kept in ``train_labels``)."""
+        if self.train_dataset is None:
             raise ValueError(f"{type(self).__name__} needs a train_dataset: the class counts are read from it")
+        self.train_labels = self._labels_of(self.train_dataset, "training")
         return np.bincount(self.train_labels, minlength=self.num_labels).tolist()
 
     def use_validation_set(self, purpose: str) -> Any:
@@ -279,9 +281,13 @@ class BaseTrainer(ModelCardMixin, Trainer):
             state, same_rank = self._read_state(str(resume_from_checkpoint))
             self.run_id = state.get("run_id", self.run_id)
             self.load_method_state(state["method"], same_rank)
+        self.remember_base_model()
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
-        if self.best_checkpoint_step() is not None:  # the card describes these weights: make sure they are the best's
+        if self.best_checkpoint_step() is not None:  # what is saved and described must be the best checkpoint's
             _compat.restore_best_weights(self.model, self.state.best_model_checkpoint)
+            state, same_rank = self._read_state(self.state.best_model_checkpoint)
+            self.load_method_state(state["method"], same_rank)
+        self.record_stage()
         return output
 
     def _read_state(self, checkpoint: str) -> tuple[dict[str, Any], bool]:

@@ -314,18 +314,20 @@ class ModelCardMixin:
     ``best_checkpoint_step()`` and ``evaluated_split()`` (see `BaseTrainer`).
     """
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
-        """`Trainer.train`, then the finished stage is written into ``model.config`` (saved with the weights)."""
+    def remember_base_model(self) -> None:
+        """Record the checkpoint the first stage started from in ``model.config`` (a Hub id only, never a path)."""
         config = getattr(_compat.base_model_of(unwrap(self.model)), "config", None)
         if config is not None and getattr(config, BASE_MODEL_ATTRIBUTE, None) is None:
             name = getattr(config, "_name_or_path", None)
             setattr(config, BASE_MODEL_ATTRIBUTE, name if looks_like_hub_id(name) else None)
-        output = super().train(*args, **kwargs)
+
+    def record_stage(self) -> None:
+        """Write this finished run into ``model.config`` as a stage (saved with the weights, read by later cards)."""
+        config = getattr(_compat.base_model_of(unwrap(self.model)), "config", None)
         if config is not None:
             stage = self.card_stage()  # names the run by a random id: no local path is published
             stages = [s for s in (getattr(config, STAGES_ATTRIBUTE, None) or []) if s.get("run") != stage["run"]]
             setattr(config, STAGES_ATTRIBUTE, stages + [stage])
-        return output
 
     def _processor_saved(self, model: Any) -> bool:
         """Whether a pipeline can prepare inputs: a processing class, processor files or timm's pretrained_cfg."""
@@ -380,9 +382,10 @@ class ModelCardMixin:
         if not any(s.get("run") == self.run_id for s in stages) and self.state.global_step > 0:
             stages.append(self.card_stage())  # trained here but the stage was not recorded (train() not used)
         objective = stages[-1].get("objective") if stages else None
-        adapter_of = _compat.peft_base_model_name(wrapper) or (
-            "its base model" if _compat.is_peft_model(wrapper) else None
-        )
+        adapter_of = None
+        if _compat.is_peft_model(wrapper):  # a local base model path is never published: name it generically
+            base_name = _compat.peft_base_model_name(wrapper)
+            adapter_of = base_name if looks_like_hub_id(base_name) else "its base model"
         base_model = finetuned_from or adapter_of or getattr(config, BASE_MODEL_ATTRIBUTE, None)
         repo_id = self.args.hub_model_id or getattr(self, "hub_model_id", None)
         dataset_id = dataset[0] if isinstance(dataset, list) else dataset

@@ -1,8 +1,8 @@
 """A trainer's own checkpoint state as safetensors (tensors) plus JSON (everything else): loading runs no code.
 
 The state is a tree of dicts, lists, tuples, tensors and JSON scalars (optimizer and generator states included).
-Tensors go to ``<stem>.safetensors`` under their path in the tree; the tree itself, with each tensor replaced by a
-reference, goes to ``<stem>.json``. Both files are written to temporary names and renamed, the JSON last, so a
+Tensors go to ``<stem>.safetensors`` under a number; the tree itself, with each tensor replaced by a reference to
+its number, goes to ``<stem>.json``. Both files are written to temporary names and renamed, the JSON last, so a
 crash never leaves a state that looks complete but is not.
 """
 
@@ -22,8 +22,9 @@ FORMAT = "selmix-hf-state/1"
 def encode(state: Any, tensors: dict[str, torch.Tensor], path: str = "state") -> Any:
     """The JSON tree of ``state``, its tensors moved into ``tensors`` under their path."""
     if isinstance(state, torch.Tensor):
-        tensors[path] = state.detach().cpu().clone().contiguous()
-        return {TENSOR: path}
+        key = f"t{len(tensors)}"  # numbered, not named by path: dotted dict keys could make two paths collide
+        tensors[key] = state.detach().cpu().clone().contiguous()
+        return {TENSOR: key}
     if isinstance(state, dict):
         if all(isinstance(key, str) and not key.startswith("__") for key in state):
             return {key: encode(value, tensors, f"{path}.{key}") for key, value in state.items()}

@@ -7,8 +7,10 @@ in the cards without any edit of the card code.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,8 +59,22 @@ def parse_options(value: dict | str | None, name: str) -> dict:
     return dict(value or {})
 
 
+SEQUENCES = (list, tuple, collections.abc.Sequence)
+
+
+def plain(value: Any) -> Any:
+    """numpy / torch scalars and arrays as Python numbers and lists (what JSON, the cards and the checks read)."""
+    if isinstance(value, (str, bytes, dict)) or value is None:
+        return value
+    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
 def matches_type(value: Any, hint: Any) -> bool:
-    """Whether a value fits a field's type hint (int, float, bool, str, None, list[...], dict, unions of them)."""
+    """Whether a value fits a type hint (int, float, bool, str, None, list[...], Sequence[...], dict, unions)."""
     origin = typing.get_origin(hint)
     if hint is Any:
         return True
@@ -66,15 +82,16 @@ def matches_type(value: Any, hint: Any) -> bool:
         return value is None
     if origin in (typing.Union, types.UnionType):
         return any(matches_type(value, arg) for arg in typing.get_args(hint))
-    if origin in (list, tuple):
+    if origin in SEQUENCES:
         (item,) = typing.get_args(hint)[:1] or (Any,)
+        value = plain(value)
         return isinstance(value, (list, tuple)) and all(matches_type(v, item) for v in value)
     if origin is dict or hint is dict:
         return isinstance(value, dict)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if isinstance(hint, type):
         return isinstance(value, hint)
     return True
@@ -85,7 +102,7 @@ def type_name(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(type_name(arg) for arg in typing.get_args(hint))
-    if origin in (list, tuple):
+    if origin in SEQUENCES:
         return f"list of {type_name(typing.get_args(hint)[0])}"
     if hint is type(None):
         return "None"
@@ -141,7 +158,8 @@ class MethodConfig:
         for f in dataclasses.fields(self):
             if f.name in _TRAINING_ARGUMENT_FIELDS:
                 continue
-            value = getattr(self, f.name)
+            value = plain(getattr(self, f.name))  # numpy / torch values become the numbers and lists they hold
+            setattr(self, f.name, value)
             if not matches_type(value, hints[f.name]):
                 raise TypeError(
                     f"{type(self).__name__}.{f.name} must be {type_name(hints[f.name])}, got {value!r} "
@@ -264,6 +282,12 @@ class SelMixConfig(MethodConfig, TrainingArguments):
         self.objective_options = parse_options(self.objective_options, "objective_options")
         self.check_field_types()
         check_options(OBJECTIVES.get(self.objective, object), self.objective_options, f"objective {self.objective!r}")
+        shadowed = sorted({"class_prior", "tail_fraction"} & set(self.objective_options))
+        if shadowed:
+            raise ValueError(
+                f"objective_options sets {', '.join(shadowed)}, which SelMixConfig has as its own field(s): set "
+                f"{', '.join(f'{name}=...' for name in shadowed)} on the config instead (one place for each setting)"
+            )
         if self.objective not in OBJECTIVES:
             raise ValueError(
                 f"unknown objective {self.objective!r}; valid objectives are: {', '.join(sorted(OBJECTIVES))}"

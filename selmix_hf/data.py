@@ -162,7 +162,10 @@ def dataset_labels(dataset, label_names: Sequence[str] = LABEL_COLUMNS) -> np.nd
             f"dataset has none of the label columns {list(label_names)}; its columns are {dataset.column_names}"
         )
     if not hasattr(dataset, "__len__"):
-        raise ValueError("SelMix needs map-style datasets (with __len__), not iterable ones")
+        raise ValueError(
+            "selmix-hf reads the labels of map-style datasets (with __len__), not iterable ones; LongTailTrainer "
+            "trains on an iterable dataset when LongTailConfig(class_counts=[...]) gives the counts"
+        )
     for attribute in ("targets", "labels"):
         values = getattr(dataset, attribute, None)
         if values is not None and len(values) == len(dataset):

@@ -83,7 +83,7 @@ class CrossEntropy(LongTailLoss):
 
     citation = None
 
-    def __init__(self, weight: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: Sequence[float] | torch.Tensor | None = None) -> None:
         super().__init__()
         self.register_buffer("weight", None if weight is None else torch.as_tensor(weight, dtype=torch.float32))
 
@@ -111,7 +111,7 @@ class FocalLoss(LongTailLoss):
 
     citation = "focal"
 
-    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None) -> None:
+    def __init__(self, gamma: float = 2.0, weight: Sequence[float] | torch.Tensor | None = None) -> None:
         super().__init__()
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")

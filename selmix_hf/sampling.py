@@ -10,6 +10,8 @@ import torch
 
 from .metrics import check_labels
 
+KEPT_POSITIONS = 4096  # positions a sampler can go back to: far more than DataLoader workers ever draw ahead
+
 
 def rank_seed(seed: int, rank: int) -> int:
     """A per-rank seed derived from one run seed, so ranks draw different but reproducible streams."""
@@ -50,7 +52,9 @@ class PairBatchSampler:
         self.num_batches = -(-batches // accumulation_steps) * accumulation_steps  # whole optimiser steps per epoch
         self.generator = torch.Generator().manual_seed(rank_seed(seed, rank))
         self.batches_drawn = 0
-        self.last_batch: list[int] | None = None  # the indices of the batch yielded last (for error messages)
+        # batch number -> (generator state, P) just before it was drawn: DataLoader workers draw batches ahead of
+        # training, and a checkpoint must hold the position of the batches actually trained on
+        self._before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.set_distribution(torch.ones(num_classes, num_classes, dtype=torch.float64))
 
     def set_distribution(self, probabilities: torch.Tensor) -> None:
@@ -93,19 +97,30 @@ class PairBatchSampler:
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.num_batches):
+            self._before[self.batches_drawn] = (self.generator.get_state(), self.probabilities)
+            self._before.pop(self.batches_drawn - KEPT_POSITIONS, None)
             first, second = self.draw(self.pairs_per_batch)
             self.batches_drawn += 1
-            self.last_batch = torch.cat([first, second]).tolist()
-            yield self.last_batch
+            yield torch.cat([first, second]).tolist()
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, batches_used: int | None = None) -> dict[str, Any]:
+        """The position after ``batches_used`` batches (default: all drawn): batches drawn ahead are given back."""
+        if batches_used is None or batches_used == self.batches_drawn:
+            generator, probabilities = self.generator.get_state(), self.probabilities
+        elif batches_used in self._before:
+            generator, probabilities = self._before[batches_used]
+        else:
+            raise ValueError(
+                f"the sampler has drawn {self.batches_drawn} batches and cannot go back to batch {batches_used} "
+                f"(it keeps the last {KEPT_POSITIONS} positions); lower dataloader_prefetch_factor"
+            )
         return {
-            "generator": self.generator.get_state(),
-            "probabilities": self.probabilities.clone(),
-            "batches_drawn": self.batches_drawn,
+            "generator": generator.clone(),
+            "probabilities": probabilities.clone(),
+            "batches_drawn": batches_used if batches_used is not None else self.batches_drawn,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -22,16 +22,18 @@ from .config import SelMixConfig
 from .features import PooledFeatures, logits_of, unwrap
 from .gains import class_prototypes, equal_norm_prototypes, gain_matrix, sampling_distribution
 from .metrics import confusion_counts, normalized_confusion
-from .objectives import Objective, multiplier_logs, objective_for_training
+from .objectives import CONFUSION_CLIP, Objective, multiplier_logs, objective_for_training
 from .plots import log_refresh_heatmaps
 from .sampling import PairBatchSampler, rank_seed
 
 logger = logging.getLogger(__name__)
 
 # SelMix warns when, for NEGLIGIBLE_REFRESHES refreshes in a row, the largest gain predicts a change of the
-# objective below NEGLIGIBLE_CHANGE (0.001 point of recall) over a refresh interval; a head whose weights have a
+# objective below NEGLIGIBLE_CHANGE of its scale (max(|psi|, 1): 0.001 point of recall for the registry's objectives,
+# which lie in [0, 1]) over a refresh interval; a head whose weights have a
 # standard deviation below FRESH_HEAD_STD is reported as untrained (transformers initialises heads at std 0.02).
 NEGLIGIBLE_CHANGE = 1e-5
+INDEX_KEY = "_selmix_index"  # the dataset indices a pair batch carries, for error messages and the sampler position
 NEGLIGIBLE_REFRESHES = 3
 FRESH_HEAD_STD = 0.03
 
@@ -89,8 +91,11 @@ class SelMixTrainer(BaseTrainer):
         self.max_gain_history: list[float] = []
         self.objective_history: list[float] = []  # the objective on validation at each refresh
         self.negligible_refreshes = 0  # consecutive refreshes whose largest gain could not move the objective
+        self.objective_scale = 1.0  # max(|psi|, 1) at the last refresh: what "negligible" is relative to
         self.last_confusion_counts: torch.Tensor | None = None
         self._sampler_state: dict[str, Any] | None = None
+        self._batches_used = 0  # pair batches trained on (workers may have drawn more)
+        self._current_indices: list[int] | None = None
         self.schedule_refresh(args.gain_refresh_steps)
 
     def _resolve_prior(self) -> torch.Tensor:
@@ -121,9 +126,9 @@ class SelMixTrainer(BaseTrainer):
         elif self.distribution is not None:
             self.sampler.set_distribution(self.distribution)
         return DataLoader(
-            dataset,
+            IndexedDataset(dataset),
             batch_sampler=self.sampler,
-            collate_fn=collator,
+            collate_fn=IndexedCollator(collator),
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
             persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
@@ -166,6 +171,8 @@ class SelMixTrainer(BaseTrainer):
             self.sampler.set_distribution(self.distribution)
         self.max_gain_history.append(float(self.gains.max()))
         self.objective_history.append(float(self.objective.value(confusion)))
+        surrogate = self.objective.surrogate(confusion.clamp_min(CONFUSION_CLIP))
+        self.objective_scale = max(abs(float(surrogate)), 1.0)
         return self._refresh_logs(confusion, raw_prototypes)
 
     def compute_loss(
@@ -179,6 +186,8 @@ class SelMixTrainer(BaseTrainer):
         if not model.training:  # evaluate() / predict(): no mixing
             return self.evaluation_loss(model, inputs, return_outputs)
         inputs, labels = self.split_labels(inputs)
+        self._current_indices = inputs.pop(INDEX_KEY).tolist() if INDEX_KEY in inputs else None
+        self._batches_used += 1
         if self.args.freeze_batchnorm:
             for module in self._batchnorms:
                 module.eval()
@@ -194,7 +203,7 @@ class SelMixTrainer(BaseTrainer):
 
     def batch_indices(self) -> list[int] | None:
         """The dataset indices of the pair batch being trained on (first halves, then their partners)."""
-        return None if self.sampler is None else self.sampler.last_batch
+        return self._current_indices
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """Head and backbone in separate parameter groups: backbone lr = backbone_lr_ratio x head lr."""
@@ -253,11 +262,11 @@ class SelMixTrainer(BaseTrainer):
 
     def gain_is_negligible(self) -> bool:
         """Whether the largest gain, at the head's learning rate over one refresh interval, moves the objective by
-        less than NEGLIGIBLE_CHANGE (the objectives lie in [0, 1]): first order, lr x steps x max G."""
+        less than NEGLIGIBLE_CHANGE of its scale max(|psi|, 1): first order, lr x steps x max G."""
         if self.gains is None:
             return False
         change = self.args.learning_rate * self.args.gain_refresh_steps * max(float(self.gains.max()), 0.0)
-        return change < NEGLIGIBLE_CHANGE
+        return change < NEGLIGIBLE_CHANGE * self.objective_scale
 
     def _warn_if_gains_negligible(self) -> None:
         self.negligible_refreshes = self.negligible_refreshes + 1 if self.gain_is_negligible() else 0
@@ -338,7 +347,9 @@ class SelMixTrainer(BaseTrainer):
             "max_gain_history": list(self.max_gain_history),
             "objective_history": list(self.objective_history),
             "negligible_refreshes": self.negligible_refreshes,
-            "sampler": None if self.sampler is None else self.sampler.state_dict(),
+            "sampler": self._sampler_state  # a restored position not yet handed to a sampler
+            if self._sampler_state is not None or self.sampler is None
+            else self.sampler.state_dict(self._batches_used),
             "mix_generator": self._mix_generator.get_state(),
         }
 
@@ -352,6 +363,32 @@ class SelMixTrainer(BaseTrainer):
         if same_rank:
             self._mix_generator.set_state(state["mix_generator"])
             self._sampler_state = state["sampler"]
+            self._batches_used = 0 if state["sampler"] is None else int(state["sampler"]["batches_drawn"])
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """A dataset whose items carry their index: ``(i, dataset[i])``, so a batch knows which samples it holds."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any]:
+        return index, self.dataset[index]
+
+
+class IndexedCollator:
+    """The user's collator on the samples, plus their dataset indices under INDEX_KEY (popped before the forward)."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, items: list[tuple[int, Any]]) -> dict[str, Any]:
+        batch = dict(self.collator([item for _, item in items]))
+        batch[INDEX_KEY] = torch.tensor([index for index, _ in items])
+        return batch
 
 
 __all__ = ["SelMixConfig", "SelMixTrainer"]

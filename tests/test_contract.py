@@ -33,6 +33,7 @@ from selmix_hf import (  # noqa: E402
     SelMixTrainer,
     make_compute_metrics,
 )
+from selmix_hf.checkpoint_state import load_state  # noqa: E402
 from selmix_hf.nonfinite import NonFiniteError  # noqa: E402
 
 K = 4
@@ -415,6 +416,13 @@ def renamed(dataset: ListDataset, key: str) -> ListDataset:
     )
 
 
+class NoLabelsArgumentMLP(TinyMLPForClassification):
+    """A model whose forward takes no labels (Trainer then finds no label names)."""
+
+    def forward(self, features: torch.Tensor) -> Any:  # type: ignore[override]
+        return super().forward(features)
+
+
 class DictOutputMLP(TinyMLPForClassification):
     """A model whose forward returns a plain dict (as some custom heads do)."""
 
@@ -454,6 +462,15 @@ def test_label_columns_and_dict_outputs_as_trainer_accepts_them(subject, tmp_pat
     trainer.train()
     assert_same(weights(reference), weights(trainer), "dict outputs")
     assert trainer.predict(gaussian_problem(VALIDATION_COUNTS, seed=2)).predictions.shape == (21, K)
+    torch.manual_seed(0)
+    trainer = build(
+        subject,
+        str(tmp_path / "no-labels-argument"),
+        model=NoLabelsArgumentMLP(TinyMLPConfig(num_labels=K)),
+        max_steps=4,
+    )
+    trainer.train()
+    assert_same(weights(reference), weights(trainer), "forward without labels")
 
 
 # -- best model and its card -----------------------------------------------------------------------------
@@ -480,6 +497,9 @@ def test_best_model_loading_and_its_card_describe_the_saved_weights(subject, tmp
     saved = load_file(os.path.join(trainer.state.best_model_checkpoint, "model.safetensors"))
     for name, param in trainer.model.named_parameters():
         torch.testing.assert_close(param.detach(), saved[name])
+    # the method's own state (what AutoBalance exports, what SelMix's stage reports) is the best checkpoint's too
+    best_state = load_state(trainer.state.best_model_checkpoint, f"{subject.trainer.state_stem}_rank0")
+    assert_same(trainer.method_state(), best_state["method"], "method state")
     trainer.save_model()
     trainer.create_model_card()
     card = open(os.path.join(out, "README.md")).read()

@@ -201,3 +201,23 @@ def test_best_model_loading_restores_every_weight_of_a_vit(tmp_path):
     best = type(model).from_pretrained(trainer.state.best_model_checkpoint)
     for (name, param), reference in zip(trainer.model.named_parameters(), best.parameters()):
         torch.testing.assert_close(param, reference, rtol=0, atol=0, msg=name)
+
+
+def test_an_iterable_training_set_trains_when_the_class_counts_are_given(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from gaussian_problem(COUNTS, seed=1).examples
+
+    trainer = LongTailTrainer(
+        model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)),
+        args=config(tmp_path, max_steps=3, class_counts=COUNTS),
+        train_dataset=Stream(),
+    )
+    trainer.train()
+    assert trainer.state.global_step == 3
+    with pytest.raises(ValueError, match="class_counts="):
+        LongTailTrainer(
+            model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)),
+            args=config(tmp_path, max_steps=3),
+            train_dataset=Stream(),
+        )

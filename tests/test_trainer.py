@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -617,3 +618,42 @@ def test_sharded_heads_are_refused_with_the_alternative(tmp_path):
     trainer.is_fsdp_enabled = True
     with pytest.raises(ValueError, match="use DDP"):
         trainer._require_whole_head()
+
+
+def test_resume_is_exact_when_dataloader_workers_draw_pairs_ahead(tmp_path):
+    """Workers draw pair batches ahead of training; the checkpoint holds the position of the batches trained on."""
+
+    def run(folder, **kw):
+        trainer = mlp_run(
+            tmp_path,
+            folder,
+            max_steps=9,
+            save_strategy="steps",
+            save_steps=4,
+            dataloader_num_workers=2,
+            gradient_accumulation_steps=2,
+            **kw,
+        )
+        return trainer
+
+    straight = run("straight")
+    straight.train()
+    resumed = run("resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "out" / "checkpoint-4"))
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+    assert straight.method_state()["sampler"]["batches_drawn"] == resumed.method_state()["sampler"]["batches_drawn"]
+
+
+def test_a_nan_names_the_dataset_index_of_the_micro_batch_it_came_from(tmp_path):
+    from selmix_hf import NonFiniteError
+
+    trainer = mlp_run(tmp_path, "nan", max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=4)
+    examples = trainer.train_dataset.examples
+    poisoned = [i for i, e in enumerate(examples) if e["labels"] == 3]  # the rarest class: indices 90-99
+    for i in poisoned:
+        examples[i] = {**examples[i], "features": torch.full_like(examples[i]["features"], float("nan"))}
+    with pytest.raises(NonFiniteError) as error:
+        trainer.train()
+    named = [int(i) for i in re.search(r"dataset index \[([\d, ]+)\]", str(error.value)).group(1).split(",")]
+    assert named and set(named) <= set(poisoned)  # the rows of the micro-batch that failed, not of another one
