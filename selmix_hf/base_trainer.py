@@ -328,10 +328,17 @@ class BaseTrainer(ModelCardMixin, Trainer):
             "tags": list(self._tag_names),
             "objective": self.stage_objective(),
             "description": self.stage_description(),
-            "settings": {**self.optimisation_settings(), **self.args.method_settings()},
+            "settings": {
+                **self.optimisation_settings(),
+                **{k: v for k, v in self.args.method_settings().items() if k not in self.unused_settings()},
+            },
             "run": self.run_id,
         }
         return stage
+
+    def unused_settings(self) -> set[str]:
+        """Config fields that had no effect on this run (left out of the card so it lists only what acted)."""
+        return set()
 
     def optimisation_settings(self) -> dict[str, Any]:
         """The settings every stage reports: steps of the saved weights, global batch, optimiser, schedule, seed."""

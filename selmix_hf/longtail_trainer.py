@@ -119,6 +119,10 @@ class LongTailTrainer(BaseTrainer):
         stage.update(method=self.loss_name, cite=[*stage["cite"], *([citation] if citation else [])])
         return stage
 
+    def unused_settings(self) -> set[str]:
+        """Without a loss that follows validation data, the refresh interval did nothing."""
+        return set() if getattr(self.loss_fn, "needs_validation", False) else {"validation_refresh_steps"}
+
     def stage_objective(self) -> str | None:
         """The objective a cost-sensitive loss follows (None for the fixed losses)."""
         objective = getattr(self.loss_fn, "objective", None)

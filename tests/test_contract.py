@@ -51,7 +51,7 @@ class Subject:
     settings: dict[str, Any]
     shared_state: Callable[[Any], dict[str, torch.Tensor]]  # identical on every rank, and across equivalent runs
     wrongly_typed: tuple[str, Any]  # a field of its own config and a value of the wrong type
-    extra: dict[str, Any] = field(default_factory=dict)
+    unused_settings: set[str] = field(default_factory=set)  # config fields that do nothing in this row's run
 
 
 SUBJECTS = [
@@ -78,6 +78,7 @@ SUBJECTS = [
         {"hyper_update_steps": 2, "hyper_batches": 2, "neumann_lr": 0.1, "hyper_learning_rate": 0.1},
         lambda t: {f"theta{i}": p for i, p in enumerate(t.hyperparameters)},
         ("hyper_update_steps", "two"),
+        unused_settings={"validation_refresh_steps"},  # the search refreshes every hyper_update_steps
     ),
 ]
 ids = [s.name for s in SUBJECTS]
@@ -521,8 +522,13 @@ def test_card_settings_come_from_the_config_fields(subject, tmp_path):
     trainer = build(subject, str(tmp_path / "run"), max_steps=2)
     trainer.train()
     settings = trainer.card_stage()["settings"]
+    unused = trainer.unused_settings()
     for name in subject.config.method_fields():
-        assert name in settings and settings[name] == getattr(trainer.args, name)
+        if name in unused:  # e.g. validation_refresh_steps of a loss that reads no validation data
+            assert name not in settings
+        else:
+            assert name in settings and settings[name] == getattr(trainer.args, name)
+    assert unused == subject.unused_settings
 
 
 if __name__ == "__main__":
