@@ -14,7 +14,7 @@ from .gains import (
 )
 from .longtail_trainer import LongTailConfig, LongTailTrainer
 from .losses import build_loss
-from .metrics import classification_report, confusion_counts, make_compute_metrics, normalized_confusion
+from .metrics import classification_report, confusion_counts, make_compute_metrics, metric_path, normalized_confusion
 from .nonfinite import NonFiniteError
 from .objectives import OBJECTIVES, CustomObjective, Objective, get_objective
 from .trainer import SelMixTrainer
@@ -43,6 +43,7 @@ __all__ = [
     "gain_matrix",
     "get_objective",
     "make_compute_metrics",
+    "metric_path",
     "normalized_confusion",
     "register_head",
     "sampling_distribution",

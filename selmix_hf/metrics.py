@@ -301,3 +301,10 @@ def make_compute_metrics(
         )
 
     return compute_metrics
+
+
+def metric_path() -> str:
+    """The file of the `evaluate` module of these metrics: ``evaluate.load(metric_path())`` works offline."""
+    import os
+
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluate_metric.py")
