@@ -28,6 +28,8 @@ class Objective:
     name: ClassVar[str] = "objective"
     # True when the objective splits the classes into head and tail, so it needs the training class counts
     needs_class_counts: ClassVar[bool] = False
+    # psi(C) = sum_ij G_ij C_ij with a fixed G: the plug-in rule for it is exact (selmix_hf.posthoc)
+    is_linear: ClassVar[bool] = False
     # the keys of metrics.classification_report this objective optimises (the model card marks them)
     optimised_metrics: ClassVar[tuple[str, ...]] = ()
 
@@ -112,6 +114,7 @@ class MeanRecall(Objective):
     """Mean of per-class recalls; with a uniform prior the surrogate is trace(C)."""
 
     name = "mean_recall"
+    is_linear = True
     optimised_metrics = ("mean_recall",)
 
     def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
@@ -125,6 +128,7 @@ class Accuracy(Objective):
     """Accuracy under the class prior (trace of C): the decomposable baseline."""
 
     name = "accuracy"
+    is_linear = True
     optimised_metrics = ("accuracy",)
 
     def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,125 @@
+"""Post-hoc decision rules: the Bayes rule for mean recall, min recall against brute force, the cross-fitting
+guard, folding into the head's bias, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from selmix_hf import get_objective
+from selmix_hf.posthoc import DecisionRule, fit_decision_rule, fold_offsets
+
+K = 4
+TRAIN_PRIOR = torch.tensor([0.7, 0.2, 0.07, 0.03])
+
+
+def gaussian_logits(per_class: int, seed: int, prior: torch.Tensor | None = None, k: int = K):
+    """Balanced samples of unit Gaussians and their exact log posteriors under ``prior`` (uniform by default)."""
+    generator = torch.Generator().manual_seed(seed)
+    means = torch.randn(k, 2, generator=torch.Generator().manual_seed(100)) * 1.5
+    labels = torch.arange(k).repeat_interleave(per_class)
+    x = means[labels] + torch.randn(len(labels), 2, generator=generator)
+    log_prior = torch.zeros(k) if prior is None else torch.log(prior)
+    return log_prior - 0.5 * ((x[:, None, :] - means[None]) ** 2).sum(-1), labels
+
+
+def test_mean_recall_offsets_are_the_bayes_rule_minus_log_prior():
+    logits, labels = gaussian_logits(2000, seed=0, prior=TRAIN_PRIOR)  # a model trained under a long-tailed prior
+    rule = fit_decision_rule(logits, labels, get_objective("mean_recall", K))
+    bayes = -torch.log(TRAIN_PRIOR).double()
+    assert rule.kind == "offsets"
+    torch.testing.assert_close(rule.offsets - rule.offsets.mean(), bayes - bayes.mean(), atol=0.15, rtol=0)
+    assert rule.estimates["cross_fitted"] > rule.estimates["without_rule"] + 0.05
+
+
+def test_min_recall_offsets_are_within_a_point_of_the_best_offsets_by_brute_force():
+    logits, labels = gaussian_logits(100, seed=1, prior=TRAIN_PRIOR[:3] / TRAIN_PRIOR[:3].sum(), k=3)
+    objective = get_objective("min_recall", 3)
+    grid = torch.linspace(-4, 4, 81)
+    best = 0.0
+    for b1 in grid:
+        shifted = (
+            logits.unsqueeze(0) + torch.stack([torch.zeros_like(grid), torch.full_like(grid, b1), grid], 1)[:, None]
+        )
+        predictions = shifted.argmax(-1)  # (81, N): b2 varies along the first axis
+        recalls = torch.stack([(predictions[:, labels == c] == c).float().mean(1) for c in range(3)], 1)
+        best = max(best, float(recalls.min(1).values.max()))
+    rule = fit_decision_rule(logits, labels, objective)
+    assert rule.kind == "offsets" and rule.estimates["in_sample"] >= best - 0.01
+    assert rule.estimates["without_rule"] < best - 0.2  # the offsets matter here
+
+
+@pytest.mark.parametrize("kind", ["offsets", "gain_matrix"])
+@pytest.mark.parametrize("name", ["h_mean", "mean_recall_min_coverage", "min_head_tail_recall"])
+def test_every_kind_of_objective_gets_a_rule_that_helps_on_held_out_folds(name, kind):
+    logits, labels = gaussian_logits(500, seed=2, prior=TRAIN_PRIOR)
+    options = {"class_counts": [700, 200, 70, 30]} if name == "min_head_tail_recall" else {}
+    rule = fit_decision_rule(logits, labels, get_objective(name, K, **options), kind=kind)
+    assert rule.kind == kind
+    assert rule.estimates["cross_fitted"] > rule.estimates["without_rule"]
+
+
+@pytest.mark.parametrize("seed", [2, 3, 4])
+def test_a_rule_that_only_fits_a_small_split_is_declined(seed):
+    """A calibrated model and 10 validation samples per class: the offsets' in-sample min-recall gain is overfitting."""
+    logits, labels = gaussian_logits(10, seed=seed)
+    rule = fit_decision_rule(logits, labels, get_objective("min_recall", K))
+    assert rule.kind == "none" and torch.equal(rule.predict(logits), logits.argmax(1))
+    assert rule.estimates["in_sample"] > rule.estimates["cross_fitted"]
+
+
+def test_folded_offsets_make_the_saved_model_predict_the_rule(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=40,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            num_labels=3,
+        )
+    ).eval()
+    inputs = {"input_ids": torch.randint(5, 40, (50, 6))}
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    offsets = torch.tensor([0.0, 0.02, -0.03])
+    expected = (logits + offsets).argmax(1)
+    fold_offsets(model, offsets)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        reloaded = BertForSequenceClassification.from_pretrained(tmp_path).eval()(**inputs).logits.argmax(1)
+    assert torch.equal(reloaded, expected) and not torch.equal(expected, logits.argmax(1))
+
+
+def test_a_rule_round_trips_through_json_and_refuses_non_finite_values():
+    logits, labels = gaussian_logits(200, seed=4, prior=TRAIN_PRIOR)
+    rule = fit_decision_rule(logits, labels, get_objective("h_mean", K), kind="gain_matrix")
+    back = DecisionRule.from_dict(json.loads(json.dumps(rule.to_dict())))
+    assert torch.equal(back.predict(logits), rule.predict(logits)) and back.estimates == rule.estimates
+    values = rule.to_dict()
+    values["offsets"][0] = float("nan")
+    with pytest.raises(ValueError, match="offsets holds NaN or inf"):
+        DecisionRule.from_dict(values)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"kind": "bias"}, "unknown rule kind 'bias'"),
+        ({"folds": 50}, "at least 50 validation samples of every class"),
+        ({"logits": "nan"}, "hold NaN or inf"),
+        ({"logits": "shape"}, "logits must be N x 4"),
+    ],
+)
+def test_bad_input_is_a_clear_error(change, message):
+    logits, labels = gaussian_logits(20, seed=5)
+    if change.get("logits") == "nan":
+        logits[3, 1] = float("nan")
+    elif change.get("logits") == "shape":
+        logits = logits[:, :3]
+    options = {k: v for k, v in change.items() if k != "logits"}
+    with pytest.raises(ValueError, match=message):
+        fit_decision_rule(logits, labels, get_objective("min_recall", K), **options)
