@@ -7,11 +7,8 @@ in the cards without any edit of the card code.
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
 import json
-import numbers
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -19,8 +16,9 @@ from typing import Any, ClassVar
 from transformers import TrainingArguments
 
 from .gains import ESTIMATORS
-from .losses import LOSSES
-from .objectives import OBJECTIVES
+from .losses import LOSSES, check_loss_options
+from .objectives import OBJECTIVES, check_objective_options
+from .options import matches_type, plain, type_name
 
 PAIR_DISTRIBUTIONS = ("gain", "uniform")
 HYPERGRADIENTS = ("neumann", "unrolled")
@@ -57,83 +55,6 @@ def parse_options(value: dict | str | None, name: str) -> dict:
     if value is not None and not isinstance(value, dict):
         raise ValueError(f"{name} must be a dict (or a JSON object), got {type(value).__name__}")
     return dict(value or {})
-
-
-SEQUENCES = (list, tuple, collections.abc.Sequence)
-
-
-def plain(value: Any) -> Any:
-    """numpy / torch scalars and arrays as Python numbers and lists (what JSON, the cards and the checks read)."""
-    if isinstance(value, (str, bytes, dict)) or value is None:
-        return value
-    if hasattr(value, "tolist") and not isinstance(value, (list, tuple)):
-        return value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
-def matches_type(value: Any, hint: Any) -> bool:
-    """Whether a value fits a type hint (int, float, bool, str, None, list[...], Sequence[...], dict, unions)."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if hint is type(None) or hint is None:
-        return value is None
-    if origin in (typing.Union, types.UnionType):
-        return any(matches_type(value, arg) for arg in typing.get_args(hint))
-    if origin in SEQUENCES:
-        (item,) = typing.get_args(hint)[:1] or (Any,)
-        value = plain(value)
-        return isinstance(value, (list, tuple)) and all(matches_type(v, item) for v in value)
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    if hint is float:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
-def type_name(hint: Any) -> str:
-    """A type hint as a user reads it: 'float', 'int or None', 'list of float'."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_name(arg) for arg in typing.get_args(hint))
-    if origin in SEQUENCES:
-        return f"list of {type_name(typing.get_args(hint)[0])}"
-    if hint is type(None):
-        return "None"
-    return getattr(hint, "__name__", str(hint))
-
-
-def check_options(target: Any, options: dict[str, Any], what: str) -> None:
-    """Options for a callable (an objective or loss class): unknown names and wrongly typed values are errors."""
-    import inspect
-
-    init = target.__init__ if isinstance(target, type) else target
-    params = inspect.signature(init).parameters
-    accepted = [
-        p
-        for p in params
-        if p not in ("self", "num_classes", "class_counts")
-        and params[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
-    ]
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    unknown = sorted(set(options) - set(accepted))
-    if unknown and not takes_any:
-        raise ValueError(f"{what} does not take option(s) {unknown}; it accepts: {', '.join(accepted)}")
-    try:
-        hints = typing.get_type_hints(init)
-    except Exception:  # noqa: BLE001 - annotations we cannot resolve are not checked
-        hints = {}
-    for key, value in options.items():
-        if key in hints and not matches_type(value, hints[key]):
-            raise TypeError(
-                f"{what}: option {key!r} must be {type_name(hints[key])}, got {value!r} ({type(value).__name__})"
-            )
 
 
 class MethodConfig:
@@ -281,16 +202,12 @@ class SelMixConfig(MethodConfig, TrainingArguments):
     def __post_init__(self) -> None:
         self.objective_options = parse_options(self.objective_options, "objective_options")
         self.check_field_types()
-        check_options(OBJECTIVES.get(self.objective, object), self.objective_options, f"objective {self.objective!r}")
+        check_objective_options(self.objective, self.objective_options)
         shadowed = sorted({"class_prior", "tail_fraction"} & set(self.objective_options))
         if shadowed:
             raise ValueError(
                 f"objective_options sets {', '.join(shadowed)}, which SelMixConfig has as its own field(s): set "
                 f"{', '.join(f'{name}=...' for name in shadowed)} on the config instead (one place for each setting)"
-            )
-        if self.objective not in OBJECTIVES:
-            raise ValueError(
-                f"unknown objective {self.objective!r}; valid objectives are: {', '.join(sorted(OBJECTIVES))}"
             )
         if self.gain_estimator not in ESTIMATORS:
             raise ValueError(f"unknown gain_estimator {self.gain_estimator!r}; valid: {', '.join(ESTIMATORS)}")
@@ -364,9 +281,7 @@ class LongTailConfig(MethodConfig, TrainingArguments):
     def __post_init__(self) -> None:
         self.loss_options = parse_options(self.loss_options, "loss_options")
         self.check_field_types()
-        if self.loss_type not in LOSSES:
-            raise ValueError(f"unknown loss_type {self.loss_type!r}; valid loss types are: {', '.join(LOSSES)}")
-        check_options(LOSSES[self.loss_type], self.loss_options, f"loss_type {self.loss_type!r}")
+        check_loss_options(self.loss_type, self.loss_options)
         if self.validation_refresh_steps < 1:
             raise ValueError(f"validation_refresh_steps must be >= 1, got {self.validation_refresh_steps}")
         super().__post_init__()
@@ -447,11 +362,7 @@ class AutoBalanceConfig(LongTailConfig):
             raise ValueError("hyper_update_steps and hyper_batches must be >= 1")
         super().__post_init__()
         if self.upper_objective in OBJECTIVES:
-            check_options(
-                OBJECTIVES[self.upper_objective],
-                self.upper_objective_options,
-                f"upper_objective {self.upper_objective!r}",
-            )
+            check_objective_options(self.upper_objective, self.upper_objective_options)
 
     def parametric_loss_options(self) -> dict[str, Any]:
         """The options of the searched `ParametricCrossEntropy`: ``loss_options`` plus the loss-family fields."""
@@ -470,6 +381,5 @@ __all__ = [
     "LongTailConfig",
     "MethodConfig",
     "SelMixConfig",
-    "check_options",
     "parse_options",
 ]

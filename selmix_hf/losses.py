@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .objectives import Objective, objective_for_training
+from .objectives import OBJECTIVES, Objective, objective_for_training
+from .options import check_options
 
 Counts = Sequence[int] | torch.Tensor
 
@@ -370,26 +371,20 @@ LOSSES: dict[str, type[LongTailLoss]] = {
 }
 
 
-def build_loss(loss_type: str, class_counts: Counts, **options: Any) -> nn.Module:
-    """A loss by name; unknown names and options are errors that list the valid ones."""
+def check_loss_options(loss_type: str, options: dict[str, Any]) -> None:
+    """A loss name of the zoo and its options (names and types; the cost-sensitive loss also takes its objective's)."""
     if loss_type not in LOSSES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are: {', '.join(LOSSES)}")
+    objective = options.get("objective", "min_recall") if loss_type == "cost_sensitive" else None
+    also = OBJECTIVES.get(objective) if isinstance(objective, str) else None
+    check_options(LOSSES[loss_type], options, f"loss_type {loss_type!r}", skip=("class_counts",), also=also)
+
+
+def build_loss(loss_type: str, class_counts: Counts, **options: Any) -> nn.Module:
+    """A loss by name; unknown names and options are errors that list the valid ones."""
+    check_loss_options(loss_type, options)
     cls = LOSSES[loss_type]
     params = inspect.signature(cls.__init__).parameters
-    accepted = [p for p in params if p not in ("self", "class_counts", "objective_options")]
-    if loss_type == "cost_sensitive":
-        from .objectives import OBJECTIVES
-
-        name = options.get("objective", "min_recall")
-        if isinstance(name, str) and name in OBJECTIVES:
-            accepted += [
-                p for p in inspect.signature(OBJECTIVES[name].__init__).parameters if p not in ("self", "num_classes")
-            ]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"loss_type {loss_type!r} does not take option(s) {unknown}; it accepts: {', '.join(accepted)}"
-        )
     if "class_counts" in params:
         options["class_counts"] = class_counts
     return cls(**options)

@@ -5,7 +5,6 @@ The formulas are written out in docs/engine.md, "The mathematics": M2 to M6.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -13,6 +12,7 @@ import torch
 
 from . import metrics
 from .metrics import HeadTailSplit
+from .options import check_options
 
 CONFUSION_CLIP = 1e-7  # C is clipped to at least this before any derivative (docs/engine.md, M6. Clipping)
 
@@ -446,19 +446,21 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
+def check_objective_options(name: str, options: dict[str, Any]) -> None:
+    """An objective name of the registry and its options (names and types): errors list the valid ones."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; valid objectives are: {', '.join(sorted(OBJECTIVES))}")
+    check_options(OBJECTIVES[name], options, f"objective {name!r}", skip=("num_classes",))
+
+
 def get_objective(name: str | Objective, num_classes: int, **options: Any) -> Objective:
     """Build an objective by registry name; unknown names and options are errors that list the valid ones."""
     if isinstance(name, Objective):
         if name.num_classes != num_classes:
             raise ValueError(f"objective {name.name!r} was built for {name.num_classes} classes, not {num_classes}")
         return name
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; valid objectives are: {', '.join(sorted(OBJECTIVES))}")
+    check_objective_options(name, options)
     cls = OBJECTIVES[name]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "num_classes")]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"objective {name!r} does not take option(s) {unknown}; it accepts: {', '.join(accepted)}")
     return cls(num_classes, **options)
 
 

@@ -279,3 +279,13 @@ def test_citations_are_bibtex_entries_with_unique_keys():
         assert entry.startswith("@inproceedings{") and entry.endswith("}")
         assert all(f"{field} " in entry for field in ("title", "author", "booktitle", "year"))
         assert entry.count("{") == entry.count("}")
+
+
+def test_loss_options_are_checked_by_name_and_type_wherever_the_loss_is_built():
+    from selmix_hf.losses import build_loss
+
+    with pytest.raises(TypeError, match="option 'gamma' must be float, got 'two'"):
+        build_loss("focal", [10, 5], gamma="two")
+    with pytest.raises(ValueError, match=r"does not take option\(s\) \['omegaa'\]"):
+        build_loss("cost_sensitive", [10, 5], omegaa=1.0)
+    assert build_loss("cost_sensitive", [10, 5], omega=1.0).objective.omega == 1.0  # the objective's own option

@@ -657,3 +657,8 @@ def test_a_nan_names_the_dataset_index_of_the_micro_batch_it_came_from(tmp_path)
         trainer.train()
     named = [int(i) for i in re.search(r"dataset index \[([\d, ]+)\]", str(error.value)).group(1).split(",")]
     assert named and set(named) <= set(poisoned)  # the rows of the micro-batch that failed, not of another one
+
+
+def test_objective_options_may_give_the_head_tail_split_themselves(tmp_path):
+    args = config(tmp_path, objective="min_head_tail_recall", objective_options={"class_counts": [40, 30, 20, 10]})
+    assert args.objective_options == {"class_counts": [40, 30, 20, 10]}
