@@ -25,7 +25,7 @@ from .data import LABEL_COLUMNS, dataset_labels
 from .features import find_head, logits_of, num_labels_of, unwrap
 from .metrics import check_labels
 from .nonfinite import NonFiniteError, bad_input_rows, check_state_finite, describe_rows
-from .validation import check_every_class, gathered_validation_pass, pick_validation_set
+from .validation import counts_with_every_class, gathered_validation_pass, pick_validation_set
 
 logger = logging.getLogger(__name__)
 
@@ -147,8 +147,8 @@ class BaseTrainer(ModelCardMixin, Trainer):
     def use_validation_set(self, purpose: str) -> Any:
         """Choose the labelled validation set (validation_dataset=, else eval_dataset) and check it has every class."""
         self.validation_dataset = pick_validation_set(self._validation_argument, self.eval_dataset, purpose)
-        labels = check_every_class(self.validation_dataset, self.num_labels, "validation", self._label_columns())
-        self.validation_counts = np.bincount(labels, minlength=self.num_labels).tolist()
+        labels = self._labels_of(self.validation_dataset, "validation")
+        self.validation_counts = counts_with_every_class(labels, self.num_labels, "validation")
         return self.validation_dataset
 
     def _require_whole_head(self) -> None:
@@ -206,12 +206,11 @@ class BaseTrainer(ModelCardMixin, Trainer):
 
     def check_finite_loss(self, loss: torch.Tensor, inputs: dict[str, Any], logits: torch.Tensor | None) -> None:
         """Stop on a NaN / inf training loss (on every rank alike), naming the step and the rows it came from."""
-        bad = ~torch.isfinite(loss.detach()).all()
-        if self.args.world_size > 1:  # one rank's error would leave the others waiting in the next all-reduce
-            bad = self.accelerator.reduce(bad.float().reshape(1).to(self.args.device), reduction="sum")[0] > 0
-        if not bool(bad):
-            return
-        step = self.state.global_step + 1
+        error = None if bool(torch.isfinite(loss.detach()).all()) else self._loss_error(inputs, logits)
+        self.stop_together(error)
+
+    def _loss_error(self, inputs: dict[str, Any], logits: torch.Tensor | None) -> NonFiniteError:
+        """What made this process's loss NaN / inf: an input (rows and dataset indices), the logits, or the loss."""
         indices = self.batch_indices()
         causes = [
             f"input {name!r} has NaN or inf in {describe_rows(rows, indices)}"
@@ -224,13 +223,11 @@ class BaseTrainer(ModelCardMixin, Trainer):
                     f"the logits are NaN or inf in {describe_rows(rows.tolist(), indices)} (the inputs are "
                     "finite: the weights or an activation overflowed; lower the learning rate or use fp32)"
                 )
-        if not causes and not torch.isfinite(loss.detach()).all():
-            causes.append("the loss is NaN or inf with finite logits (check the loss options and the labels)")
         if not causes:
-            causes.append("another process hit a NaN or inf (see its error)")
-        raise NonFiniteError(
-            f"{type(self).__name__} stopped at training step {step} on process {self.args.process_index}: "
-            f"{'; '.join(causes)}. Nothing was saved after the last checkpoint."
+            causes.append("the loss is NaN or inf with finite logits (check the loss options and the labels)")
+        return NonFiniteError(
+            f"{type(self).__name__} stopped at training step {self.state.global_step + 1} on process "
+            f"{self.args.process_index}: {'; '.join(causes)}. Nothing was saved after the last checkpoint."
         )
 
     def stop_together(self, error: NonFiniteError | None) -> None:
@@ -374,19 +371,16 @@ class BaseTrainer(ModelCardMixin, Trainer):
         """How the card names the eval set the logged metrics come from, its samples per class, and a caveat."""
         if self.eval_dataset is None or isinstance(self.eval_dataset, dict):
             return "evaluation", None, None
+        if self.validation_dataset is not None and self.eval_dataset is self.validation_dataset:
+            caveat = (
+                f"the set {type(self).__name__} estimated on during training, so these numbers are not a held-out "
+                "estimate"
+            )
+            return "validation", self.validation_counts, caveat
         try:
             counts = np.bincount(self._labels_of(self.eval_dataset, "evaluation"), minlength=self.num_labels).tolist()
         except (ValueError, KeyError):
             counts = None
-        if self.validation_dataset is not None and self.eval_dataset is self.validation_dataset:
-            return (
-                "validation",
-                counts,
-                (
-                    f"the set {type(self).__name__} estimated on during training, so these "
-                    "numbers are not a held-out estimate"
-                ),
-            )
         return "evaluation", counts, None
 
 

@@ -10,7 +10,7 @@ import torch
 
 from .metrics import check_labels
 
-KEPT_POSITIONS = 4096  # positions a sampler can go back to: far more than DataLoader workers ever draw ahead
+KEPT_POSITIONS = 256  # positions a sampler can go back to: more than DataLoader workers draw ahead
 
 
 def rank_seed(seed: int, rank: int) -> int:

@@ -95,7 +95,7 @@ class SelMixTrainer(BaseTrainer):
         self.last_confusion_counts: torch.Tensor | None = None
         self._sampler_state: dict[str, Any] | None = None
         self._batches_used = 0  # pair batches trained on (workers may have drawn more)
-        self._current_indices: list[int] | None = None
+        self._current_indices: torch.Tensor | None = None  # read only for an error message: no sync per step
         self.schedule_refresh(args.gain_refresh_steps)
 
     def _resolve_prior(self) -> torch.Tensor:
@@ -186,7 +186,7 @@ class SelMixTrainer(BaseTrainer):
         if not model.training:  # evaluate() / predict(): no mixing
             return self.evaluation_loss(model, inputs, return_outputs)
         inputs, labels = self.split_labels(inputs)
-        self._current_indices = inputs.pop(INDEX_KEY).tolist() if INDEX_KEY in inputs else None
+        self._current_indices = inputs.pop(INDEX_KEY, None)
         self._batches_used += 1
         if self.args.freeze_batchnorm:
             for module in self._batchnorms:
@@ -203,7 +203,7 @@ class SelMixTrainer(BaseTrainer):
 
     def batch_indices(self) -> list[int] | None:
         """The dataset indices of the pair batch being trained on (first halves, then their partners)."""
-        return self._current_indices
+        return None if self._current_indices is None else self._current_indices.tolist()
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         """Head and backbone in separate parameter groups: backbone lr = backbone_lr_ratio x head lr."""

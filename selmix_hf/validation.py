@@ -10,9 +10,7 @@ import numpy as np
 import torch
 
 from . import _compat
-from .data import LABEL_COLUMNS, dataset_labels
 from .features import PooledFeatures, logits_of, unwrap
-from .metrics import check_labels
 from .nonfinite import NonFiniteError, first_bad, inputs_finite, row_is_finite
 
 
@@ -28,19 +26,16 @@ def pick_validation_set(validation_dataset: Any, eval_dataset: Any, purpose: str
     return dataset
 
 
-def check_every_class(
-    dataset: Any, num_labels: int, what: str, label_names: tuple[str, ...] = LABEL_COLUMNS
-) -> np.ndarray:
-    """Labels of a dataset, after checking they lie in [0, num_labels) and cover every class."""
-    labels = dataset_labels(dataset, label_names)
-    check_labels(torch.as_tensor(labels), num_labels, f"{what} labels")
-    missing = np.flatnonzero(np.bincount(labels, minlength=num_labels) == 0).tolist()
+def counts_with_every_class(labels: np.ndarray, num_labels: int, what: str) -> list[int]:
+    """Samples per class of checked labels, after checking every class has one (its recall, its prototype)."""
+    counts = np.bincount(labels, minlength=num_labels)
+    missing = np.flatnonzero(counts == 0).tolist()
     if missing:
         raise ValueError(
             f"classes {missing[:20]} have no sample in the {what} set; every class is needed there (its recall, "
             "its prototype). Build the split with selmix_hf.data.balanced_split."
         )
-    return labels
+    return counts.tolist()
 
 
 def gathered_validation_pass(
@@ -99,4 +94,4 @@ def gathered_validation_pass(
     return (features_t if pooled is not None else None), logits_t, labels_t
 
 
-__all__ = ["check_every_class", "gathered_validation_pass", "pick_validation_set"]
+__all__ = ["counts_with_every_class", "gathered_validation_pass", "pick_validation_set"]
