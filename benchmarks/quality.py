@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "quality")
 PROBES = os.path.join(ROOT, "benchmarks", "results", "quality_probes")
 CHECKPOINTS = os.path.join(ROOT, "outputs", "quality_stage1")
+LOGITS = os.path.join(ROOT, "outputs", "quality_logits")  # per cell: validation / test logits and labels (.npz)
 DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 MARKERS = ("<!-- quality:begin -->", "<!-- quality:end -->")
 
@@ -213,9 +214,11 @@ def run_cell(
     started = time.time()
     if kind != "none":
         trainer.train()
-    reports = {}
+    reports, arrays = {}, {}
     for split in ("test", "validation"):
         output = trainer.predict(splits[split])
+        arrays[f"{split}_logits"] = output.predictions.astype(np.float32)
+        arrays[f"{split}_labels"] = output.label_ids.astype(np.int64)
         reports[split] = classification_report(
             output.label_ids,
             output.predictions.argmax(-1),
@@ -225,6 +228,7 @@ def run_cell(
             class_names=names,
         )
     seconds = time.time() - started  # training, its own validation passes, and the two predictions
+    save_logits(logits_path(dataset, seed, out_name or method), arrays)
     return {
         "dataset": dataset,
         "seed": seed,
@@ -241,6 +245,18 @@ def cell_path(dataset: str, seed: int, method: str) -> str:
     return os.path.join(RESULTS, dataset, f"seed{seed}", f"{method}.json")
 
 
+def logits_path(dataset: str, seed: int, method: str) -> str:
+    """The cell's validation and test logits (outputs/, not committed: the post-hoc pass refits rules from them)."""
+    return os.path.join(LOGITS, dataset, f"seed{seed}", f"{method}.npz")
+
+
+def save_logits(path: str, arrays: dict[str, np.ndarray]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "wb") as fh:
+        np.savez(fh, **arrays)
+    os.replace(path + ".tmp", path)
+
+
 def stage1_path(dataset: str, seed: int) -> str:
     """Stage-1 wall time of a seed (not a cell: the leading underscore keeps it out of the tables)."""
     return os.path.join(RESULTS, dataset, f"seed{seed}", "_stage1.json")
@@ -253,10 +269,11 @@ def write_json(path: str, value: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def needs_run(dataset: str, seed: int, method: str, revalidate: bool) -> bool:
-    """A cell runs if it is missing, or with --revalidate if it predates the validation metrics."""
+def needs_run(dataset: str, seed: int, method: str, revalidate: bool, logits: bool = False) -> bool:
+    """A cell runs if it is missing, with --revalidate if it predates the validation metrics, and with --logits if
+    its logits are not on disk (the post-hoc pass needs them)."""
     path = cell_path(dataset, seed, method)
-    if not os.path.exists(path):
+    if not os.path.exists(path) or (logits and not os.path.exists(logits_path(dataset, seed, method))):
         return True
     if not revalidate:
         return False
@@ -264,10 +281,12 @@ def needs_run(dataset: str, seed: int, method: str, revalidate: bool) -> bool:
         return "validation_metrics" not in json.load(fh)
 
 
-def run_grid(datasets: list[str], seeds: list[int], methods: list[str], revalidate: bool = False) -> None:
+def run_grid(
+    datasets: list[str], seeds: list[int], methods: list[str], revalidate: bool = False, logits: bool = False
+) -> None:
     for dataset in datasets:
         for seed in seeds:
-            todo = [m for m in methods if needs_run(dataset, seed, m, revalidate)]
+            todo = [m for m in methods if needs_run(dataset, seed, m, revalidate, logits)]
             if not todo:
                 continue
             splits, names, model, _ = load_task(dataset, seed)
@@ -280,7 +299,7 @@ def run_grid(datasets: list[str], seeds: list[int], methods: list[str], revalida
                 start_model.load_state_dict(state)
                 cell = run_cell(dataset, seed, method, splits, start_model, text, counts, names)
                 path = cell_path(dataset, seed, method)
-                if os.path.exists(path):  # --revalidate: say whether the rerun reproduced the recorded test metrics
+                if os.path.exists(path):  # --revalidate / --logits: did the rerun reproduce the recorded test metrics?
                     with open(path) as fh:
                         old = json.load(fh)
                     cell["recomputed"] = {
@@ -496,6 +515,11 @@ def main() -> None:
         help="also rerun the selected cells that lack validation metrics (recorded before they existed)",
     )
     parser.add_argument(
+        "--logits",
+        action="store_true",
+        help="also rerun the selected cells whose logits are not in outputs/quality_logits (for --posthoc)",
+    )
+    parser.add_argument(
         "--probe",
         metavar="NAME",
         help="run one variant of --methods[0] outside the grid, for "
@@ -520,7 +544,7 @@ def main() -> None:
         budget = {k: v for k, v in {"stage2_steps": args.stage2_steps, "refresh": args.refresh}.items() if v}
         run_probe(args.datasets[0], args.seeds[0], args.probe, args.methods[0], json.loads(args.options), budget)
     else:
-        run_grid(args.datasets, args.seeds, args.methods, args.revalidate)
+        run_grid(args.datasets, args.seeds, args.methods, args.revalidate, args.logits)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,17 @@ class Objective:
         """The objective's current multipliers, by name (empty for fixed objectives)."""
         return {}
 
+    def constraint_violation(self, confusion: torch.Tensor) -> float:
+        """How far C is from meeting the objective's constraints, relative to their targets (0 when met or none)."""
+        return 0.0
+
     # -- shared machinery -------------------------------------------------------------------
+    def rule_score(self, confusion: torch.Tensor) -> float:
+        """What a decision rule is chosen by: `value` when the constraints hold, else minus the relative shortfall,
+        so every feasible rule beats every infeasible one (selmix_hf.posthoc)."""
+        violation = self.constraint_violation(confusion)
+        return self.value(confusion) if violation <= 0.0 else -violation
+
     def report(self, confusion: torch.Tensor) -> dict[str, float]:
         """Reported value, plus whatever the objective reports beside it (e.g. min coverage)."""
         return {self.name: self.value(confusion)}
@@ -313,10 +323,17 @@ class _CoverageConstrained(Objective):
     def report(self, confusion: torch.Tensor) -> dict[str, float]:
         return {self.name: self.value(confusion), "min_coverage": metrics.min_coverage(confusion)}
 
+    def _coverage_and_target(self, confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The constrained coverages of C and their targets alpha pi."""
+        return metrics.coverages(confusion.detach().cpu().to(torch.float64)), self.alpha * self.class_prior
+
+    def constraint_violation(self, confusion: torch.Tensor) -> float:
+        coverage, target = self._coverage_and_target(confusion)
+        return float(((target - coverage) / target).max().clamp_min(0.0))
+
     def update(self, confusion: torch.Tensor) -> None:
         self._check_confusion(confusion)
-        coverage = metrics.coverages(confusion.detach().cpu().to(torch.float64))
-        self.mu = coverage_multiplier(coverage, self.alpha * self.class_prior, self.mu_max, self.tau)
+        self.mu = coverage_multiplier(*self._coverage_and_target(confusion), self.mu_max, self.tau)
 
     def multipliers(self) -> dict[str, torch.Tensor]:
         return {"mu": self.mu}
@@ -374,11 +391,13 @@ class _HeadTailCoverageConstrained(_HeadTailMixin, _CoverageConstrained):
         head_cov, tail_cov = self._group_means(metrics.coverages(confusion.detach().cpu().to(torch.float64))).tolist()
         return {self.name: self.value(confusion), "min_head_tail_coverage": min(head_cov, tail_cov)}
 
+    def _coverage_and_target(self, confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        coverage = self._group_means(metrics.coverages(confusion.detach().cpu().to(torch.float64)))
+        return coverage, self.alpha * self._group_means(self.class_prior)
+
     def update(self, confusion: torch.Tensor) -> None:
         self._check_confusion(confusion)
-        coverage = self._group_means(metrics.coverages(confusion.detach().cpu().to(torch.float64)))
-        target = self.alpha * self._group_means(self.class_prior)
-        self.mu_head_tail = coverage_multiplier(coverage, target, self.mu_max, self.tau)
+        self.mu_head_tail = coverage_multiplier(*self._coverage_and_target(confusion), self.mu_max, self.tau)
 
     def multipliers(self) -> dict[str, torch.Tensor]:
         return {"mu_head_tail": self.mu_head_tail}
