@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
 from transformers import Trainer, TrainerCallback
 
 from . import _compat
@@ -23,8 +24,10 @@ from .checkpoint_state import load_state, save_state, state_exists
 from .config import MethodConfig
 from .data import LABEL_COLUMNS, dataset_labels
 from .features import find_head, logits_of, num_labels_of, unwrap
-from .metrics import check_labels
+from .metrics import check_labels, classification_report
 from .nonfinite import NonFiniteError, bad_input_rows, check_state_finite, describe_rows
+from .objectives import Objective, objective_for_training
+from .posthoc import RULE_ATTRIBUTE, DecisionRule, fit_decision_rule, fold_offsets
 from .validation import counts_with_every_class, gathered_validation_pass, pick_validation_set
 
 logger = logging.getLogger(__name__)
@@ -115,6 +118,9 @@ class BaseTrainer(ModelCardMixin, Trainer):
         self.validation_counts: list[int] | None = None
         self.run_id = uuid.uuid4().hex  # names this run's stage in the model's config (no local path is published)
         self.resumed_from_checkpoint = False
+        self.posthoc_rule: DecisionRule | None = None  # the last rule fit_posthoc fitted (kept or declined)
+        self.decision_rule: DecisionRule | None = None  # a gain-matrix rule evaluation and prediction apply
+        self.posthoc_metrics: dict[str, float] | None = None  # eval_dataset metrics of the model with its rule
 
     # -- set-up shared by every trainer ---------------------------------------------------------------
     def _label_key(self) -> str:
@@ -285,6 +291,8 @@ class BaseTrainer(ModelCardMixin, Trainer):
             state, same_rank = self._read_state(self.state.best_model_checkpoint)
             self.load_method_state(state["method"], same_rank)
         self.record_stage()
+        if self.args.posthoc is not None:
+            self.fit_posthoc()
         return output
 
     def _read_state(self, checkpoint: str) -> tuple[dict[str, Any], bool]:
@@ -302,6 +310,64 @@ class BaseTrainer(ModelCardMixin, Trainer):
             f"{checkpoint} has no {type(self).__name__} state ({self._state_name(rank)}.json); resume from a "
             f"checkpoint written by {type(self).__name__}, or start a new run from the model weights instead"
         )
+
+    # -- the post-hoc decision rule -------------------------------------------------------------------
+    def posthoc_objective(self) -> Objective:
+        """The objective the post-hoc rule maximises (``posthoc_target`` of the config, with the training counts)."""
+        name, options = self.args.posthoc_target()
+        return objective_for_training(name, self.num_labels, self.class_counts, **options)
+
+    def fit_posthoc(self, dataset: Any = None, *, kind: str | None = None) -> DecisionRule:
+        """Fit a decision rule for the objective on validation logits (gathered over ranks), log the validation
+        metrics before and after, apply it (offsets folded into the head's bias, a gain matrix stored in the
+        config and used by evaluation and prediction) and record it as a stage for the card."""
+        kind = kind or self.args.posthoc or "offsets"
+        if dataset is None:
+            dataset = self.validation_dataset or self.use_validation_set("the post-hoc rule")
+        else:
+            counts_with_every_class(self._labels_of(dataset, "post-hoc"), self.num_labels, "post-hoc")
+        self.decision_rule = None  # the rule is fitted on the model's own logits
+        _, logits, labels = gathered_validation_pass(self, dataset, purpose="the post-hoc rule")
+        logits, labels = logits.cpu(), labels.cpu()
+        objective = self.posthoc_objective()
+        rule = fit_decision_rule(
+            logits,
+            labels,
+            objective,
+            kind=kind,
+            folds=self.args.posthoc_folds,
+            confidence=self.args.posthoc_confidence,
+            seed=self.args.seed,
+        )
+        if self.args.world_size > 1:  # every rank fitted on the same samples; rank 0's rule is the one kept
+            rule = broadcast_object_list([rule])[0]
+        logs = {f"posthoc/{key}": value for key, value in rule.estimates.items()}
+        for when, predictions in (("before", logits.argmax(1)), ("after", rule.predict(logits))):
+            report = classification_report(labels, predictions, self.num_labels, class_counts=self.class_counts)
+            logs.update({f"posthoc/{when}_{key}": value for key, value in report.items()})
+        self.log({**logs, "posthoc/kept": float(rule.kind != "none")})
+        self.posthoc_rule = rule
+        model = _compat.base_model_of(unwrap(self.model))
+        if rule.kind == "offsets":
+            fold_offsets(unwrap(self.model), rule.offsets)
+        self.decision_rule = rule if rule.kind == "gain_matrix" else None
+        setattr(model.config, RULE_ATTRIBUTE, rule.to_dict() if self.decision_rule else None)
+        self.record_posthoc_stage(rule, objective, len(labels))
+        if self.eval_dataset is not None:
+            metrics = self.evaluate()
+            self.posthoc_metrics = {k[len("eval_") :]: v for k, v in metrics.items() if k.startswith("eval_")}
+        return rule
+
+    def prediction_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None
+    ) -> tuple[Any, Any, Any]:
+        """`Trainer.prediction_step`; after a gain-matrix rule, the rule's scores (argmax = its class) as logits."""
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        if self.decision_rule is None or logits is None:
+            return loss, logits, labels
+        if isinstance(logits, tuple):
+            return loss, (self.decision_rule.scores(logits[0]), *logits[1:]), labels
+        return loss, self.decision_rule.scores(logits), labels
 
     # -- the card's view of this run ------------------------------------------------------------------
     def stage_title(self) -> str:

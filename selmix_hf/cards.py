@@ -15,6 +15,7 @@ from .citations import CITATIONS
 from .features import unwrap
 from .metrics import shot_groups
 from .objectives import optimised_metrics
+from .posthoc import RULE_ATTRIBUTE
 
 MAX_CLASS_TABLE = 50  # beyond this many classes the card lists the worst ones and quartiles instead of every class
 STAGES_ATTRIBUTE = "selmix_hf_stages"  # config.json attribute: the training stages the weights went through
@@ -307,11 +308,49 @@ def looks_like_hub_id(name: str | None) -> bool:
     return bool(name) and not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
 
 
+def add_posthoc_stage(config: Any, rule: Any, objective: str, samples: int, settings: dict, run: str) -> dict:
+    """Append a post-hoc rule to the stages in ``config``: what was fitted, on what, how it was judged, and what
+    predictions must do to apply it; ``settings`` holds the folds and the confidence it was judged with."""
+    stages = list(getattr(config, STAGES_ATTRIBUTE, None) or [])
+    e = rule.estimates
+    judged = (
+        f"cross-fitted {objective} {e['cross_fitted']:.3f} against {e['without_rule']:.3f} without it "
+        f"({settings.get('posthoc_folds', 5)} folds of {samples} validation samples), ahead in {e['win_rate']:.0%} of "
+        f"bootstrap resamples ({settings.get('posthoc_confidence', 0.9):.0%} required)"
+    )
+    if rule.kind == "none":
+        title = f"post-hoc decision rule for {objective}: declined"
+        description = f"the fitted rule was not kept ({judged}), so the weights are unchanged"
+    elif rule.kind == "offsets":
+        title = f"post-hoc per-class offsets for {objective}"
+        description = (
+            f"plug-in offsets folded into the classifier's bias, so the saved model's argmax applies them; {judged}"
+        )
+    else:
+        title = f"post-hoc gain-matrix rule for {objective}"
+        description = (
+            f"argmax_j sum_i G_ij p_i(x), stored in config.json as `{RULE_ATTRIBUTE}`: predictions must apply it "
+            f"(`selmix_hf.posthoc.predict_with_rule`), a plain argmax of the logits does not; {judged}"
+        )
+    stage = {
+        "title": title,
+        "method": "posthoc",
+        "cite": ["plug_in"],
+        "tags": ["posthoc-decision-rule"],
+        "objective": objective if rule.kind != "none" else (stages[-1].get("objective") if stages else None),
+        "description": description,
+        "settings": settings,
+        "run": run,
+    }
+    setattr(config, STAGES_ATTRIBUTE, [s for s in stages if s.get("run") != run] + [stage])
+    return stage
+
+
 class ModelCardMixin:
     """Trainer side of the cards: records each training stage in the model's config and renders the card offline.
 
     The trainer provides ``card_stage()``, ``run_id``, ``num_labels``, ``class_counts``, ``saved_step()``,
-    ``best_checkpoint_step()`` and ``evaluated_split()`` (see `BaseTrainer`).
+    ``best_checkpoint_step()``, ``evaluated_split()``, ``posthoc_rule`` and ``posthoc_metrics`` (see `BaseTrainer`).
     """
 
     def remember_base_model(self) -> None:
@@ -328,6 +367,13 @@ class ModelCardMixin:
             stage = self.card_stage()  # names the run by a random id: no local path is published
             stages = [s for s in (getattr(config, STAGES_ATTRIBUTE, None) or []) if s.get("run") != stage["run"]]
             setattr(config, STAGES_ATTRIBUTE, stages + [stage])
+
+    def record_posthoc_stage(self, rule: Any, objective: Any, samples: int) -> None:
+        """Write the post-hoc rule into ``model.config`` as a stage: what was fitted, on what, and how it was judged."""
+        config = getattr(_compat.base_model_of(unwrap(self.model)), "config", None)
+        if config is not None:
+            settings = {**self.args.posthoc_settings(), "posthoc": rule.kind if rule.kind != "none" else "declined"}
+            add_posthoc_stage(config, rule, objective.name, samples, settings, f"{self.run_id}-posthoc")
 
     def _processor_saved(self, model: Any) -> bool:
         """Whether a pipeline can prepare inputs: a processing class, processor files or timm's pretrained_cfg."""
@@ -372,9 +418,10 @@ class ModelCardMixin:
         config = model.config
         eval_note = None
         if results is None:
-            results = _evaluation_of(self.state.log_history, self.best_checkpoint_step())
+            results = self.posthoc_metrics or _evaluation_of(self.state.log_history, self.best_checkpoint_step())
             logged_split, logged_counts, eval_note = self.evaluated_split()
             eval_split, eval_counts = eval_split or logged_split, eval_counts or logged_counts
+
         task = (tasks[0] if isinstance(tasks, list) else tasks) or task_of(model)
         id2label = getattr(config, "id2label", None) or {}
         names = [str(id2label.get(k, id2label.get(str(k), k))) for k in range(self.num_labels)]
@@ -382,6 +429,13 @@ class ModelCardMixin:
         if not any(s.get("run") == self.run_id for s in stages) and self.state.global_step > 0:
             stages.append(self.card_stage())  # trained here but the stage was not recorded (train() not used)
         objective = stages[-1].get("objective") if stages else None
+        if self.posthoc_rule is not None and self.posthoc_rule.kind != "none":  # say which rule the numbers used
+            how = (
+                "the gain-matrix rule of config.json applied"
+                if getattr(config, RULE_ATTRIBUTE, None)
+                else "the post-hoc offsets in the saved weights"
+            )
+            eval_note = "; ".join(x for x in (eval_note, f"predictions with {how}") if x)
         adapter_of = None
         if _compat.is_peft_model(wrapper):  # a local base model path is never published: name it generically
             base_name = _compat.peft_base_model_name(wrapper)

@@ -54,6 +54,12 @@ CITATIONS: dict[str, str] = {
   booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
   year      = {2021}
 }""",
+    "plug_in": """@inproceedings{narasimhan2015consistent,
+  title     = {Consistent Multiclass Algorithms for Complex Performance Measures},
+  author    = {Narasimhan, Harikrishna and Ramaswamy, Harish G. and Saha, Aadirupa and Agarwal, Shivani},
+  booktitle = {Proceedings of the 32nd International Conference on Machine Learning (ICML)},
+  year      = {2015}
+}""",
     "cost_sensitive": """@inproceedings{narasimhan2021nondecomposable,
   title     = {Training Over-parameterized Models with Non-decomposable Objectives},
   author    = {Narasimhan, Harikrishna and Menon, Aditya Krishna},

@@ -57,21 +57,99 @@ def parse_options(value: dict | str | None, name: str) -> dict:
     return dict(value or {})
 
 
+@dataclass
 class MethodConfig:
-    """What every selmix-hf config adds to `TrainingArguments`: its own fields checked, and listed for the cards."""
+    """What every selmix-hf config adds to `TrainingArguments`: the post-hoc rule fitted after training, its own
+    fields checked, and listed for the cards."""
+
+    posthoc: str | None = field(
+        default=None,
+        metadata={
+            "help": "After training, fit a decision rule on the validation set for the objective: 'offsets' (folded "
+            "into the classifier bias), 'gain_matrix' (stored in config.json) or None (docs/posthoc.md)."
+        },
+    )
+    posthoc_objective: str | None = field(
+        default=None,
+        metadata={
+            "help": "Objective the post-hoc rule maximises; default: the one the trainer optimises "
+            f"(required for fixed losses). One of: {', '.join(sorted(OBJECTIVES))}."
+        },
+    )
+    posthoc_objective_options: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Options of posthoc_objective (dict or JSON); default: the trainer objective's when it is the same."
+        },
+    )
+    posthoc_folds: int = field(
+        default=5, metadata={"help": "Cross-fitting folds of the post-hoc rule (each class needs as many samples)."}
+    )
+    posthoc_confidence: float = field(
+        default=0.9,
+        metadata={
+            "help": "The rule is kept only if its cross-fitted gain wins this share of bootstrap resamples of the "
+            "validation set."
+        },
+    )
 
     # fields a card does not show (long or derived values); everything else the config adds is a card setting
     card_excluded: ClassVar[tuple[str, ...]] = ()
+    POSTHOC_FIELDS: ClassVar[tuple[str, ...]] = (
+        "posthoc",
+        "posthoc_objective",
+        "posthoc_objective_options",
+        "posthoc_folds",
+        "posthoc_confidence",
+    )
 
     @classmethod
     def method_fields(cls) -> list[str]:
-        """The fields this config adds to (or redefines over) `TrainingArguments`, in declaration order."""
+        """The fields this config adds to (or redefines over) `TrainingArguments`, in declaration order (the
+        post-hoc fields are the post-hoc stage's, not the training stage's)."""
         own = [f.name for f in dataclasses.fields(cls) if f.name not in _TRAINING_ARGUMENT_FIELDS]
-        return [name for name in own if name not in cls.card_excluded]
+        return [name for name in own if name not in cls.card_excluded and name not in cls.POSTHOC_FIELDS]
 
     def method_settings(self) -> dict[str, Any]:
         """This config's own settings, by field name (what a model card lists under the stage)."""
         return {name: getattr(self, name) for name in self.method_fields()}
+
+    def posthoc_settings(self) -> dict[str, Any]:
+        """The post-hoc fields, for the card's post-hoc stage (options only when given)."""
+        return {name: getattr(self, name) for name in self.POSTHOC_FIELDS if getattr(self, name) not in (None, {})}
+
+    def trained_objective(self) -> tuple[str | None, dict[str, Any]]:
+        """The registry objective training optimises and its options, or (None, {}) for a fixed loss."""
+        return None, {}
+
+    def posthoc_target(self) -> tuple[str, dict[str, Any]]:
+        """The objective the post-hoc rule maximises and its options (`objective_for_training` keywords)."""
+        trained, options = self.trained_objective()
+        name = self.posthoc_objective or trained
+        if name is None:
+            raise ValueError(
+                f"posthoc={self.posthoc!r} needs posthoc_objective=<name>: {type(self).__name__} trains a fixed loss, "
+                f"so there is no objective to default to. One of: {', '.join(sorted(OBJECTIVES))}"
+            )
+        if self.posthoc_objective_options or name != trained:
+            options = dict(self.posthoc_objective_options or {})
+        return name, options
+
+    def check_posthoc(self) -> None:
+        """The post-hoc fields: a known rule, an objective to fit it for (with valid options), sane folds."""
+        from .posthoc import RULES
+
+        self.posthoc_objective_options = parse_options(self.posthoc_objective_options, "posthoc_objective_options")
+        if self.posthoc is not None and self.posthoc not in RULES:
+            raise ValueError(f"unknown posthoc {self.posthoc!r}; valid: {', '.join(RULES)} or None")
+        if self.posthoc_folds < 2:
+            raise ValueError(f"posthoc_folds must be >= 2 (one fold fits, another judges), got {self.posthoc_folds}")
+        if not 0.5 <= self.posthoc_confidence <= 1.0:
+            raise ValueError(f"posthoc_confidence must lie in [0.5, 1], got {self.posthoc_confidence}")
+        if self.posthoc is None:
+            return
+        name, options = self.posthoc_target()
+        check_objective_options(name, {k: v for k, v in options.items() if k != "tail_fraction"})
 
     def check_field_types(self) -> None:
         """Each field this config adds holds a value of its declared type; else an error naming field and type."""
@@ -201,6 +279,7 @@ class SelMixConfig(MethodConfig, TrainingArguments):
 
     def __post_init__(self) -> None:
         self.objective_options = parse_options(self.objective_options, "objective_options")
+        self.posthoc_objective_options = parse_options(self.posthoc_objective_options, "posthoc_objective_options")
         self.check_field_types()
         check_objective_options(self.objective, self.objective_options)
         shadowed = sorted({"class_prior", "tail_fraction"} & set(self.objective_options))
@@ -237,7 +316,16 @@ class SelMixConfig(MethodConfig, TrainingArguments):
                 "SelMixConfig needs ignore_data_skip=True: the pair sampler restores its own position on resume, "
                 "and skipping batches on top of that would skip them twice"
             )
+        self.check_posthoc()
         super().__post_init__()
+
+    def trained_objective(self) -> tuple[str | None, dict[str, Any]]:
+        return self.objective, {**self.objective_options, "class_prior": self.class_prior}
+
+    def posthoc_target(self) -> tuple[str, dict[str, Any]]:
+        """As the base, with this config's class prior and tail fraction for any objective."""
+        name, options = super().posthoc_target()
+        return name, {**options, "class_prior": self.class_prior, "tail_fraction": self.tail_fraction}
 
     @classmethod
     def published(cls, **overrides: Any) -> SelMixConfig:
@@ -280,11 +368,22 @@ class LongTailConfig(MethodConfig, TrainingArguments):
 
     def __post_init__(self) -> None:
         self.loss_options = parse_options(self.loss_options, "loss_options")
+        self.posthoc_objective_options = parse_options(self.posthoc_objective_options, "posthoc_objective_options")
         self.check_field_types()
         check_loss_options(self.loss_type, self.loss_options)
         if self.validation_refresh_steps < 1:
             raise ValueError(f"validation_refresh_steps must be >= 1, got {self.validation_refresh_steps}")
+        if self.posthoc is not None and self.posthoc_tau is not None:
+            raise ValueError(
+                "posthoc_tau and posthoc both change the decision rule after training; the fitted posthoc rule "
+                "includes logit adjustment as a special case: set one of them"
+            )
+        self.check_posthoc()
         super().__post_init__()
+
+    def trained_objective(self) -> tuple[str | None, dict[str, Any]]:
+        """The objective the loss follows (the cost-sensitive loss's ``objective`` option), else none."""
+        return LOSSES[self.loss_type].objective_of(self.loss_options)
 
 
 @dataclass
@@ -363,6 +462,12 @@ class AutoBalanceConfig(LongTailConfig):
         super().__post_init__()
         if self.upper_objective in OBJECTIVES:
             check_objective_options(self.upper_objective, self.upper_objective_options)
+
+    def trained_objective(self) -> tuple[str | None, dict[str, Any]]:
+        """The upper objective when it is one of the registry (balanced CE is not)."""
+        if self.upper_objective in OBJECTIVES:
+            return self.upper_objective, dict(self.upper_objective_options)
+        return None, {}
 
     def parametric_loss_options(self) -> dict[str, Any]:
         """The options of the searched `ParametricCrossEntropy`: ``loss_options`` plus the loss-family fields."""

@@ -78,6 +78,11 @@ class LongTailLoss(nn.Module):
     # True when the loss has set_reweighting(enabled), the deferred re-weighting (DRW) stage a trainer switches on
     has_deferred_reweighting: ClassVar[bool] = False
 
+    @classmethod
+    def objective_of(cls, options: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """The registry objective a loss with these options follows, and its options; (None, {}) for fixed losses."""
+        return None, {}
+
 
 class CrossEntropy(LongTailLoss):
     """-log softmax(f)_y, optionally weighted per class: the baseline."""
@@ -319,6 +324,13 @@ class CostSensitiveLoss(LongTailLoss):
     needs_validation = True
 
     DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"min_recall": {"omega": 0.1, "beta": 1.0}}
+
+    @classmethod
+    def objective_of(cls, options: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        """The ``objective`` option (min recall by default) and the objective options the user set."""
+        objective = options.get("objective", "min_recall")
+        name = objective if isinstance(objective, str) else objective.name
+        return name, {k: v for k, v in options.items() if k not in ("objective", "tau")}
 
     def __init__(
         self,

@@ -233,6 +233,13 @@ def stage1_config(args: SelMixConfig, stages: StageArguments, final: bool = Fals
         push_to_hub=args.push_to_hub and final,
         resume_from_checkpoint=None,
     )
+    if final:  # the run's model: the post-hoc rule, for the run's objective, is fitted on it
+        shared.update(
+            {name: getattr(args, name) for name in args.POSTHOC_FIELDS},
+            posthoc_objective=args.posthoc_objective or args.objective,
+        )
+        if not args.posthoc_objective:
+            shared["posthoc_objective_options"] = args.posthoc_objective_options or args.objective_options
     for name in ("logging_dir",):  # derived from output_dir in __post_init__; recompute it for _stage1
         if name in shared:
             shared[name] = None

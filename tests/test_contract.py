@@ -234,10 +234,11 @@ def two_rank_run(name: str, out_dir: str) -> None:
 
     torch.set_num_threads(1)
     subject = next(s for s in SUBJECTS if s.name == name)
-    trainer = build(subject, f"{out_dir}/run", max_steps=4)
+    trainer = build(subject, f"{out_dir}/run", max_steps=4, posthoc_objective="min_recall", posthoc_confidence=0.5)
     assert dist.is_initialized() and dist.get_world_size() == 2 and trainer.args.world_size == 2
     trainer.train()
     _, logits, labels = trainer.validation_pass()
+    rule = trainer.fit_posthoc(kind="offsets")  # after the pass above: it must not see the folded offsets
     torch.save(
         {
             "rank": trainer.args.process_index,
@@ -246,6 +247,8 @@ def two_rank_run(name: str, out_dir: str) -> None:
             "shared": copy.deepcopy(subject.shared_state(trainer)),
             "validation_labels": labels.cpu(),
             "validation_logits": logits.cpu(),
+            "posthoc": {"offsets": rule.offsets, **{k: torch.tensor(v) for k, v in rule.estimates.items()}},
+            "posthoc_stage": trainer.model.config.selmix_hf_stages[-1]["description"],
         },
         f"{out_dir}/rank{trainer.args.process_index}.pt",
     )
@@ -263,6 +266,8 @@ def test_two_ranks_agree_and_count_each_validation_sample_once(subject, tmp_path
     for r in ranks:  # the padded duplicates of the last round are dropped: 21 samples, each once
         assert torch.bincount(r["validation_labels"], minlength=K).tolist() == VALIDATION_COUNTS
     torch.testing.assert_close(ranks[0]["validation_logits"], ranks[1]["validation_logits"])
+    assert_same(ranks[0]["posthoc"], ranks[1]["posthoc"], "post-hoc rule", rtol=0, atol=0)
+    assert all("21 validation samples" in r["posthoc_stage"] for r in ranks)  # each sample once in the fit
 
 
 def two_rank_nan_run(name: str, out_dir: str) -> None:
@@ -529,6 +534,108 @@ def test_card_settings_come_from_the_config_fields(subject, tmp_path):
         else:
             assert name in settings and settings[name] == getattr(trainer.args, name)
     assert unused == subject.unused_settings
+
+
+# -- the post-hoc decision rule ---------------------------------------------------------------------------
+POSTHOC = {"posthoc_objective": "min_recall", "posthoc_confidence": 0.5}
+POSTHOC_VALIDATION = [30, 30, 30, 30]
+
+
+def validation_logits(trainer: Any) -> torch.Tensor:
+    """The model's logits on the validation set, gathered, in dataset order."""
+    return trainer.validation_pass()[1].cpu()
+
+
+@pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
+def test_posthoc_offsets_are_fitted_after_training_folded_logged_and_carded(subject, tmp_path):
+    validation = gaussian_problem(POSTHOC_VALIDATION, seed=2)
+    plain = build(subject, str(tmp_path / "plain"), max_steps=4, validation=validation, **POSTHOC)
+    plain.train()
+    before = validation_logits(plain)
+    out = str(tmp_path / "run")
+    trainer = build(
+        subject,
+        out,
+        max_steps=4,
+        validation=validation,
+        posthoc="offsets",
+        compute_metrics=make_compute_metrics(K),
+        **POSTHOC,
+    )
+    trainer.train()  # same seed and data as `plain`, then the rule
+    logged = next(e for e in trainer.state.log_history if "posthoc/kept" in e)
+    assert logged["posthoc/kept"] == 1.0 and logged["posthoc/after_min_recall"] > logged["posthoc/before_min_recall"]
+    stage = trainer.model.config.selmix_hf_stages[-1]
+    offsets = trainer.posthoc_rule.offsets
+    after = validation_logits(trainer)
+    torch.testing.assert_close(after, before + offsets.float(), atol=1e-5, rtol=0)  # folded into the bias
+    trainer.save_model()
+    reloaded = TinyMLPForClassification.from_pretrained(out).eval()
+    x = torch.stack([e["features"] for e in validation.examples])
+    with torch.no_grad():
+        assert torch.equal(reloaded(features=x).logits.argmax(1), (before + offsets).argmax(1))
+    trainer.create_model_card()
+    card = open(os.path.join(out, "README.md")).read()
+    assert "post-hoc per-class offsets for min_recall" in card and "folded into the classifier's bias" in card
+    assert "predictions with the post-hoc offsets in the saved weights" in card
+    assert f"| Min recall (optimised) | {trainer.posthoc_metrics['min_recall']:.3f} |" in card
+    assert stage["method"] == "posthoc" and "120 validation samples" in stage["description"]
+
+
+def test_a_gain_matrix_rule_is_stored_in_the_config_and_applied_by_predict_and_the_helper(tmp_path):
+    from selmix_hf.posthoc import predict_with_rule
+
+    subject = SUBJECTS[0]
+    validation = gaussian_problem(POSTHOC_VALIDATION, seed=2)
+    out = str(tmp_path / "run")
+    trainer = build(
+        subject, out, max_steps=4, validation=validation, compute_metrics=make_compute_metrics(K), **POSTHOC
+    )
+    trainer.train()
+    raw = validation_logits(trainer)
+    rule = trainer.fit_posthoc(kind="gain_matrix")
+    assert rule.kind == "gain_matrix"
+    assert torch.equal(validation_logits(trainer), raw)  # the weights are unchanged: the rule lives in the config
+    predicted = torch.as_tensor(trainer.predict(validation).predictions).argmax(1)
+    assert torch.equal(predicted, rule.predict(raw)) and not torch.equal(predicted, raw.argmax(1))
+    trainer.save_model()
+    reloaded = TinyMLPForClassification.from_pretrained(out).eval()
+    x = torch.stack([e["features"] for e in validation.examples])
+    with torch.no_grad():
+        assert torch.equal(predict_with_rule(reloaded, reloaded(features=x).logits), rule.predict(raw))
+    stored = json.load(open(os.path.join(out, "config.json")))["selmix_hf_decision_rule"]
+    assert stored["kind"] == "gain_matrix" and len(stored["gain"]) == K
+    trainer.create_model_card()
+    card = open(os.path.join(out, "README.md")).read()
+    assert "post-hoc gain-matrix rule for min_recall" in card and "predict_with_rule" in card
+    assert "predictions with the gain-matrix rule of config.json applied" in card
+
+
+@pytest.mark.parametrize(
+    "config, settings, message",
+    [
+        (SelMixConfig, {"posthoc": "bias"}, "unknown posthoc 'bias'"),
+        (LongTailConfig, {"posthoc": "offsets"}, "needs posthoc_objective=<name>"),
+        (AutoBalanceConfig, {"posthoc": "offsets"}, "needs posthoc_objective=<name>"),
+        (LongTailConfig, {"posthoc": "offsets", "posthoc_objective": "recall"}, "unknown objective 'recall'"),
+        (SelMixConfig, {"posthoc": "offsets", "posthoc_objective_options": {"omgea": 1}}, "omgea"),
+        (LongTailConfig, {"posthoc": "offsets", "posthoc_objective": "min_recall", "posthoc_tau": 1.0}, "set one"),
+        (SelMixConfig, {"posthoc_folds": 1}, "posthoc_folds must be >= 2"),
+        (SelMixConfig, {"posthoc_confidence": 0.2}, r"posthoc_confidence must lie in \[0.5, 1\]"),
+    ],
+)
+def test_bad_posthoc_settings_fail_when_the_config_is_built(config, settings, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        config(output_dir=str(tmp_path), **settings)
+
+
+def test_posthoc_objectives_default_to_what_training_optimised(tmp_path):
+    selmix = SelMixConfig(output_dir=str(tmp_path), objective="h_mean", posthoc="offsets")
+    assert selmix.posthoc_target() == ("h_mean", {"class_prior": None, "tail_fraction": 0.1})
+    cost = LongTailConfig(output_dir=str(tmp_path), loss_type="cost_sensitive", loss_options={"objective": "g_mean"})
+    assert cost.posthoc_target()[0] == "g_mean"
+    auto = AutoBalanceConfig(output_dir=str(tmp_path), upper_objective="min_recall", posthoc="offsets")
+    assert auto.posthoc_target() == ("min_recall", {})
 
 
 if __name__ == "__main__":

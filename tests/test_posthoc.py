@@ -160,3 +160,113 @@ def test_bad_input_is_a_clear_error(change, message):
     options = {k: v for k, v in change.items() if k not in ("logits", "labels")}
     with pytest.raises(ValueError, match=message):
         fit_decision_rule(logits, labels, get_objective("min_recall", K), **options)
+
+
+# -- the command line: any saved classifier ----------------------------------------------------------------------
+def biased_text_classifier(folder):
+    """A tiny BERT whose bias makes it predict class 0 for almost everything, and a validation CSV of its words."""
+    import csv
+    import os
+    import sys
+
+    from transformers import BertForSequenceClassification
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from miniatures import WORDS, tiny_bert
+
+    tiny_bert(str(folder / "model"), num_labels=3)
+    generator = torch.Generator().manual_seed(0)
+    words = sum(WORDS, [])
+    rows = []
+    for label in range(3):
+        part = words[label * len(words) // 3 : (label + 1) * len(words) // 3]  # each class leans on its own words
+        for _ in range(40):
+            picks = torch.randint(len(words), (5,), generator=generator).tolist()
+            own = torch.randint(len(part), (2,), generator=generator).tolist()
+            rows.append((" ".join([*(words[i] for i in picks), *(part[i] for i in own)]), label))
+    with open(folder / "validation.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["text", "label"])
+        writer.writerows((text, ["a", "b", "c"][label]) for text, label in rows)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    model = BertForSequenceClassification.from_pretrained(folder / "model")
+    inputs = tokenizer([text for text, _ in rows], padding=True, return_tensors="pt")
+    labels = torch.tensor([label for _, label in rows])
+    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(15):  # a few steps: informative logits, far from perfect
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(model(**inputs).logits, labels).backward()
+        optimiser.step()
+    with torch.no_grad():
+        model.classifier.bias.add_(torch.tensor([3.0, 0.0, -1.0]))  # a long-tailed model's bias toward class 0
+    model.config.label2id, model.config.id2label = {"a": 0, "b": 1, "c": 2}, {0: "a", 1: "b", 2: "c"}
+    model.save_pretrained(folder / "model")
+    return folder / "model", folder / "validation.csv"
+
+
+def cli_args(model, validation, out, *extra):
+    return [
+        "--model",
+        str(model),
+        "--validation",
+        str(validation),
+        "--text_column",
+        "text",
+        "--output",
+        str(out),
+        *extra,
+    ]
+
+
+def test_the_command_line_fits_folds_and_saves_a_model_stock_transformers_loads(tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from selmix_hf.posthoc.cli import main
+
+    model_dir, validation = biased_text_classifier(tmp_path)
+    out = tmp_path / "out"
+    result = main(cli_args(model_dir, validation, out, "--objective", "min_recall", "--confidence", "0.5"))
+    rule = result["rule"]
+    assert rule.kind == "offsets" and result["after"]["min_recall"] > result["before"]["min_recall"]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    texts = [row.split(",")[0] for row in open(validation).read().splitlines()[1:]]
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        original = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()(**inputs).logits
+        folded = AutoModelForSequenceClassification.from_pretrained(out).eval()(**inputs).logits
+    assert torch.equal(folded.argmax(1), (original.double() + rule.offsets).argmax(1))
+    card = open(out / "README.md").read()
+    assert "post-hoc per-class offsets for min_recall" in card and "| min_recall |" in card
+    saved = json.load(open(out / "posthoc_rule.json"))
+    assert (
+        saved["rule"]["kind"] == "offsets" and saved["validation_after"]["min_recall"] == result["after"]["min_recall"]
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--objective", "min_head_tail_recall"], "needs the head/tail split: pass class_counts"),
+        (["--objective", "min_recall", "--label_column", "topic"], "has no column 'topic'"),
+        (["--objective", "min_recall", "--objective_options", '{"omega": "x"}'], "omega"),
+        (["--objective", "min_recall", "--folds", "50"], "at least 50 validation samples of every class"),
+    ],
+)
+def test_the_command_line_names_bad_input(extra, message, tmp_path, capsys):
+    from selmix_hf.posthoc.cli import main
+
+    model_dir, validation = biased_text_classifier(tmp_path)
+    with pytest.raises(SystemExit, match=message):
+        main(cli_args(model_dir, validation, tmp_path / "out", *extra))
+
+
+def test_the_command_line_names_labels_the_model_does_not_know(tmp_path):
+    from selmix_hf.posthoc.cli import main
+
+    model_dir, validation = biased_text_classifier(tmp_path)
+    lines = open(validation).read().splitlines()
+    open(validation, "w").write("\n".join([lines[0], lines[1].rsplit(",", 1)[0] + ",zebra", *lines[2:]]))
+    with pytest.raises(SystemExit, match="row 0: label 'zebra' is neither a class id nor one of the model's class"):
+        main(cli_args(model_dir, validation, tmp_path / "out", "--objective", "min_recall"))

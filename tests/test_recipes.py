@@ -278,6 +278,22 @@ def test_text_recipe_end_to_end_with_string_labels(text_data, tmp_path):
     np.testing.assert_allclose(logits, trainer_logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("stage2", ["true", "false"])
+def test_posthoc_flag_fits_the_rule_on_the_final_model_and_the_card_says_so(stage2, text_data, tmp_path):
+    out = tmp_path / "run"
+    extra = ["--posthoc", "offsets", "--posthoc_folds", "3", "--posthoc_confidence", "0.5", "--run_stage2", stage2]
+    result = recipe("bert_text_lt").main(text_args(text_data, out, *extra))
+    stages = json.load(open(out / "config.json"))["selmix_hf_stages"]
+    assert stages[-1]["method"] == "posthoc" and stages[-1]["settings"]["posthoc"] in ("offsets", "declined")
+    assert [s["method"] for s in stages][:-1] == (
+        ["logit_adjusted", "selmix"] if stage2 == "true" else ["logit_adjusted"]
+    )
+    rule = result["trainer"].posthoc_rule
+    assert rule is not None and rule.objective == "min_recall"  # the run's objective, stage 1 alone included
+    card = open(out / "README.md").read()
+    assert "post-hoc" in card and "narasimhan2015consistent" in card
+
+
 @pytest.mark.parametrize("variant", ["stage2_only", "stage1_only", "from_stage1_checkpoint"])
 def test_either_stage_can_be_skipped(variant, text_data, tmp_path):
     out = tmp_path / variant

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
-from .objectives import CONFUSION_CLIP, Objective
+from ..objectives import CONFUSION_CLIP, Objective
 
 RULES = ("offsets", "gain_matrix")
+RULE_ATTRIBUTE = "selmix_hf_decision_rule"  # config.json attribute: a gain-matrix rule predictions must apply
 POLISH_CANDIDATES = 10  # offsets tried per class and level (coarse, then fine) in a coordinate-search sweep
 POLISH_CLASSES = 6  # classes polished per sweep: those the objective's gradient weighs most
 POLISH_SWEEPS = 2
@@ -122,13 +123,18 @@ class DecisionRule:
     gain: torch.Tensor | None = None
     estimates: dict[str, float] = field(default_factory=dict)
 
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-class scores whose argmax is the rule's prediction: logits + offsets, or posteriors @ G."""
+        logits = torch.as_tensor(logits)
+        work = logits.double()
+        if self.kind == "gain_matrix":
+            posteriors = torch.softmax(work + self.calibration.to(work), dim=-1)
+            return (posteriors @ self.gain.to(work)).to(logits.dtype)
+        return (work + self.offsets.to(work)).to(logits.dtype)
+
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
         """Class ids the rule predicts for a batch of logits."""
-        logits = torch.as_tensor(logits).double()
-        if self.kind == "gain_matrix":
-            posteriors = torch.softmax(logits + self.calibration.to(logits), dim=1)
-            return (posteriors @ self.gain.to(logits)).argmax(dim=1)
-        return (logits + self.offsets.to(logits)).argmax(dim=1)
+        return self.scores(torch.as_tensor(logits).double()).argmax(dim=-1)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (lists and floats), e.g. for ``config.json``."""
@@ -357,9 +363,25 @@ def fit_decision_rule(
     return final
 
 
+def decision_rule_of(model_or_config: Any) -> DecisionRule | None:
+    """The gain-matrix rule stored in a model's ``config.json`` by a trainer's post-hoc step, or None (no rule, or
+    offsets, which are folded into the classifier bias and need nothing at prediction time)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    values = getattr(config, RULE_ATTRIBUTE, None)
+    return None if not values else DecisionRule.from_dict(values)
+
+
+def predict_with_rule(model_or_config: Any, logits: torch.Tensor) -> torch.Tensor:
+    """Class ids of a model loaded with stock ``from_pretrained``: its stored gain-matrix rule applied to its
+    logits, or argmax(logits) when it has none (offsets are already in the logits)."""
+    rule = decision_rule_of(model_or_config)
+    logits = torch.as_tensor(logits)
+    return logits.argmax(dim=-1) if rule is None else rule.predict(logits)
+
+
 def fold_offsets(model: torch.nn.Module, offsets: torch.Tensor) -> None:
     """Add per-class offsets to the classifier head's bias, so the saved model predicts argmax(logits + offsets)."""
-    from .features import find_head, num_labels_of
+    from ..features import find_head, num_labels_of
 
     _, head = find_head(model, num_labels_of(model))
     if head.bias is None:
@@ -368,4 +390,14 @@ def fold_offsets(model: torch.nn.Module, offsets: torch.Tensor) -> None:
         head.bias.add_(torch.as_tensor(offsets, dtype=head.bias.dtype, device=head.bias.device))
 
 
-__all__ = ["RULES", "DecisionRule", "calibration_offsets", "fit_decision_rule", "fold_offsets"]
+__all__ = [
+    "RULES",
+    "RULE_ATTRIBUTE",
+    "DecisionRule",
+    "calibration_offsets",
+    "decision_rule_of",
+    "fit_decision_rule",
+    "fold_offsets",
+    "predict_with_rule",
+]
+
