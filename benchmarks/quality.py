@@ -30,6 +30,8 @@ import time
 import numpy as np
 import torch
 
+from selmix_hf.metrics import confusion_counts, normalized_confusion
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "quality")
 PROBES = os.path.join(ROOT, "benchmarks", "results", "quality_probes")
@@ -390,6 +392,187 @@ def write_report() -> None:
         fh.write(doc)
 
 
+# -- the post-hoc pass: every cell with and without a rule fitted on its validation logits -----------------------
+POSTHOC_OBJECTIVES = ["min_recall", "h_mean", "mean_recall", "mean_recall_min_coverage"]
+POSTHOC_MARKERS = ("<!-- posthoc:begin -->", "<!-- posthoc:end -->")
+FIGURES = os.path.join(ROOT, "docs", "figures")
+
+
+def posthoc_cell(cell: dict, arrays: dict, seed: int) -> dict:
+    """Per objective: the rule fitted on the cell's validation logits (cross-fitted guard), and the test and
+    validation metrics of the model with it."""
+    from selmix_hf import classification_report, get_objective
+    from selmix_hf.posthoc import fit_decision_rule
+
+    val_logits, val_labels = torch.as_tensor(arrays["validation_logits"]), torch.as_tensor(arrays["validation_labels"])
+    test_logits, test_labels = torch.as_tensor(arrays["test_logits"]), torch.as_tensor(arrays["test_labels"])
+    k = val_logits.shape[1]
+    out = {}
+    for name in POSTHOC_OBJECTIVES:
+        objective = get_objective(name, k)
+        started = time.time()
+        rule = fit_decision_rule(val_logits, val_labels, objective, seed=seed)
+        seconds = time.time() - started
+        test_predictions = rule.predict(test_logits)
+        score = {  # the objective's rule score on test (coverage objectives: feasibility first)
+            when: objective.rule_score(
+                normalized_confusion(confusion_counts(test_labels, predictions, k), objective.class_prior)
+            )
+            for when, predictions in (("without", test_logits.argmax(1)), ("with", test_predictions))
+        }
+        out[name] = {
+            "kind": rule.kind,
+            "estimates": rule.estimates,
+            "offsets": rule.offsets.tolist(),
+            "seconds": seconds,
+            "test_score": score,
+            "metrics": classification_report(test_labels, test_predictions, k),
+            "validation_metrics": classification_report(val_labels, rule.predict(val_logits), k),
+        }
+    return out
+
+
+def run_posthoc(datasets: list[str]) -> None:
+    """Fit the rules for every cell whose logits are on disk (recomputed each time: cheap), then write the tables."""
+    for dataset in datasets:
+        for seed_dir in sorted(os.listdir(os.path.join(RESULTS, dataset))):
+            seed = int(seed_dir.removeprefix("seed"))
+            for name in sorted(os.listdir(os.path.join(RESULTS, dataset, seed_dir))):
+                method = name.removesuffix(".json")
+                path, logits = cell_path(dataset, seed, method), logits_path(dataset, seed, method)
+                if name.startswith("_") or not name.endswith(".json") or not os.path.exists(logits):
+                    continue
+                with open(path) as fh:
+                    cell = json.load(fh)
+                with np.load(logits) as arrays:
+                    cell["posthoc"] = posthoc_cell(cell, dict(arrays), seed)
+                write_json(path, cell)
+                kept = [o for o, v in cell["posthoc"].items() if v["kind"] != "none"]
+                print(f"  posthoc {dataset} seed {seed} {method}: rules kept for {kept}", flush=True)
+    write_posthoc_report()
+
+
+def posthoc_table(cells: dict[str, list[dict]]) -> tuple[list[str], list[str]]:
+    """Mean over seeds of each method as is and with its rule, per objective; and the cells the rule hurt."""
+    rows = [m for m in METHODS if any("posthoc" in x for x in cells.get(m, []))]
+    lines = [
+        "| method | min recall → with rule | its mean recall | H-mean → with rule | its mean recall | "
+        "mean recall → with rule | min coverage → with the coverage rule (its mean recall) | rules kept | seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    hurt = []
+    for m in rows:
+        done = [x for x in cells[m] if "posthoc" in x]
+
+        def mean(values: list[float]) -> float:
+            return float(np.mean(values))
+
+        def pair(objective: str, metric: str) -> str:
+            plain = mean([x["metrics"][metric] for x in done])
+            ruled = mean([x["posthoc"][objective]["metrics"][metric] for x in done])
+            return f"{plain:.3f} → {ruled:.3f}"
+
+        def under(objective: str) -> str:
+            return f"{mean([x['posthoc'][objective]['metrics']['mean_recall'] for x in done]):.3f}"
+
+        kept = sum(v["kind"] != "none" for x in done for v in x["posthoc"].values())
+        lines.append(
+            f"| {m} | {pair('min_recall', 'min_recall')} | {under('min_recall')} | {pair('h_mean', 'h_mean')} | "
+            f"{under('h_mean')} | {pair('mean_recall', 'mean_recall')} | "
+            f"{pair('mean_recall_min_coverage', 'min_coverage')} ({under('mean_recall_min_coverage')}) | "
+            f"{kept}/{len(done) * len(POSTHOC_OBJECTIVES)} | {len(done)} |"
+        )
+        for x in done:
+            for objective, v in x["posthoc"].items():
+                if v["test_score"]["with"] < v["test_score"]["without"] - 0.02:
+                    hurt.append(
+                        f"{m} seed {x['seed']} {objective}: {v['test_score']['without']:.3f} → "
+                        f"{v['test_score']['with']:.3f}"
+                    )
+    return lines, hurt
+
+
+def posthoc_figure(dataset: str, cells: dict[str, list[dict]]) -> str | None:
+    """(mean recall, objective) of every method with and without its rule, one panel per objective."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [m for m in METHODS if any("posthoc" in x for x in cells.get(m, []))]
+    if not rows:
+        return None
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for axis, objective in zip(axes, ("min_recall", "h_mean")):
+        for m in rows:
+            done = [x for x in cells[m] if "posthoc" in x]
+            before = (
+                np.mean([x["metrics"]["mean_recall"] for x in done]),
+                np.mean([x["metrics"][objective] for x in done]),
+            )
+            after = (
+                np.mean([x["posthoc"][objective]["metrics"]["mean_recall"] for x in done]),
+                np.mean([x["posthoc"][objective]["metrics"][objective] for x in done]),
+            )
+            colour = (
+                "tab:red" if m.startswith("selmix") and m.endswith("_sf") else "tab:blue" if m == "none" else "grey"
+            )
+            axis.scatter(*before, facecolors="none", edgecolors=colour)
+            axis.scatter(*after, color=colour)
+            axis.annotate("", after, before, arrowprops={"arrowstyle": "->", "color": colour, "alpha": 0.6})
+            axis.annotate(m, after, fontsize=7, xytext=(3, 3), textcoords="offset points")
+        axis.set_xlabel("test mean recall")
+        axis.set_ylabel(f"test {objective.replace('_', ' ')}")
+        axis.set_title(f"{dataset}: hollow = as trained, filled = with the rule for {objective}")
+    figure.tight_layout()
+    os.makedirs(FIGURES, exist_ok=True)
+    path = os.path.join(FIGURES, f"posthoc_{dataset}.png")
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return os.path.relpath(path, os.path.dirname(DOC))
+
+
+def write_posthoc_report() -> None:
+    """The post-hoc tables and figures into docs/benchmarks.md between the post-hoc markers."""
+    sections = []
+    for dataset in PROTOCOL_GRIDS:
+        if not os.path.isdir(os.path.join(RESULTS, dataset)):
+            continue
+        cells, _ = load_cells(dataset)
+        lines, hurt = posthoc_table(cells)
+        if len(lines) == 2:
+            continue
+        figure = posthoc_figure(dataset, cells)
+        seconds = [v["seconds"] for x in sum(cells.values(), []) if "posthoc" in x for v in x["posthoc"].values()]
+        sections.append(
+            "\n".join(
+                [
+                    f"**{dataset}**, test split, each cell as trained → with the rule fitted on its validation logits "
+                    f"for that objective (mean over seeds; a declined rule leaves the cell as it is; fits took "
+                    f"{np.median(seconds):.2f} s median, {max(seconds):.2f} s max)",
+                    "",
+                    *lines,
+                    "",
+                    "Cells where a rule lowered the test objective by more than 0.02: "
+                    + (", ".join(hurt) if hurt else "none")
+                    + ".",
+                    *(["", f"![{dataset}: every method with and without its rule]({figure})"] if figure else []),
+                ]
+            )
+        )
+    body = "\n\n".join(sections) if sections else "No cell has post-hoc results yet."
+    with open(DOC) as fh:
+        doc = fh.read()
+    block = f"{POSTHOC_MARKERS[0]}\n{body}\n{POSTHOC_MARKERS[1]}"
+    if POSTHOC_MARKERS[0] in doc:
+        pattern = re.escape(POSTHOC_MARKERS[0]) + ".*?" + re.escape(POSTHOC_MARKERS[1])
+        doc = re.sub(pattern, lambda _: block, doc, flags=re.S)
+    else:
+        doc += "\n" + block + "\n"
+    with open(DOC, "w") as fh:
+        fh.write(doc)
+
+
 def run_probe(dataset: str, seed: int, name: str, method: str, overrides: dict, budget_overrides: dict) -> dict:
     """One stage-2 variant outside the grid (benchmarks/results/quality_probes/), from the same stage-1 checkpoint."""
     splits, names, model, _ = load_task(dataset, seed)
@@ -515,6 +698,11 @@ def main() -> None:
         help="also rerun the selected cells that lack validation metrics (recorded before they existed)",
     )
     parser.add_argument(
+        "--posthoc",
+        action="store_true",
+        help="fit the post-hoc rules of every cell whose logits are on disk and write their tables and figures",
+    )
+    parser.add_argument(
         "--logits",
         action="store_true",
         help="also rerun the selected cells whose logits are not in outputs/quality_logits (for --posthoc)",
@@ -538,6 +726,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.report:
         write_report()
+        write_posthoc_report()
+    elif args.posthoc:
+        run_posthoc(args.datasets)
     elif args.diagnose:
         diagnose_class(args.datasets[0], args.seeds[0], args.diagnose)
     elif args.probe:
