@@ -433,23 +433,34 @@ def posthoc_cell(cell: dict, arrays: dict, seed: int) -> dict:
 
 
 def run_posthoc(datasets: list[str]) -> None:
-    """Fit the rules for every cell whose logits are on disk (recomputed each time: cheap), then write the tables."""
+    """Fit the rules for every cell and probe whose logits are on disk (recomputed each time: cheap), then write
+    the tables (probes keep theirs in their JSON files)."""
     for dataset in datasets:
-        for seed_dir in sorted(os.listdir(os.path.join(RESULTS, dataset))):
-            seed = int(seed_dir.removeprefix("seed"))
-            for name in sorted(os.listdir(os.path.join(RESULTS, dataset, seed_dir))):
-                method = name.removesuffix(".json")
-                path, logits = cell_path(dataset, seed, method), logits_path(dataset, seed, method)
-                if name.startswith("_") or not name.endswith(".json") or not os.path.exists(logits):
-                    continue
-                with open(path) as fh:
-                    cell = json.load(fh)
-                with np.load(logits) as arrays:
-                    cell["posthoc"] = posthoc_cell(cell, dict(arrays), seed)
-                write_json(path, cell)
-                kept = [o for o, v in cell["posthoc"].items() if v["kind"] != "none"]
-                print(f"  posthoc {dataset} seed {seed} {method}: rules kept for {kept}", flush=True)
+        for root, stem in ((RESULTS, ""), (PROBES, "probe_")):
+            if not os.path.isdir(os.path.join(root, dataset)):
+                continue
+            for seed_dir in sorted(os.listdir(os.path.join(root, dataset))):
+                posthoc_seed(root, stem, dataset, seed_dir)
     write_posthoc_report()
+
+
+def posthoc_seed(root: str, stem: str, dataset: str, seed_dir: str) -> None:
+    """The post-hoc entries of one seed's cells (or probes, whose logits are saved as probe_<name>.npz)."""
+    seed = int(seed_dir.removeprefix("seed"))
+    for name in sorted(os.listdir(os.path.join(root, dataset, seed_dir))):
+        method = name.removesuffix(".json")
+        path, logits = os.path.join(root, dataset, seed_dir, name), logits_path(dataset, seed, stem + method)
+        if name.startswith("_") or not name.endswith(".json") or not os.path.exists(logits):
+            continue
+        with open(path) as fh:
+            cell = json.load(fh)
+        with np.load(logits) as arrays:
+            cell["posthoc"] = posthoc_cell(cell, dict(arrays), seed)
+        write_json(path, cell)
+        summary = {
+            o: f"{v['metrics'][o if o in v['metrics'] else 'mean_recall']:.3f}" for o, v in cell["posthoc"].items()
+        }
+        print(f"  posthoc {stem}{dataset} seed {seed} {method}: test with rule {summary}", flush=True)
 
 
 def posthoc_table(cells: dict[str, list[dict]]) -> tuple[list[str], list[str]]:

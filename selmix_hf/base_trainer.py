@@ -323,7 +323,11 @@ class BaseTrainer(ModelCardMixin, Trainer):
         config and used by evaluation and prediction) and record it as a stage for the card."""
         kind = kind or self.args.posthoc or "offsets"
         if dataset is None:
-            dataset = self.validation_dataset or self.use_validation_set("the post-hoc rule")
+            dataset = (
+                self.validation_dataset
+                if self.validation_dataset is not None
+                else self.use_validation_set("the post-hoc rule")
+            )
         else:
             counts_with_every_class(self._labels_of(dataset, "post-hoc"), self.num_labels, "post-hoc")
         self.decision_rule = None  # the rule is fitted on the model's own logits
