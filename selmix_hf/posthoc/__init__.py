@@ -400,4 +400,3 @@ __all__ = [
     "fold_offsets",
     "predict_with_rule",
 ]
-
