@@ -309,8 +309,10 @@ def fit_decision_rule(
 
     The rule is fitted ``folds`` times on all folds but one and applied to the held-out fold; the held-out
     predictions give the cross-fitted estimate of the objective, which is compared with the plain argmax on the
-    same samples. The rule fitted on all samples is returned when its cross-fitted estimate is higher, else the
-    identity rule (``kind="none"``). ``estimates`` holds the cross-fitted, the plain and the in-sample values.
+    same samples, and on ``resamples`` class-stratified bootstrap resamples of them. The rule fitted on all samples
+    is returned when its cross-fitted estimate is higher and it is ahead on at least ``confidence`` of the
+    resamples, else the identity rule (``kind="none"``). ``estimates`` holds the cross-fitted, the plain and the
+    in-sample values and the bootstrap win rate.
     """
     if kind not in RULES:
         raise ValueError(f"unknown rule kind {kind!r}; valid: {', '.join(RULES)}")
