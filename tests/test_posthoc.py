@@ -143,6 +143,8 @@ def test_a_rule_round_trips_through_json_and_refuses_non_finite_values():
     "change, message",
     [
         ({"kind": "bias"}, "unknown rule kind 'bias'"),
+        ({"confidence": 1.5}, "need 0 <= confidence <= 1"),
+        ({"folds": 1}, "folds >= 2"),
         ({"folds": 50}, "at least 50 validation samples of every class"),
         ({"logits": "nan"}, "hold NaN or inf"),
         ({"logits": "shape"}, "logits must be N x 4"),

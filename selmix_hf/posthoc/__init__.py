@@ -316,6 +316,10 @@ def fit_decision_rule(
     """
     if kind not in RULES:
         raise ValueError(f"unknown rule kind {kind!r}; valid: {', '.join(RULES)}")
+    if not 0.0 <= confidence <= 1.0 or resamples < 1 or folds < 2:
+        raise ValueError(
+            f"need 0 <= confidence <= 1, resamples >= 1 and folds >= 2; got {confidence}, {resamples}, {folds}"
+        )
     logits = torch.as_tensor(logits).detach().cpu()
     logits = logits.float() if logits.numel() > FLOAT32_ABOVE else logits.double()
     labels = torch.as_tensor(labels).detach().long().cpu()
