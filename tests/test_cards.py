@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -16,17 +15,6 @@ from tiny import TinyMLPConfig, TinyMLPForClassification, gaussian_problem
 
 from selmix_hf import LongTailConfig, LongTailTrainer, SelMixConfig, SelMixTrainer, classification_report
 from selmix_hf.cards import objective_metrics, render_model_card
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any socket connection fails the test: rendering a card must not call the Hub."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access while rendering a card: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def report(num_classes: int, seed: int = 0, zero: int | None = None) -> tuple[dict, list[str], list[int]]:

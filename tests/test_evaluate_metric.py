@@ -1,22 +1,11 @@
 """The metrics as an `evaluate` module: loaded offline from the package, the same numbers as compute_metrics."""
 
-import socket
-
 import evaluate
 import numpy as np
 import pytest
 from transformers import EvalPrediction
 
 from selmix_hf import make_compute_metrics, metric_path
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access while loading the metric: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def predictions(seed: int = 0, n: int = 300, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
