@@ -136,10 +136,10 @@ class MethodConfig:
         return name, options
 
     def check_posthoc(self) -> None:
-        """The post-hoc fields: a known rule, an objective to fit it for (with valid options), sane folds."""
+        """The post-hoc fields (options already parsed by `__post_init__`): a known rule, an objective to fit it for
+        (with valid options), sane folds."""
         from .posthoc import RULES
 
-        self.posthoc_objective_options = parse_options(self.posthoc_objective_options, "posthoc_objective_options")
         if self.posthoc is not None and self.posthoc not in RULES:
             raise ValueError(f"unknown posthoc {self.posthoc!r}; valid: {', '.join(RULES)} or None")
         if self.posthoc_folds < 2:
