@@ -21,6 +21,7 @@ from .objectives import OBJECTIVES, check_objective_options
 from .options import matches_type, plain, type_name
 
 PAIR_DISTRIBUTIONS = ("gain", "uniform")
+PARTNERS = ("auto", "unlabeled", "labeled", "mixed")
 HYPERGRADIENTS = ("neumann", "unrolled")
 UPPER_OBJECTIVES = ("balanced_ce", *sorted(OBJECTIVES))
 _TRAINING_ARGUMENT_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainingArguments))
@@ -262,6 +263,32 @@ class SelMixConfig(MethodConfig, TrainingArguments):
     plateau_tolerance: float = field(
         default=0.05, metadata={"help": "Plateau when |mean - last| < tolerance x |mean| of the windowed max gains."}
     )
+    # -- semi-supervised: partners from an unlabelled pool (SelMixTrainer(unlabeled_dataset=...)) ---------
+    partners: str = field(
+        default="auto",
+        metadata={
+            "help": "Where the mixing partners x2 come from: 'unlabeled' (the unlabeled_dataset, by pseudo-label, as "
+            "published), 'labeled' (the training set), 'mixed' (the pool with probability unlabeled_ratio) or "
+            "'auto' ('unlabeled' when an unlabeled_dataset is given, else 'labeled')."
+        },
+    )
+    unlabeled_ratio: float = field(
+        default=0.5, metadata={"help": "With partners='mixed': the share of pairs whose partner is unlabelled."}
+    )
+    pseudo_label_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Pool samples whose top softmax probability is below this are not drawn (None: all, as "
+            "published); in (0, 1]."
+        },
+    )
+    unlabeled_anchors: bool = field(
+        default=False,
+        metadata={
+            "help": "Also draw the first members x1 (whose label the mixed sample takes) from the pool's samples "
+            "above pseudo_label_threshold, labelled by their pseudo-labels."
+        },
+    )
     # -- optimisation -----------------------------------------------------------------------------
     backbone_lr_ratio: float = field(
         default=0.1, metadata={"help": "Backbone learning rate = backbone_lr_ratio x learning_rate (the head's)."}
@@ -311,6 +338,7 @@ class SelMixConfig(MethodConfig, TrainingArguments):
             raise ValueError(f"sampling_epsilon must be >= 0, got {self.sampling_epsilon}")
         if self.backbone_lr_ratio < 0:
             raise ValueError(f"backbone_lr_ratio must be >= 0, got {self.backbone_lr_ratio}")
+        self.check_partners()
         if not self.ignore_data_skip:
             raise ValueError(
                 "SelMixConfig needs ignore_data_skip=True: the pair sampler restores its own position on resume, "
@@ -321,6 +349,53 @@ class SelMixConfig(MethodConfig, TrainingArguments):
 
     def trained_objective(self) -> tuple[str | None, dict[str, Any]]:
         return self.objective, {**self.objective_options, "class_prior": self.class_prior}
+
+    def check_partners(self) -> None:
+        """The semi-supervised settings, each in its range and consistent with the others."""
+        if self.partners not in PARTNERS:
+            raise ValueError(f"unknown partners {self.partners!r}; valid: {', '.join(PARTNERS)}")
+        if self.partners == "mixed" and not 0.0 < self.unlabeled_ratio < 1.0:
+            raise ValueError(
+                f"partners='mixed' needs 0 < unlabeled_ratio < 1, got {self.unlabeled_ratio}; use partners="
+                "'unlabeled' or 'labeled' for all pairs from one set"
+            )
+        threshold = self.pseudo_label_threshold
+        if threshold is not None and not 0.0 < threshold <= 1.0:
+            raise ValueError(f"pseudo_label_threshold must lie in (0, 1] (or be None: no threshold), got {threshold}")
+        if self.unlabeled_anchors and threshold is None:
+            raise ValueError(
+                "unlabeled_anchors=True labels pool samples by their pseudo-labels, which needs a confidence cut: "
+                "set pseudo_label_threshold (e.g. 0.95)"
+            )
+
+    def partner_source(self, has_pool: bool) -> str:
+        """'labeled', 'unlabeled' or 'mixed' for a run with or without an unlabelled pool; refuses what cannot run."""
+        if self.partners == "auto":
+            return "unlabeled" if has_pool else "labeled"
+        if self.partners != "labeled" and not has_pool:
+            raise ValueError(
+                f"partners={self.partners!r} draws partners from an unlabelled pool, and none was given: pass "
+                "SelMixTrainer(..., unlabeled_dataset=...) or set partners='labeled'"
+            )
+        if self.unlabeled_anchors and not has_pool:
+            raise ValueError("unlabeled_anchors=True needs SelMixTrainer(..., unlabeled_dataset=...)")
+        if has_pool and self.partners == "labeled" and not self.unlabeled_anchors:
+            raise ValueError(
+                "an unlabeled_dataset was given but partners='labeled' and unlabeled_anchors=False never draw from it; "
+                "set partners='unlabeled' / 'mixed' (or unlabeled_anchors=True), or drop the unlabeled_dataset"
+            )
+        return self.partners
+
+    def pool_fraction(self, source: str) -> float:
+        """The probability that a pair's partner comes from the unlabelled pool."""
+        return {"labeled": 0.0, "unlabeled": 1.0, "mixed": self.unlabeled_ratio}[source]
+
+    SEMI_SUPERVISED_FIELDS: ClassVar[tuple[str, ...]] = (
+        "partners",
+        "unlabeled_ratio",
+        "pseudo_label_threshold",
+        "unlabeled_anchors",
+    )
 
     def posthoc_target(self) -> tuple[str, dict[str, Any]]:
         """As the base, with this config's class prior and tail fraction for any objective."""

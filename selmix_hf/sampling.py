@@ -18,12 +18,35 @@ def rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+class ClassMembers:
+    """Dataset indices grouped by class (label -1: never drawn), with ``offset`` added to every index."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, offset: int = 0) -> None:
+        drawable = torch.nonzero(labels >= 0).flatten()
+        kept = labels[drawable]
+        self.sizes = torch.bincount(kept, minlength=num_classes)
+        self.indices = drawable[torch.argsort(kept, stable=True)] + offset  # grouped by class
+        self.offsets = torch.cumsum(self.sizes, 0) - self.sizes
+        self.present = (self.sizes > 0).double()
+
+    def pick(self, classes: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """One member of each given class, the ``u``-quantile of its members (uniform within the class)."""
+        sizes = self.sizes[classes]
+        within = torch.minimum((u * sizes).long(), sizes - 1)
+        return self.indices[self.offsets[classes] + within]
+
+
 class PairBatchSampler:
     """Yields batches of 2B dataset indices: B samples of classes i ~ sum_j P_ij, then partners j ~ P_ij / sum_j P_ij.
 
     Samples are uniform within a class. Every draw is a function of one uniform stream consumed pair by pair, so
     B pairs in one batch are the same pairs as in B/m batches of m (gradient accumulation). ``set_distribution``
     swaps P in place: the DataLoader and the dataset are never rebuilt.
+
+    Semi-supervised SelMix adds a pool of ``pool_size`` unlabelled samples, indexed after the labelled ones
+    (``len(labels) + k``) and grouped by the pseudo-labels `set_pool` gives: a pair's partner comes from the pool with
+    probability ``pool_fraction`` (1: always, as published), and with ``pool_anchors`` the first members are drawn
+    from the labelled samples and the pool's confident ones together.
     """
 
     def __init__(
@@ -37,28 +60,54 @@ class PairBatchSampler:
         world_size: int = 1,
         num_batches: int | None = None,
         accumulation_steps: int = 1,
+        pool_size: int = 0,
+        pool_fraction: float = 0.0,
+        pool_anchors: bool = False,
     ) -> None:
         labels_t = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
         check_labels(labels_t, num_classes, "training labels")
         if pairs_per_batch < 1:
             raise ValueError(f"pairs_per_batch must be >= 1, got {pairs_per_batch}")
+        if not 0.0 <= pool_fraction <= 1.0 or (pool_size == 0 and (pool_fraction > 0 or pool_anchors)):
+            raise ValueError(f"pool_fraction={pool_fraction} / pool_anchors={pool_anchors} need a pool of samples")
         self.num_classes, self.pairs_per_batch = num_classes, pairs_per_batch
-        self.class_sizes = torch.bincount(labels_t, minlength=num_classes)
+        self.labelled = ClassMembers(labels_t, num_classes)
+        self.class_sizes = self.labelled.sizes
         if int((self.class_sizes > 0).sum()) < 1:
             raise ValueError("the training set is empty")
-        self._order = torch.argsort(labels_t, stable=True)  # indices grouped by class
-        self._offsets = torch.cumsum(self.class_sizes, 0) - self.class_sizes
+        self.pool_size, self.pool_fraction, self.pool_anchors = pool_size, float(pool_fraction), pool_anchors
+        self._labelled_labels = labels_t
+        self.pool_labels: torch.Tensor | None = None
+        self.anchors, self.pool = self.labelled, None
         batches = num_batches or max(1, labels_t.numel() // (2 * pairs_per_batch * world_size))
         self.num_batches = -(-batches // accumulation_steps) * accumulation_steps  # whole optimiser steps per epoch
         self.generator = torch.Generator().manual_seed(rank_seed(seed, rank))
         self.batches_drawn = 0
-        # batch number -> (generator state, P) just before it was drawn: DataLoader workers draw batches ahead of
-        # training, and a checkpoint must hold the position of the batches actually trained on
-        self._before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # batch number -> (generator state, P, pool labels) just before it was drawn: DataLoader workers draw batches
+        # ahead of training, and a checkpoint must hold the position of the batches actually trained on
+        self._before: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.set_distribution(torch.ones(num_classes, num_classes, dtype=torch.float64))
 
+    def set_pool(self, pseudo_labels: torch.Tensor) -> None:
+        """Group the pool by these pseudo-labels (-1: not drawn) from now on; P is kept."""
+        pseudo = torch.as_tensor(pseudo_labels).long().reshape(-1).cpu()
+        if pseudo.numel() != self.pool_size:
+            raise ValueError(f"{pseudo.numel()} pseudo-labels for a pool of {self.pool_size} samples")
+        if (pseudo >= self.num_classes).any() or (pseudo < -1).any():
+            raise ValueError(f"pseudo-labels must lie in [-1, {self.num_classes})")
+        if self.pool_fraction > 0 and not (pseudo >= 0).any():
+            raise ValueError(
+                "no unlabelled sample has a pseudo-label (none passed pseudo_label_threshold); lower the threshold"
+            )
+        self.pool_labels = pseudo
+        offset = self._labelled_labels.numel()
+        self.pool = ClassMembers(pseudo, self.num_classes, offset)
+        if self.pool_anchors:
+            self.anchors = ClassMembers(torch.cat([self._labelled_labels, pseudo]), self.num_classes)
+        self.set_distribution(self.raw_probabilities)
+
     def set_distribution(self, probabilities: torch.Tensor) -> None:
-        """Use P (K x K, non-negative) from now on; classes with no training sample get no mass."""
+        """Use P (K x K, non-negative) from now on; classes with no sample to draw get no mass."""
         p = torch.as_tensor(probabilities, dtype=torch.float64).detach().cpu().clone()
         if p.shape != (self.num_classes, self.num_classes):
             raise ValueError(
@@ -66,8 +115,10 @@ class PairBatchSampler:
             )
         if not torch.isfinite(p).all() or (p < 0).any():
             raise ValueError("sampling distribution must be finite and non-negative")
-        present = (self.class_sizes > 0).double()
-        p = p * present.unsqueeze(1) * present.unsqueeze(0)
+        self.raw_probabilities = p
+        sources = self._partner_sources()
+        partners = torch.stack([members.present for members, _ in sources]).amax(0)
+        p = p * self.anchors.present.unsqueeze(1) * partners.unsqueeze(0)
         if p.sum() <= 0:
             raise ValueError(
                 "the sampling distribution puts no mass on any pair of classes present in the training set"
@@ -76,28 +127,44 @@ class PairBatchSampler:
         marginal = self.probabilities.sum(1)
         self._first_cdf = torch.cumsum(marginal, 0)
         self._first_cdf[-1] = 1.0
-        rows = torch.where(marginal.unsqueeze(1) > 0, self.probabilities, present.unsqueeze(0))
-        self._second_cdf = torch.cumsum(rows / rows.sum(1, keepdim=True), 1)
-        self._second_cdf[:, -1] = 1.0
+        self._second_cdfs = []
+        for members, _ in sources:  # rows with no mass on a source's classes: uniform over that source's classes
+            rows = self.probabilities * members.present.unsqueeze(0)
+            rows = torch.where(rows.sum(1, keepdim=True) > 0, rows, members.present.unsqueeze(0))
+            cdf = torch.cumsum(rows / rows.sum(1, keepdim=True), 1)
+            cdf[:, -1] = 1.0
+            self._second_cdfs.append(cdf)
+
+    def _partner_sources(self) -> list[tuple[ClassMembers, float]]:
+        """Where partners come from, with the probability of each: the labelled set and / or the pool."""
+        if self.pool_fraction == 0 or self.pool is None:
+            return [(self.labelled, 1.0)]
+        if self.pool_fraction == 1:
+            return [(self.pool, 1.0)]
+        return [(self.labelled, 1.0 - self.pool_fraction), (self.pool, self.pool_fraction)]
 
     def draw(self, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Dataset indices of the first and second members of ``pairs`` pairs."""
-        u = torch.rand(pairs, 4, generator=self.generator, dtype=torch.float64)
+        if self.pool_fraction > 0 and self.pool is None:
+            raise RuntimeError("the sampler draws partners from the unlabelled pool before set_pool was called")
+        mixed = len(self._second_cdfs) == 2
+        u = torch.rand(pairs, 5 if mixed else 4, generator=self.generator, dtype=torch.float64)
         first_class = torch.searchsorted(self._first_cdf, u[:, 0].contiguous(), right=True).clamp_max(
             self.num_classes - 1
         )
-        second_class = torch.searchsorted(self._second_cdf[first_class], u[:, 1:2].contiguous(), right=True).squeeze(1)
-        second_class = second_class.clamp_max(self.num_classes - 1)
-        return self._member(first_class, u[:, 2]), self._member(second_class, u[:, 3])
-
-    def _member(self, classes: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        sizes = self.class_sizes[classes]
-        within = torch.minimum((u * sizes).long(), sizes - 1)
-        return self._order[self._offsets[classes] + within]
+        first = self.anchors.pick(first_class, u[:, 2])
+        source = (u[:, 4] < self.pool_fraction).long() if mixed else torch.zeros(pairs, dtype=torch.long)
+        second = torch.empty_like(first)
+        for k, ((members, _), cdf) in enumerate(zip(self._partner_sources(), self._second_cdfs)):
+            rows = torch.nonzero(source == k).flatten()
+            if rows.numel():
+                classes = torch.searchsorted(cdf[first_class[rows]], u[rows, 1:2].contiguous(), right=True)
+                second[rows] = members.pick(classes.squeeze(1).clamp_max(self.num_classes - 1), u[rows, 3])
+        return first, second
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.num_batches):
-            self._before[self.batches_drawn] = (self.generator.get_state(), self.probabilities)
+            self._before[self.batches_drawn] = (self.generator.get_state(), self.raw_probabilities, self.pool_labels)
             self._before.pop(self.batches_drawn - KEPT_POSITIONS, None)
             first, second = self.draw(self.pairs_per_batch)
             self.batches_drawn += 1
@@ -109,21 +176,26 @@ class PairBatchSampler:
     def state_dict(self, batches_used: int | None = None) -> dict[str, Any]:
         """The position after ``batches_used`` batches (default: all drawn): batches drawn ahead are given back."""
         if batches_used is None or batches_used == self.batches_drawn:
-            generator, probabilities = self.generator.get_state(), self.probabilities
+            generator, probabilities, pool = self.generator.get_state(), self.raw_probabilities, self.pool_labels
         elif batches_used in self._before:
-            generator, probabilities = self._before[batches_used]
+            generator, probabilities, pool = self._before[batches_used]
         else:
             raise ValueError(
                 f"the sampler has drawn {self.batches_drawn} batches and cannot go back to batch {batches_used} "
                 f"(it keeps the last {KEPT_POSITIONS} positions); lower dataloader_prefetch_factor"
             )
-        return {
+        state = {
             "generator": generator.clone(),
             "probabilities": probabilities.clone(),
             "batches_drawn": batches_used if batches_used is not None else self.batches_drawn,
         }
+        if pool is not None:
+            state["pool_labels"] = pool.clone()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        if "pool_labels" in state:
+            self.set_pool(state["pool_labels"])
         self.set_distribution(state["probabilities"])
         self.batches_drawn = int(state["batches_drawn"])

@@ -4,6 +4,8 @@ One SelMix run, as this file implements it:
 validation pass -> confusion matrix + prototypes -> objective multipliers -> gain matrix -> sampling
 distribution -> pair batches -> one forward over both halves, the head's input mixed by a hook ->
 cross-entropy on the first half's labels -> every `gain_refresh_steps` steps, back to the validation pass.
+Semi-supervised (``unlabeled_dataset=``): each refresh also pseudo-labels the unlabelled pool, and the partners
+are drawn from it by pseudo-class; the pool's own labels, if any, are never read.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from .metrics import confusion_counts, normalized_confusion
 from .objectives import CONFUSION_CLIP, Objective, multiplier_logs, objective_for_training
 from .plots import log_refresh_heatmaps
 from .sampling import PairBatchSampler, rank_seed
+from .unlabeled import UnlabeledView, pool_distribution, pseudo_labels, unlabeled_view
+from .validation import gathered_validation_pass
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +40,16 @@ NEGLIGIBLE_CHANGE = 1e-5
 INDEX_KEY = "_selmix_index"  # the dataset indices a pair batch carries, for error messages and the sampler position
 NEGLIGIBLE_REFRESHES = 3
 FRESH_HEAD_STD = 0.03
+MAX_LISTED_CLASSES = 20  # classes of the unlabelled pool's distribution a card lists by name
 
 
 class SelMixTrainer(BaseTrainer):
     """`Trainer` whose training steps are SelMix pair mixups; evaluation and prediction are the plain model's.
 
     Takes the `Trainer` arguments plus ``validation_dataset`` (the labelled held-out set the gains are estimated
-    on; defaults to ``eval_dataset``) and optionally ``objective`` (an `Objective` instance, e.g. a
-    `CustomObjective`, instead of ``args.objective``).
+    on; defaults to ``eval_dataset``), optionally ``objective`` (an `Objective` instance, e.g. a
+    `CustomObjective`, instead of ``args.objective``) and ``unlabeled_dataset`` (a pool of samples with the
+    training set's input columns whose pseudo-labels choose the mixing partners: semi-supervised SelMix).
     """
 
     config_class = SelMixConfig
@@ -62,10 +68,18 @@ class SelMixTrainer(BaseTrainer):
         *,
         validation_dataset: Any = None,
         objective: Objective | None = None,
+        unlabeled_dataset: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, args, validation_dataset=validation_dataset, **kwargs)
         self.use_validation_set("SelMixTrainer")
+        self.partners = args.partner_source(unlabeled_dataset is not None)
+        self.unlabeled_dataset: UnlabeledView | None = (
+            None
+            if unlabeled_dataset is None
+            else unlabeled_view(unlabeled_dataset, self.train_dataset, self._label_columns())
+        )
+        self.pseudo_labels: torch.Tensor | None = None  # of the pool at the last refresh (-1: below the threshold)
         self.objective = (
             objective
             if objective is not None
@@ -111,6 +125,11 @@ class SelMixTrainer(BaseTrainer):
     def get_train_dataloader(self) -> DataLoader:
         """A plain DataLoader over the pair sampler: each rank draws its own pairs, nothing is resharded."""
         dataset, collator = _compat.drop_unused_columns(self, self.train_dataset, self.data_collator, "training")
+        pool = self.unlabeled_dataset
+        if pool is not None:
+            if hasattr(dataset, "column_names"):  # unused columns were dropped from the labelled set: the same here
+                pool.keep = set(dataset.column_names)
+            dataset = torch.utils.data.ConcatDataset([dataset, pool])
         self.sampler = PairBatchSampler(
             self.train_labels,
             self.num_labels,
@@ -119,12 +138,18 @@ class SelMixTrainer(BaseTrainer):
             rank=self.args.process_index,
             world_size=self.args.world_size,
             accumulation_steps=self.args.gradient_accumulation_steps,  # no short last step in an epoch
+            pool_size=0 if pool is None else len(pool),
+            pool_fraction=self.args.pool_fraction(self.partners),
+            pool_anchors=self.args.unlabeled_anchors,
         )
         if self._sampler_state is not None:
             self.sampler.load_state_dict(self._sampler_state)
             self._sampler_state = None
-        elif self.distribution is not None:
-            self.sampler.set_distribution(self.distribution)
+        else:
+            if self.pseudo_labels is not None:
+                self.sampler.set_pool(self.pseudo_labels)
+            if self.distribution is not None:
+                self.sampler.set_distribution(self.distribution)
         return DataLoader(
             IndexedDataset(dataset),
             batch_sampler=self.sampler,
@@ -169,11 +194,28 @@ class SelMixTrainer(BaseTrainer):
             )
         if self.sampler is not None:
             self.sampler.set_distribution(self.distribution)
+        pool_logs = self._refresh_pool() if self.unlabeled_dataset is not None else {}
         self.max_gain_history.append(float(self.gains.max()))
         self.objective_history.append(float(self.objective.value(confusion)))
         surrogate = self.objective.surrogate(confusion.clamp_min(CONFUSION_CLIP))
         self.objective_scale = max(abs(float(surrogate)), 1.0)
-        return self._refresh_logs(confusion, raw_prototypes)
+        return {**self._refresh_logs(confusion, raw_prototypes), **pool_logs}
+
+    def _refresh_pool(self) -> dict[str, float]:
+        """Pseudo-label the unlabelled pool (one gathered pass, each sample once) and regroup its partners."""
+        pool = self.unlabeled_dataset
+        _, logits, _ = gathered_validation_pass(self, pool, purpose="pseudo-labelling", labelled=False)
+        self.pseudo_labels = pseudo_labels(logits.cpu(), self.args.pseudo_label_threshold)
+        if self.sampler is not None:
+            self.sampler.set_pool(self.pseudo_labels)
+        shares = pool_distribution(self.pseudo_labels, self.num_labels)
+        logs = {"selmix/unlabeled_confident": float((self.pseudo_labels >= 0).double().mean())}
+        if self.num_labels <= 16:
+            logs.update({f"selmix/unlabeled_share_{k}": float(v) for k, v in enumerate(shares)})
+        else:
+            logs.update({"selmix/unlabeled_share_max": float(shares.max())})
+            logs.update({"selmix/unlabeled_share_min": float(shares.min())})
+        return logs
 
     def compute_loss(
         self,
@@ -187,6 +229,8 @@ class SelMixTrainer(BaseTrainer):
             return self.evaluation_loss(model, inputs, return_outputs)
         inputs, labels = self.split_labels(inputs)
         self._current_indices = inputs.pop(INDEX_KEY, None)
+        if self.args.unlabeled_anchors and self._current_indices is not None:
+            labels = self._anchor_labels(labels)
         self._batches_used += 1
         if self.args.freeze_batchnorm:
             for module in self._batchnorms:
@@ -200,6 +244,18 @@ class SelMixTrainer(BaseTrainer):
         loss = F.cross_entropy(logits.float(), labels[:pairs], label_smoothing=self.args.label_smoothing_factor)
         self.check_finite_loss(loss, inputs, logits)
         return (loss, outputs) if return_outputs else loss
+
+    def _anchor_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels of a pair batch, first members drawn from the pool labelled by their pseudo-labels."""
+        pairs, offset = labels.shape[0] // 2, len(self.train_labels)
+        first = self._current_indices[:pairs].cpu()
+        from_pool = first >= offset
+        if not from_pool.any():
+            return labels
+        labels = labels.clone()
+        rows = torch.nonzero(from_pool).flatten()
+        labels[rows.to(labels.device)] = self.pseudo_labels[first[rows] - offset].to(labels)
+        return labels
 
     def batch_indices(self) -> list[int] | None:
         """The dataset indices of the pair batch being trained on (first halves, then their partners)."""
@@ -317,6 +373,12 @@ class SelMixTrainer(BaseTrainer):
         mean = sum(recent) / window
         return abs(mean - recent[-1]) < self.args.plateau_tolerance * abs(mean)
 
+    def unused_settings(self) -> set[str]:
+        """Without a pool the semi-supervised settings did nothing; unlabeled_ratio acts only for 'mixed'."""
+        if self.unlabeled_dataset is None:
+            return set(self.args.SEMI_SUPERVISED_FIELDS)
+        return set() if self.partners == "mixed" else {"unlabeled_ratio"}
+
     def stage_title(self) -> str:
         """The card's stage title: the objective, or that the run could not move it."""
         if self.objective_was_moved():
@@ -335,7 +397,29 @@ class SelMixTrainer(BaseTrainer):
                 f"; validation {self.objective.name} {self.objective_history[0]:.3f} at the first refresh, "
                 f"{self.objective_history[-1]:.3f} at the last"
             )
+        if self.unlabeled_dataset is not None and self.pseudo_labels is not None:
+            text += "; " + self.pool_description()
         return text
+
+    def pool_description(self) -> str:
+        """Where the partners came from, and the unlabelled pool's class distribution as the model last saw it."""
+        names, pseudo = self.class_names(), self.pseudo_labels
+        shares = pool_distribution(pseudo, self.num_labels)
+        confident = int((pseudo >= 0).sum())
+        source = {
+            "unlabeled": "partners drawn from an unlabelled pool",
+            "mixed": f"{self.args.unlabeled_ratio:.0%} of partners drawn from an unlabelled pool",
+            "labeled": "first members also drawn from an unlabelled pool",
+        }[self.partners]
+        if self.args.unlabeled_anchors and self.partners != "labeled":
+            source += " (its confident samples also as first members, labelled by their pseudo-labels)"
+        top = sorted(range(self.num_labels), key=lambda k: -float(shares[k]))
+        listed = ", ".join(f"{names[k]} {float(shares[k]):.3f}" for k in top[:MAX_LISTED_CLASSES])
+        more = f" and {self.num_labels - MAX_LISTED_CLASSES} more" if self.num_labels > MAX_LISTED_CLASSES else ""
+        return (
+            f"{source} of {len(pseudo)} samples by pseudo-label ({confident} above the confidence threshold at the "
+            f"last refresh); the pool's estimated class distribution: {listed}{more}"
+        )
 
     # -- checkpoints ------------------------------------------------------------------------------
     def method_state(self) -> dict[str, Any]:
@@ -351,6 +435,7 @@ class SelMixTrainer(BaseTrainer):
             if self._sampler_state is not None or self.sampler is None
             else self.sampler.state_dict(self._batches_used),
             "mix_generator": self._mix_generator.get_state(),
+            "pseudo_labels": self.pseudo_labels,
         }
 
     def load_method_state(self, state: dict[str, Any], same_rank: bool) -> None:
@@ -360,6 +445,7 @@ class SelMixTrainer(BaseTrainer):
         self.max_gain_history = list(state["max_gain_history"])
         self.objective_history = list(state.get("objective_history", []))
         self.negligible_refreshes = int(state.get("negligible_refreshes", 0))
+        self.pseudo_labels = state.get("pseudo_labels")
         if same_rank:
             self._mix_generator.set_state(state["mix_generator"])
             self._sampler_state = state["sampler"]

@@ -39,13 +39,19 @@ def counts_with_every_class(labels: np.ndarray, num_labels: int, what: str) -> l
 
 
 def gathered_validation_pass(
-    trainer: Any, dataset: Any, pooled: PooledFeatures | None = None, *, purpose: str = "validation pass"
+    trainer: Any,
+    dataset: Any,
+    pooled: PooledFeatures | None = None,
+    *,
+    purpose: str = "validation pass",
+    labelled: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """(pooled features or None, logits, labels) of a whole dataset in eval mode, gathered across processes.
 
     `gather_for_metrics` inside the loop drops the duplicates that pad the last round, so every rank ends with
     the same tensors and every sample counted once, in dataset order. A NaN or inf in a sample's inputs, features
-    or logits stops the run on every rank alike, naming the sample's index in the validation set.
+    or logits stops the run on every rank alike, naming the sample's index in the set. An unlabelled pool
+    (``labelled=False``) carries a placeholder in the label column, which is dropped unread.
     """
     cache = trainer.__dict__.setdefault("_validation_loaders", {})
     if id(dataset) not in cache:
@@ -86,10 +92,11 @@ def gathered_validation_pass(
         index = first_bad(ok)
         if index is not None:
             count = int((~ok.bool()).sum())
+            name, label = ("validation", f"label {int(labels_t[index])}") if labelled else ("unlabeled", "no label")
             raise NonFiniteError(
-                f"NaN or inf in the {what} of validation sample {index} (label {int(labels_t[index])}"
+                f"NaN or inf in the {what} of {name} sample {index} ({label}"
                 f"{f', and {count - 1} more samples' if count > 1 else ''}) during {where}: fix or drop that sample "
-                "of the validation set. Nothing was saved after the last checkpoint."
+                f"of the {name} set. Nothing was saved after the last checkpoint."
             )
     return (features_t if pooled is not None else None), logits_t, labels_t
 

@@ -35,10 +35,13 @@ from selmix_hf import (  # noqa: E402
 )
 from selmix_hf.checkpoint_state import load_state  # noqa: E402
 from selmix_hf.nonfinite import NonFiniteError  # noqa: E402
+from selmix_hf.validation import gathered_validation_pass  # noqa: E402
 
 K = 4
 TRAIN_COUNTS = [40, 30, 20, 10]
 VALIDATION_COUNTS = [6, 5, 5, 5]  # 21: the last round of a two-rank gather is padded
+UNLABELED_COUNTS = [9, 8, 8, 8]  # 33: odd, so a two-rank pass over the pool is padded too
+UNTRAINED_CONFIDENCE = 0.2525  # the tiny untrained MLP's top probabilities lie in 0.250-0.255: a threshold that cuts
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Subject:
     shared_state: Callable[[Any], dict[str, torch.Tensor]]  # identical on every rank, and across equivalent runs
     wrongly_typed: tuple[str, Any]  # a field of its own config and a value of the wrong type
     unused_settings: set[str] = field(default_factory=set)  # config fields that do nothing in this row's run
+    trainer_kwargs: Callable[[], dict[str, Any]] = dict  # extra arguments of the trainer (fresh for every build)
 
 
 SUBJECTS = [
@@ -62,6 +66,28 @@ SUBJECTS = [
         {"gain_refresh_steps": 2, "objective": "min_recall"},
         lambda t: {"gains": t.gains, "distribution": t.distribution, **t.objective.multipliers()},
         ("gain_refresh_steps", "2"),
+        unused_settings=set(SelMixConfig.SEMI_SUPERVISED_FIELDS),  # no unlabelled pool in this row
+    ),
+    Subject(  # semi-supervised: partners from a pool (whose own labels are dropped), anchors from its confident part
+        "selmix-unlabeled",
+        SelMixTrainer,
+        SelMixConfig,
+        {
+            "gain_refresh_steps": 2,
+            "objective": "min_recall",
+            "partners": "mixed",
+            "unlabeled_ratio": 0.5,
+            "pseudo_label_threshold": UNTRAINED_CONFIDENCE,
+            "unlabeled_anchors": True,
+        },
+        lambda t: {
+            "gains": t.gains,
+            "distribution": t.distribution,
+            "pseudo_labels": t.pseudo_labels,
+            **t.objective.multipliers(),
+        },
+        ("plateau_window", 2.5),
+        trainer_kwargs=lambda: {"unlabeled_dataset": gaussian_problem(UNLABELED_COUNTS, seed=3)},
     ),
     Subject(
         "longtail-cost-sensitive",
@@ -116,6 +142,7 @@ def build(
     args = subject.config(**{**settings, **subject.settings, **overrides})
     model = model if model is not None else TinyMLPForClassification(TinyMLPConfig(num_labels=K))
     return subject.trainer(
+        **subject.trainer_kwargs(),
         model=model,
         args=args,
         callbacks=callbacks,
@@ -238,6 +265,8 @@ def two_rank_run(name: str, out_dir: str) -> None:
     assert dist.is_initialized() and dist.get_world_size() == 2 and trainer.args.world_size == 2
     trainer.train()
     _, logits, labels = trainer.validation_pass()
+    pool = getattr(trainer, "unlabeled_dataset", None)
+    pool_logits = torch.zeros(0) if pool is None else gathered_validation_pass(trainer, pool, labelled=False)[1].cpu()
     rule = trainer.fit_posthoc(kind="offsets")  # after the pass above: it must not see the folded offsets
     torch.save(
         {
@@ -247,6 +276,7 @@ def two_rank_run(name: str, out_dir: str) -> None:
             "shared": copy.deepcopy(subject.shared_state(trainer)),
             "validation_labels": labels.cpu(),
             "validation_logits": logits.cpu(),
+            "pool_logits": pool_logits,
             "posthoc": {"offsets": rule.offsets, **{k: torch.tensor(v) for k, v in rule.estimates.items()}},
             "posthoc_stage": trainer.model.config.selmix_hf_stages[-1]["description"],
         },
@@ -266,6 +296,9 @@ def test_two_ranks_agree_and_count_each_validation_sample_once(subject, tmp_path
     for r in ranks:  # the padded duplicates of the last round are dropped: 21 samples, each once
         assert torch.bincount(r["validation_labels"], minlength=K).tolist() == VALIDATION_COUNTS
     torch.testing.assert_close(ranks[0]["validation_logits"], ranks[1]["validation_logits"])
+    if "unlabeled_dataset" in subject.trainer_kwargs():  # the pool's padded duplicates are dropped too: 33, each once
+        assert all(len(r["pool_logits"]) == sum(UNLABELED_COUNTS) for r in ranks)
+        torch.testing.assert_close(ranks[0]["pool_logits"], ranks[1]["pool_logits"])
     assert_same(ranks[0]["posthoc"], ranks[1]["posthoc"], "post-hoc rule", rtol=0, atol=0)
     assert all("21 validation samples" in r["posthoc_stage"] for r in ranks)  # each sample once in the fit
 

@@ -1,0 +1,104 @@
+"""The unlabelled pool of semi-supervised SelMix: a label-free view of a dataset, and its pseudo-labels.
+
+A label column the pool may carry is dropped before anything reads an item, so no code path can see it (the
+reference implementation picked partners by the pool's true labels; see docs/semi_supervised.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence, Sized
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+PLACEHOLDER_LABEL = -100  # what a pool item carries in the label column, so the user's collator sees one schema
+UNCONFIDENT = -1  # the pseudo-label of a pool sample below the confidence threshold: never drawn
+
+
+def columns_of(dataset: Any) -> list[str]:
+    """The columns of a dataset: `column_names` of a `datasets.Dataset`, else the keys of its first item."""
+    if isinstance(dataset, datasets.Dataset):
+        return list(dataset.column_names)
+    item = dataset[0]
+    if not hasattr(item, "keys"):
+        raise TypeError(
+            f"the unlabeled dataset's items are {type(item).__name__}, not dicts of model inputs; give it the "
+            "labelled set's columns (e.g. pixel_values, or input_ids and attention_mask)"
+        )
+    return list(item.keys())
+
+
+class UnlabeledView(torch.utils.data.Dataset):
+    """A dataset's items without any label column, with ``label_column`` set to a placeholder the loss never reads."""
+
+    def __init__(self, dataset: Any, label_columns: Sequence[str], label_column: str, placeholder: Any = -100) -> None:
+        present = [name for name in label_columns if name in columns_of(dataset)]
+        if isinstance(dataset, datasets.Dataset) and present:
+            dataset = dataset.remove_columns(present)
+        self.dataset, self.dropped, self.label_column = dataset, tuple(label_columns), label_column
+        self.placeholder = placeholder
+        self.keep: set[str] | None = None  # restricted to the labelled set's columns once those are known
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = {k: v for k, v in self.dataset[index].items() if k not in self.dropped}
+        if self.keep is not None:
+            item = {k: v for k, v in item.items() if k in self.keep}
+        item[self.label_column] = self.placeholder
+        return item
+
+    def columns(self) -> list[str]:
+        """The input columns a pool item carries (the placeholder label left out)."""
+        return [name for name in columns_of(self.dataset) if name not in self.dropped]
+
+
+def unlabeled_view(dataset: Any, labelled: Any, label_columns: Sequence[str]) -> UnlabeledView:
+    """Check the pool against the labelled training set (non-empty, same input columns) and return its view."""
+    if not isinstance(dataset, Sized) or not hasattr(dataset, "__getitem__"):
+        raise TypeError(f"unlabeled_dataset must be a map-style dataset (len and [i]), got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError("unlabeled_dataset is empty; pass a pool with samples, or leave unlabeled_dataset unset")
+    labelled_columns = columns_of(labelled)
+    label_column = next((name for name in label_columns if name in labelled_columns), label_columns[0])
+    view = UnlabeledView(dataset, label_columns, label_column, _placeholder_like(labelled[0].get(label_column)))
+    wanted = sorted(set(labelled_columns) - set(label_columns))
+    got = sorted(view.columns())
+    if wanted != got:
+        missing, extra = sorted(set(wanted) - set(got)), sorted(set(got) - set(wanted))
+        raise ValueError(
+            f"the unlabeled dataset's columns {got} differ from the labelled training set's inputs {wanted}"
+            f"{f' (missing: {missing})' if missing else ''}{f' (not in the labelled set: {extra})' if extra else ''}; "
+            "preprocess both with the same transform so a batch can hold samples of both"
+        )
+    return view
+
+
+def _placeholder_like(label: Any) -> Any:
+    """PLACEHOLDER_LABEL in the type of a labelled sample's label (a collator stacks them together)."""
+    if isinstance(label, torch.Tensor):
+        return torch.full_like(label, PLACEHOLDER_LABEL)
+    if isinstance(label, np.ndarray | np.generic):
+        return np.full_like(label, PLACEHOLDER_LABEL)
+    return PLACEHOLDER_LABEL
+
+
+def pseudo_labels(logits: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """argmax of the logits, UNCONFIDENT where the top softmax probability is below ``threshold``."""
+    labels = logits.argmax(dim=1)
+    if threshold is None:
+        return labels
+    confidence = torch.softmax(logits.float(), dim=1).max(dim=1).values
+    return torch.where(confidence >= threshold, labels, torch.full_like(labels, UNCONFIDENT))
+
+
+def pool_distribution(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The pool's estimated class distribution: pseudo-label frequencies among its confident samples."""
+    counts = torch.bincount(labels[labels >= 0], minlength=num_classes).double()
+    return counts / counts.sum().clamp_min(1.0)
+
+
+__all__ = ["UNCONFIDENT", "UnlabeledView", "pool_distribution", "pseudo_labels", "unlabeled_view"]
