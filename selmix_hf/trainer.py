@@ -411,14 +411,17 @@ class SelMixTrainer(BaseTrainer):
             "mixed": f"{self.args.unlabeled_ratio:.0%} of partners drawn from an unlabelled pool",
             "labeled": "first members also drawn from an unlabelled pool",
         }[self.partners]
-        if self.args.unlabeled_anchors and self.partners != "labeled":
-            source += " (its confident samples also as first members, labelled by their pseudo-labels)"
+        anchors = (
+            "; its confident samples also drawn as first members, labelled by their pseudo-labels"
+            if self.args.unlabeled_anchors and self.partners != "labeled"
+            else ""
+        )
         top = sorted(range(self.num_labels), key=lambda k: -float(shares[k]))
         listed = ", ".join(f"{names[k]} {float(shares[k]):.3f}" for k in top[:MAX_LISTED_CLASSES])
         more = f" and {self.num_labels - MAX_LISTED_CLASSES} more" if self.num_labels > MAX_LISTED_CLASSES else ""
         return (
             f"{source} of {len(pseudo)} samples by pseudo-label ({confident} above the confidence threshold at the "
-            f"last refresh); the pool's estimated class distribution: {listed}{more}"
+            f"last refresh){anchors}; the pool's estimated class distribution: {listed}{more}"
         )
 
     # -- checkpoints ------------------------------------------------------------------------------

@@ -120,6 +120,7 @@ def build(
     callbacks: list | None = None,
     compute_metrics: Any = None,
     data_collator: Any = None,
+    trainer_kwargs: dict[str, Any] | None = None,
     **overrides: Any,
 ) -> Any:
     """The subject's trainer over a tiny MLP on Gaussian classes, seeded so that two builds are identical."""
@@ -142,7 +143,7 @@ def build(
     args = subject.config(**{**settings, **subject.settings, **overrides})
     model = model if model is not None else TinyMLPForClassification(TinyMLPConfig(num_labels=K))
     return subject.trainer(
-        **subject.trainer_kwargs(),
+        **{**subject.trainer_kwargs(), **(trainer_kwargs or {})},
         model=model,
         args=args,
         callbacks=callbacks,
