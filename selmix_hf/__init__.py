@@ -4,6 +4,7 @@ from .autobalance import AutoBalanceConfig, AutoBalanceTrainer
 from .base_trainer import BaseTrainer
 from .config import SelMixConfig
 from .features import find_head, register_head
+from .fixmatch import FixMatchConfig, FixMatchTrainer
 from .gains import (
     class_prototypes,
     equal_norm_prototypes,
@@ -18,6 +19,7 @@ from .metrics import classification_report, confusion_counts, make_compute_metri
 from .nonfinite import NonFiniteError
 from .objectives import OBJECTIVES, CustomObjective, Objective, get_objective
 from .trainer import SelMixTrainer
+from .views import ImageViews, Views
 
 __version__ = "0.1.0.dev0"
 
@@ -25,6 +27,8 @@ __all__ = [
     "AutoBalanceConfig",
     "AutoBalanceTrainer",
     "BaseTrainer",
+    "FixMatchConfig",
+    "FixMatchTrainer",
     "LongTailConfig",
     "LongTailTrainer",
     "NonFiniteError",
@@ -33,6 +37,8 @@ __all__ = [
     "Objective",
     "SelMixConfig",
     "SelMixTrainer",
+    "ImageViews",
+    "Views",
     "class_prototypes",
     "equal_norm_prototypes",
     "exact_gain_matrix",

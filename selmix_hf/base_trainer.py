@@ -290,10 +290,14 @@ class BaseTrainer(ModelCardMixin, Trainer):
             _compat.restore_best_weights(self.model, self.state.best_model_checkpoint)
             state, same_rank = self._read_state(self.state.best_model_checkpoint)
             self.load_method_state(state["method"], same_rank)
+        self.finish_weights()
         self.record_stage()
         if self.args.posthoc is not None:
             self.fit_posthoc()
         return output
+
+    def finish_weights(self) -> None:
+        """Give the model its final weights after training (e.g. an average of them); nothing by default."""
 
     def _read_state(self, checkpoint: str) -> tuple[dict[str, Any], bool]:
         rank = self.args.process_index

@@ -30,6 +30,13 @@ CITATIONS: dict[str, str] = {
   booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
   year      = {2020}
 }""",
+    "fixmatch": """@inproceedings{sohn2020fixmatch,
+  title     = {FixMatch: Simplifying Semi-Supervised Learning with Consistency and Confidence},
+  author    = {Sohn, Kihyuk and Berthelot, David and Li, Chun-Liang and Zhang, Zizhao and Carlini, Nicholas and
+               Cubuk, Ekin D. and Kurakin, Alex and Zhang, Han and Raffel, Colin},
+  booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
+  year      = {2020}
+}""",
     "ldam": """@inproceedings{cao2019ldam,
   title     = {Learning Imbalanced Datasets with Label-Distribution-Aware Margin Loss},
   author    = {Cao, Kaidi and Wei, Colin and Gaidon, Adrien and Arechiga, Nikos and Ma, Tengyu},

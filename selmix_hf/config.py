@@ -556,8 +556,44 @@ class AutoBalanceConfig(LongTailConfig):
         }
 
 
+@dataclass
+class FixMatchConfig(LongTailConfig):
+    """`LongTailConfig` plus FixMatch's unlabelled loss: semi-supervised stage 1 (FixMatch-LA with the default loss).
+
+    Per step, each labelled sample brings ``mu`` unlabelled ones; their weak views' confident predictions
+    (top probability >= ``confidence_threshold``) are the targets of their strong views, weighted by ``lambda_u``.
+    Evaluation, the saved model and the card use an EMA of the weights (``ema_decay``; None: the raw weights).
+    """
+
+    mu: int = field(default=2, metadata={"help": "Unlabelled samples per labelled sample in a step (published: 2)."})
+    confidence_threshold: float = field(
+        default=0.95, metadata={"help": "Pseudo-labels of weak views below this top probability are masked out."}
+    )
+    lambda_u: float = field(default=1.0, metadata={"help": "Weight of the unlabelled loss."})
+    ema_decay: float | None = field(
+        default=0.999,
+        metadata={
+            "help": "Decay of the weights' EMA used for evaluation and saved at the end, warmed up as "
+            "min(decay, (1 + t) / (10 + t)) at update t so a short run is not its initial weights; None: no EMA."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        self.check_field_types()  # types first: a wrongly typed field is a TypeError naming it
+        if self.mu < 1:
+            raise ValueError(f"mu must be >= 1 (unlabelled samples per labelled one), got {self.mu}")
+        if not 0.0 < self.confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold must lie in (0, 1], got {self.confidence_threshold}")
+        if self.lambda_u < 0:
+            raise ValueError(f"lambda_u must be >= 0, got {self.lambda_u}")
+        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1) (or be None: no EMA), got {self.ema_decay}")
+        super().__post_init__()
+
+
 __all__ = [
     "AutoBalanceConfig",
+    "FixMatchConfig",
     "LongTailConfig",
     "MethodConfig",
     "SelMixConfig",

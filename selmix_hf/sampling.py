@@ -199,3 +199,29 @@ class PairBatchSampler:
             self.set_pool(state["pool_labels"])
         self.set_distribution(state["probabilities"])
         self.batches_drawn = int(state["batches_drawn"])
+
+
+class SampleStream:
+    """Random samples of a dataset, drawn with replacement one at a time, each with two seeds (its weak and strong
+    views): B draws are the same samples as B/m draws of m, so accumulation and resume see the same stream."""
+
+    def __init__(self, size: int, *, seed: int = 0, rank: int = 0) -> None:
+        if size < 1:
+            raise ValueError("the dataset to draw from is empty")
+        self.size = size
+        self.generator = torch.Generator().manual_seed(rank_seed(seed, rank) ^ 0x5A3)
+        self.drawn = 0
+
+    def draw(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` dataset indices, and their (count, 2) view seeds."""
+        u = torch.rand(count, 3, generator=self.generator, dtype=torch.float64)
+        self.drawn += count
+        indices = torch.minimum((u[:, 0] * self.size).long(), torch.tensor(self.size - 1))
+        return indices, (u[:, 1:] * 2.0**53).long()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.drawn = int(state["drawn"])

@@ -27,6 +27,8 @@ from transformers import BertConfig, BertModel, TrainerCallback, TrainingArgumen
 from selmix_hf import (  # noqa: E402
     AutoBalanceConfig,
     AutoBalanceTrainer,
+    FixMatchConfig,
+    FixMatchTrainer,
     LongTailConfig,
     LongTailTrainer,
     SelMixConfig,
@@ -36,12 +38,20 @@ from selmix_hf import (  # noqa: E402
 from selmix_hf.checkpoint_state import load_state  # noqa: E402
 from selmix_hf.nonfinite import NonFiniteError  # noqa: E402
 from selmix_hf.validation import gathered_validation_pass  # noqa: E402
+from selmix_hf.views import Views, identity_view  # noqa: E402
 
 K = 4
 TRAIN_COUNTS = [40, 30, 20, 10]
 VALIDATION_COUNTS = [6, 5, 5, 5]  # 21: the last round of a two-rank gather is padded
 UNLABELED_COUNTS = [9, 8, 8, 8]  # 33: odd, so a two-rank pass over the pool is padded too
 UNTRAINED_CONFIDENCE = 0.2525  # the tiny untrained MLP's top probabilities lie in 0.250-0.255: a threshold that cuts
+
+
+def jitter(batch: dict[str, Any], seeds: torch.Tensor) -> dict[str, Any]:
+    """A strong view of the tiny features: Gaussian noise drawn from each sample's seed."""
+    x = batch["features"]
+    noise = [torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return {**batch, "features": x + 0.5 * torch.stack(noise).to(x)}
 
 
 @dataclass
@@ -96,6 +106,25 @@ SUBJECTS = [
         {"loss_type": "cost_sensitive", "validation_refresh_steps": 2},
         lambda t: dict(t.loss_fn.state_dict()),
         ("validation_refresh_steps", 2.5),
+    ),
+    Subject(  # FixMatch-LA over the same pool; cost-sensitive so that it also refreshes from validation data
+        "fixmatch",
+        FixMatchTrainer,
+        FixMatchConfig,
+        {
+            "loss_type": "cost_sensitive",
+            "validation_refresh_steps": 2,
+            "mu": 2,
+            "confidence_threshold": UNTRAINED_CONFIDENCE,
+            "ema_decay": 0.9,
+            "lambda_u": 0.1,  # the untrained model's pseudo-labels are one class: keep them from dominating
+        },
+        lambda t: {**t.loss_fn.state_dict(), **t.average.weights},
+        ("mu", 2.5),
+        trainer_kwargs=lambda: {
+            "unlabeled_dataset": gaussian_problem(UNLABELED_COUNTS, seed=3),
+            "views": Views(weak=identity_view, strong=jitter),
+        },
     ),
     Subject(
         "autobalance",
