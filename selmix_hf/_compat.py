@@ -44,6 +44,15 @@ def drop_unused_columns(trainer: Trainer, dataset: Any, collator: Callable, desc
     return dataset, trainer._get_collator_with_removed_columns(collator, description=description)
 
 
+def model_input_columns(trainer: Trainer) -> set[str] | None:
+    """The dataset columns the Trainer keeps for the model (its forward's arguments and the label names), or None
+    when ``remove_unused_columns=False`` keeps every column."""
+    if not trainer.args.remove_unused_columns:
+        return None
+    trainer._set_signature_columns_if_needed()
+    return set(trainer._signature_columns)
+
+
 def disable_loss_kwargs(trainer: Trainer) -> None:
     """Make the Trainer divide our per-micro-batch mean loss by the accumulation steps, on every 5.x release.
 

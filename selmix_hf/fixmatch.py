@@ -24,15 +24,15 @@ from .features import logits_of, unwrap
 from .longtail_trainer import LongTailTrainer
 from .sampling import SampleStream, rank_seed
 from .unlabeled import UnlabeledView, unlabeled_view
-from .views import Views, image_views_for
+from .views import TokenMasking, Views, image_views_for
 
 
 class FixMatchTrainer(LongTailTrainer):
     """`LongTailTrainer` that also learns from ``unlabeled_dataset`` by FixMatch's confident pseudo-labels.
 
     Takes the `LongTailTrainer` arguments plus ``unlabeled_dataset`` (the training set's input columns; a label
-    column, if any, is dropped unread) and ``views`` (a `Views` of weak / strong batch transforms; for
-    ``pixel_values`` inputs the default is `ImageViews` with the processing class's normalisation).
+    column, if any, is dropped unread) and ``views`` (a `Views` of weak / strong batch transforms; the default is
+    `ImageViews` with the processing class's normalisation for ``pixel_values``, `TokenMasking` for ``input_ids``).
     """
 
     config_class = FixMatchConfig
@@ -54,7 +54,7 @@ class FixMatchTrainer(LongTailTrainer):
         if unlabeled_dataset is None:
             raise ValueError("FixMatchTrainer needs unlabeled_dataset=: the pool its unlabelled loss is computed on")
         self.unlabeled_dataset: UnlabeledView = unlabeled_view(
-            unlabeled_dataset, self.train_dataset, self._label_columns()
+            unlabeled_dataset, self.train_dataset, self._label_columns(), _compat.model_input_columns(self)
         )
         if isinstance(views, tuple) and len(views) == 2:
             views = Views(*views)
@@ -77,14 +77,17 @@ class FixMatchTrainer(LongTailTrainer):
         self.add_callback(_AverageAfterStep(self))
 
     def _default_views(self) -> Views:
-        """ImageViews for image inputs; other inputs need the user's views (there is no safe default for text)."""
-        if "pixel_values" not in self.unlabeled_dataset.columns():
-            raise ValueError(
-                f"FixMatchTrainer has default views for images (pixel_values) only; the inputs are "
-                f"{self.unlabeled_dataset.columns()}. Pass views=Views(weak=..., strong=...): two callables "
-                "(batch, seeds) -> batch, e.g. token dropout as the strong view of a text batch"
-            )
-        return image_views_for(self.processing_class)
+        """ImageViews for pixel_values, TokenMasking for input_ids with a tokenizer; other inputs need the user's."""
+        columns = self.unlabeled_dataset.columns()
+        if "pixel_values" in columns:
+            return image_views_for(self.processing_class)
+        if "input_ids" in columns and hasattr(self.processing_class, "all_special_ids"):
+            return TokenMasking(self.processing_class)
+        raise ValueError(
+            f"FixMatchTrainer has default views for images (pixel_values) and tokenised text (input_ids, with the "
+            f"tokenizer as processing_class) only; the inputs are {columns}. Pass views=Views(weak=..., strong=...): "
+            "two callables (batch, seeds) -> batch"
+        )
 
     # -- the FixMatch step ------------------------------------------------------------------------
     def compute_loss(

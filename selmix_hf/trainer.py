@@ -77,7 +77,9 @@ class SelMixTrainer(BaseTrainer):
         self.unlabeled_dataset: UnlabeledView | None = (
             None
             if unlabeled_dataset is None
-            else unlabeled_view(unlabeled_dataset, self.train_dataset, self._label_columns())
+            else unlabeled_view(
+                unlabeled_dataset, self.train_dataset, self._label_columns(), _compat.model_input_columns(self)
+            )
         )
         self.pseudo_labels: torch.Tensor | None = None  # of the pool at the last refresh (-1: below the threshold)
         self.objective = (

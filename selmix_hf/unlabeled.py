@@ -56,8 +56,11 @@ class UnlabeledView(torch.utils.data.Dataset):
         return [name for name in columns_of(self.dataset) if name not in self.dropped]
 
 
-def unlabeled_view(dataset: Any, labelled: Any, label_columns: Sequence[str]) -> UnlabeledView:
-    """Check the pool against the labelled training set (non-empty, same input columns) and return its view."""
+def unlabeled_view(
+    dataset: Any, labelled: Any, label_columns: Sequence[str], model_columns: set[str] | None = None
+) -> UnlabeledView:
+    """Check the pool against the labelled training set (non-empty, the same model inputs: among
+    ``model_columns`` when the Trainer drops the others, else all columns) and return its view."""
     if not isinstance(dataset, Sized) or not hasattr(dataset, "__getitem__"):
         raise TypeError(f"unlabeled_dataset must be a map-style dataset (len and [i]), got {type(dataset).__name__}")
     if len(dataset) == 0:
@@ -65,14 +68,17 @@ def unlabeled_view(dataset: Any, labelled: Any, label_columns: Sequence[str]) ->
     labelled_columns = columns_of(labelled)
     label_column = next((name for name in label_columns if name in labelled_columns), label_columns[0])
     view = UnlabeledView(dataset, label_columns, label_column, _placeholder_like(labelled[0].get(label_column)))
-    wanted = sorted(set(labelled_columns) - set(label_columns))
-    got = sorted(view.columns())
+    columns = sorted(view.columns())
+    wanted, got = set(labelled_columns) - set(label_columns), set(columns)
+    if model_columns is not None:  # the Trainer drops the others from both sets
+        wanted, got = wanted & model_columns, got & model_columns
     if wanted != got:
-        missing, extra = sorted(set(wanted) - set(got)), sorted(set(got) - set(wanted))
+        missing, extra = sorted(wanted - got), sorted(got - wanted)
         raise ValueError(
-            f"the unlabeled dataset's columns {got} differ from the labelled training set's inputs {wanted}"
-            f"{f' (missing: {missing})' if missing else ''}{f' (not in the labelled set: {extra})' if extra else ''}; "
-            "preprocess both with the same transform so a batch can hold samples of both"
+            f"the unlabeled dataset's columns {columns} do not give the model the labelled training set's inputs "
+            f"{sorted(wanted)}{f' (missing: {missing})' if missing else ''}"
+            f"{f' (not in the labelled set: {extra})' if extra else ''}; preprocess both with the same transform so "
+            "a batch can hold samples of both"
         )
     return view
 

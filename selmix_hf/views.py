@@ -136,6 +136,33 @@ class ImageViews(Views):
         return (result[:1] if channels == 1 else result).to(pixels)
 
 
+class TokenMasking(Views):
+    """Views of a tokenised text batch: weak = the text as is; strong = a ``fraction`` of its real tokens (not
+    padding, not special tokens) replaced by the mask token (the unknown token without one). Not published with
+    FixMatch (which is for images); a cheap strong view in the spirit of UDA's word replacement."""
+
+    def __init__(self, tokenizer: Any, fraction: float = 0.2, key: str = "input_ids") -> None:
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+        mask = getattr(tokenizer, "mask_token_id", None)
+        mask = mask if mask is not None else getattr(tokenizer, "unk_token_id", None)
+        if mask is None:
+            raise ValueError("the tokenizer has neither a mask nor an unknown token to mask with; pass your own views")
+        self.mask_id, self.fraction, self.key = int(mask), fraction, key
+        self.special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=torch.long)
+        super().__init__(weak=identity_view, strong=self._strong)
+
+    def _strong(self, batch: dict[str, Any], seeds: torch.Tensor) -> dict[str, Any]:
+        if self.key not in batch:
+            raise ValueError(f"TokenMasking masks batch[{self.key!r}]; the batch has {sorted(batch)}")
+        ids = batch[self.key]
+        real = ~torch.isin(ids, self.special.to(ids.device))
+        if "attention_mask" in batch:
+            real &= batch["attention_mask"].bool()
+        u = torch.stack([torch.rand(ids.shape[1:], generator=_generator(s)) for s in seeds]).to(ids.device)
+        return {**batch, self.key: torch.where(real & (u < self.fraction), torch.full_like(ids, self.mask_id), ids)}
+
+
 def image_views_for(processor: Any = None) -> ImageViews:
     """ImageViews with the normalisation of an image processor (ImageNet's when it has none)."""
     mean = getattr(processor, "image_mean", None) or IMAGENET_MEAN
@@ -143,4 +170,13 @@ def image_views_for(processor: Any = None) -> ImageViews:
     return ImageViews(mean, std)
 
 
-__all__ = ["ImageViews", "View", "Views", "cutout", "flip_and_crop", "identity_view", "image_views_for"]
+__all__ = [
+    "ImageViews",
+    "TokenMasking",
+    "View",
+    "Views",
+    "cutout",
+    "flip_and_crop",
+    "identity_view",
+    "image_views_for",
+]

@@ -29,7 +29,7 @@ from tiny import (  # noqa: E402
 
 from selmix_hf import FixMatchConfig, FixMatchTrainer, ImageViews  # noqa: E402
 from selmix_hf.checkpoint_state import load_state  # noqa: E402
-from selmix_hf.views import flip_and_crop  # noqa: E402
+from selmix_hf.views import TokenMasking, flip_and_crop  # noqa: E402
 
 FIXMATCH = next(s for s in SUBJECTS if s.name == "fixmatch")
 LONGTAIL = next(s for s in SUBJECTS if s.name == "longtail-cost-sensitive")
@@ -170,8 +170,8 @@ def test_fixmatch_runs_on_images_with_the_default_views(tmp_path):
     [
         ({"unlabeled_dataset": None}, "needs unlabeled_dataset="),
         ({"unlabeled_dataset": ListDataset([])}, "unlabeled_dataset is empty"),
-        ({"unlabeled_dataset": ListDataset([{"pixels": torch.zeros(8)}])}, r"columns \['pixels'\] differ"),
-        ({"views": None}, r"default views for images \(pixel_values\) only"),
+        ({"unlabeled_dataset": ListDataset([{"pixels": torch.zeros(8)}])}, r"columns \['pixels'\] do not give"),
+        ({"views": None}, r"default views for images \(pixel_values\) and tokenised text"),
         ({"views": "flip"}, "views must be Views"),
     ],
 )
@@ -212,3 +212,52 @@ def test_the_pool_labels_are_never_read(tmp_path):
         runs.append(weights(trainer))
     for name in runs[0]:
         assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+class StubTokenizer:
+    """What TokenMasking reads of a tokenizer: pad 0, unknown 1, [CLS] 2, [MASK] 3."""
+
+    mask_token_id, unk_token_id, all_special_ids = 3, 1, [0, 1, 2, 3]
+
+
+def test_token_masking_masks_only_real_tokens_from_the_seeds():
+    tokenizer = StubTokenizer()
+    ids = torch.zeros(2, 31, dtype=torch.long)
+    ids[:, 0] = 2
+    ids[0, 1:] = torch.arange(1, 31) % 20 + 10
+    ids[1, 1:3] = torch.tensor([11, 12])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long()}
+    views = TokenMasking(tokenizer, fraction=0.3)
+    seeds = torch.tensor([5, 6])
+    strong = views.strong(dict(batch), seeds)["input_ids"]
+    assert torch.equal(views.weak(dict(batch), seeds)["input_ids"], batch["input_ids"])
+    masked = strong == tokenizer.mask_token_id
+    special = torch.isin(batch["input_ids"], torch.tensor(tokenizer.all_special_ids))
+    assert not (masked & special).any() and not (masked & ~batch["attention_mask"].bool()).any()
+    assert 0.1 < masked[0].sum().item() / 30 < 0.5
+    assert torch.equal(strong, views.strong(dict(batch), seeds)["input_ids"])
+    assert not torch.equal(strong, views.strong(dict(batch), seeds + 1)["input_ids"])
+    assert torch.equal(strong[~masked], batch["input_ids"][~masked])
+
+
+def test_fixmatch_runs_on_text_with_the_default_views(tmp_path):
+    arch = next(a for a in ARCHITECTURES if a.name == "bert")
+    torch.manual_seed(0)
+    model = arch.build()
+
+    train = class_signal_dataset("text", [12, 6, 3], seed=0)
+    args = FixMatchConfig(
+        output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True, save_strategy="no", max_steps=2,
+        per_device_train_batch_size=3, confidence_threshold=0.3,
+    )  # fmt: skip
+    trainer = FixMatchTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=class_signal_dataset("text", [3, 3, 3], seed=1),
+        unlabeled_dataset=class_signal_dataset("text", [6, 6, 6], seed=2),
+        processing_class=StubTokenizer(),
+    )
+    assert isinstance(trainer.views, TokenMasking)
+    trainer.train()
+    assert trainer.state.global_step == 2

@@ -181,7 +181,7 @@ def test_accumulation_draws_the_same_pairs_with_a_pool():
     "settings, unlabeled, message",
     [
         ({}, ListDataset([]), "unlabeled_dataset is empty"),
-        ({}, ListDataset([{"pixels": torch.zeros(8)}]), r"columns \['pixels'\] differ .*\['features'\].*missing"),
+        ({}, ListDataset([{"pixels": torch.zeros(8)}]), r"columns \['pixels'\] do not give .*\['features'\].*missing"),
         ({"partners": "labeled", "unlabeled_anchors": False}, "pool", "partners='labeled'.*never draw from it"),
         ({"partners": "unlabeled", "pseudo_label_threshold": None, "unlabeled_anchors": False}, None, "none was given"),
         ({"partners": "labeled"}, None, "unlabeled_anchors=True needs"),
@@ -216,3 +216,10 @@ def test_a_threshold_no_sample_passes_is_a_clear_error(tmp_path):
 def test_train_counts_are_the_labelled_sets_only(tmp_path):
     trainer = semi_trainer(str(tmp_path / "run"), pool())
     assert trainer.class_counts == TRAIN_COUNTS
+
+
+def test_a_pool_with_columns_the_model_does_not_take_is_accepted(tmp_path):
+    examples = [{**e, "id": i, "source": "crawl"} for i, e in enumerate(pool().examples)]
+    trainer = semi_trainer(str(tmp_path / "run"), ListDataset(examples), max_steps=2)
+    trainer.train()
+    assert trainer.pseudo_labels.numel() == sum(UNLABELED_COUNTS)
