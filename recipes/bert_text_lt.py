@@ -8,6 +8,8 @@ Data: a Hub dataset id or local csv / json / jsonl / parquet files; the text (an
 columns are named by flags; string labels are mapped to class ids in sorted order. A missing validation or test
 split is held out of train (``--holdout_per_class`` per class). ``--imbalance_ratio`` subsamples the training split
 to an exponential long-tailed profile, for experiments on balanced data. Outputs as in vit_imagenet_lt.py.
+With unlabelled texts (``--unlabeled_file`` or ``--unlabeled_dataset_name``), stage 1 is FixMatch-LA (strong view:
+token masking) and SelMix mixes with unlabelled partners.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from selmix_hf import SelMixConfig
 from selmix_hf.data import make_long_tailed
 from selmix_hf.recipe import (
     CardArguments,
+    SemiSupervisedArguments,
     SplitArguments,
     StageArguments,
     hub_splits,
@@ -57,6 +60,9 @@ class TextDataArguments(SplitArguments):
         default=None, metadata={"help": "Subsample train to this max/min class ratio."}
     )
     imbalance_n_max: int | None = field(default=None, metadata={"help": "Size of the largest class after subsampling."})
+    unlabeled_file: str | None = field(
+        default=None, metadata={"help": "Unlabelled texts (csv, json, jsonl or parquet): FixMatch-LA, then SelMix."}
+    )
 
 
 def load_raw(data: TextDataArguments):
@@ -101,9 +107,33 @@ def encode_labels(raw, column: str):
     return raw.cast_column(column, ClassLabel(names=names)), names
 
 
+def load_pool(data: TextDataArguments, semi: SemiSupervisedArguments, seed: int):
+    """The unlabelled texts (``--unlabeled_file`` or a Hub split), their text columns only, or None."""
+    if data.unlabeled_file and semi.unlabeled_dataset_name:
+        raise ValueError("give one unlabelled source: --unlabeled_file or --unlabeled_dataset_name")
+    if data.unlabeled_file:
+        if not os.path.isfile(data.unlabeled_file):
+            raise FileNotFoundError(f"unlabelled file {data.unlabeled_file} does not exist")
+        kind = BUILDERS.get(os.path.splitext(data.unlabeled_file)[1].lower())
+        if kind is None:
+            raise ValueError(f"the unlabelled file must be one of {', '.join(BUILDERS)}; got {data.unlabeled_file}")
+        pool = semi.subsample(load_dataset(kind, data_files={"train": data.unlabeled_file})["train"], seed)
+    else:
+        pool = semi.load_hub_pool(seed)
+    if pool is None:
+        return None
+    columns = [c for c in (data.text_column, data.text_pair_column) if c]
+    missing = [c for c in columns if c not in pool.column_names]
+    if missing:
+        raise ValueError(f"the unlabelled texts have no column {missing}; their columns: {pool.column_names}")
+    return pool.select_columns(columns)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data, args, stages, card = parse_recipe_arguments(
-        (ModelArguments, TextDataArguments, SelMixConfig, StageArguments, CardArguments), argv, DEFAULT_CONFIG
+    model_args, data, args, stages, card, semi = parse_recipe_arguments(
+        (ModelArguments, TextDataArguments, SelMixConfig, StageArguments, CardArguments, SemiSupervisedArguments),
+        argv,
+        DEFAULT_CONFIG,
     )
     raw, names = encode_labels(load_raw(data), data.label_column)
     for split in raw.values():
@@ -132,6 +162,9 @@ def main(argv: list[str] | None = None) -> dict:
         return tokenizer(batch[data.text_column], pair, truncation=True, max_length=model_args.max_seq_length)
 
     splits = {name: split.map(tokenize, batched=True, desc=f"tokenizing {name}") for name, split in splits.items()}
+    pool = load_pool(data, semi, args.seed)
+    if pool is not None:
+        pool = pool.map(tokenize, batched=True, desc="tokenizing the unlabelled texts")
     return run_two_stages(
         model=model,
         args=args,
@@ -142,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=tokenizer,
         dataset_id=data.dataset_name,
         dataset_name=data.dataset_name or os.path.basename(data.train_file),
+        unlabeled=pool,
+        semi=semi,
     )
 
 

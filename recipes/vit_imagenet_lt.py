@@ -7,7 +7,8 @@
 Data: ``--image_root`` holding the images and ImageNet-LT's split files (ImageNet_LT_{train,val,test}.txt, lines
 "relative/path label"; ``--splits_dir`` if they live elsewhere), or ``--dataset_name`` for a Hub dataset with an
 image and a label column. Outputs in ``--output_dir``: the model and its image processor, test_results.json, the
-figures and README.md (the model card); ``--push_to_hub true`` uploads them.
+figures and README.md (the model card); ``--push_to_hub true`` uploads them. With unlabelled images
+(``--unlabeled_dir`` or ``--unlabeled_dataset_name``), stage 1 is FixMatch-LA and SelMix mixes with unlabelled partners.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 from selmix_hf import SelMixConfig
 from selmix_hf.recipe import (
     CardArguments,
+    SemiSupervisedArguments,
     SplitArguments,
     StageArguments,
     display_path,
@@ -30,6 +32,7 @@ from selmix_hf.recipe import (
 )
 from selmix_hf.split_files import (
     check_class_ids,
+    image_folder,
     load_split_files,
     with_image_transform,
 )
@@ -58,6 +61,10 @@ class ImageDataArguments(SplitArguments):
     image_column: str = field(default="image", metadata={"help": "Image column of the Hub dataset."})
     num_labels: int | None = field(default=None, metadata={"help": "Number of classes; default the labels seen."})
     class_names_file: str | None = field(default=None, metadata={"help": "Class names, one per line, in label order."})
+    unlabeled_dir: str | None = field(
+        default=None,
+        metadata={"help": "Folder of unlabelled images (every image file below it): FixMatch-LA + SelMix."},
+    )
 
 
 def image_transforms(processor, train: bool):
@@ -129,11 +136,29 @@ def class_names(data: ImageDataArguments, splits: dict, names: list[str] | None,
     return names or [f"class_{k}" for k in range(num_labels)]
 
 
+def load_pool(data: ImageDataArguments, semi: SemiSupervisedArguments, seed: int):
+    """The unlabelled images (``--unlabeled_dir`` or a Hub split), with the labelled splits' image column, or None."""
+    if data.unlabeled_dir and semi.unlabeled_dataset_name:
+        raise ValueError("give one unlabelled source: --unlabeled_dir or --unlabeled_dataset_name")
+    if data.unlabeled_dir:
+        pool = semi.subsample(image_folder(data.unlabeled_dir), seed)
+        return pool if data.image_root else pool.rename_column("image_path", data.image_column)
+    pool = semi.load_hub_pool(seed)
+    if pool is None:
+        return None
+    if data.image_column not in pool.column_names:
+        raise ValueError(f"the unlabelled split has no {data.image_column!r} column; its columns: {pool.column_names}")
+    pool = pool.select_columns([data.image_column])
+    return pool.rename_column(data.image_column, "image_path") if data.image_root else pool
+
+
 def main(argv: list[str] | None = None) -> dict:
     parsed = parse_recipe_arguments(
-        (ModelArguments, ImageDataArguments, SelMixConfig, StageArguments, CardArguments), argv, DEFAULT_CONFIG
+        (ModelArguments, ImageDataArguments, SelMixConfig, StageArguments, CardArguments, SemiSupervisedArguments),
+        argv,
+        DEFAULT_CONFIG,
     )
-    model_args, data, args, stages, card = parsed
+    model_args, data, args, stages, card, semi = parsed
     origin = parsed.origin("num_labels")
     splits, names = load_splits(data, args.seed, origin)
     names = class_names(data, splits, names, origin)
@@ -153,6 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
         name: with_image_transform(split, image_transforms(processor, name == "train"), column)
         for name, split in splits.items()
     }
+    pool = load_pool(data, semi, args.seed)
+    if pool is not None:  # deterministic like the validation images: FixMatch's views do the augmenting
+        pool = with_image_transform(pool, image_transforms(processor, False), column)
     return run_two_stages(
         model=model,
         args=args,
@@ -163,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=processor,
         dataset_id=data.dataset_name,
         dataset_name=data.dataset_name or f"ImageNet-LT format split files in {data.image_root}",
+        unlabeled=pool,
+        semi=semi,
     )
 
 

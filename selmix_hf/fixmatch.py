@@ -78,7 +78,8 @@ class FixMatchTrainer(LongTailTrainer):
 
     def _default_views(self) -> Views:
         """ImageViews for pixel_values, TokenMasking for input_ids with a tokenizer; other inputs need the user's."""
-        columns = self.unlabeled_dataset.columns()
+        pool = self.unlabeled_dataset  # read an item: a dataset transform may make the inputs (pixel_values)
+        columns = sorted(k for k in pool[0] if k != pool.label_column)
         if "pixel_values" in columns:
             return image_views_for(self.processing_class)
         if "input_ids" in columns and hasattr(self.processing_class, "all_special_ids"):
@@ -209,6 +210,10 @@ class FixMatchTrainer(LongTailTrainer):
     # -- card and checkpoints -------------------------------------------------------------------------
     def stage_title(self) -> str:
         return f"FixMatch with the {self.loss_name.replace('_', '-')} supervised loss"
+
+    def card_stage(self) -> dict[str, Any]:
+        """LongTailTrainer's stage (the loss cited), named for FixMatch."""
+        return {**super().card_stage(), "method": self._name}
 
     def stage_description(self) -> str:
         ema = "an EMA of the weights" if self.average is not None else "the raw weights"

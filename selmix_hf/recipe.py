@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from . import LongTailConfig, LongTailTrainer, SelMixConfig, SelMixTrainer, _compat
+from . import FixMatchConfig, FixMatchTrainer, LongTailConfig, LongTailTrainer, SelMixConfig, SelMixTrainer, _compat
 from .data import dataset_labels
 from .losses import LOSSES
 from .metrics import classification_report, make_compute_metrics
@@ -68,6 +68,57 @@ class StageArguments:
         metadata={"help": "Stage-1 samples per device and step; default twice the SelMix pairs (same volume)."},
     )
     plots: bool = field(default=True, metadata={"help": "Write the figures (needs matplotlib)."})
+
+
+@dataclass
+class SemiSupervisedArguments:
+    """An unlabelled pool, and FixMatch-LA as stage 1 when one is given (SelMix then draws partners from it)."""
+
+    unlabeled_dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id of an unlabelled pool (its labels, if any, are never read)."}
+    )
+    unlabeled_dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
+    unlabeled_split: str = field(default="train", metadata={"help": "The split of it that is the pool."})
+    unlabeled_max_samples: int | None = field(
+        default=None, metadata={"help": "Keep at most this many pool samples (a seeded random subset)."}
+    )
+    fixmatch: bool = field(
+        default=True, metadata={"help": "With a pool: stage 1 is FixMatch-LA (false: the supervised stage 1)."}
+    )
+    fixmatch_mu: int = field(default=2, metadata={"help": "FixMatch: unlabelled samples per labelled sample."})
+    fixmatch_confidence_threshold: float = field(
+        default=0.95, metadata={"help": "FixMatch: pseudo-labels below this confidence are masked."}
+    )
+    fixmatch_lambda_u: float = field(default=1.0, metadata={"help": "FixMatch: weight of the unlabelled loss."})
+    fixmatch_ema_decay: float | None = field(
+        default=0.999, metadata={"help": "FixMatch: EMA decay of the evaluated and saved weights (null: none)."}
+    )
+
+    def fixmatch_settings(self) -> dict[str, Any]:
+        """The FixMatchConfig fields these arguments set."""
+        return {
+            "mu": self.fixmatch_mu,
+            "confidence_threshold": self.fixmatch_confidence_threshold,
+            "lambda_u": self.fixmatch_lambda_u,
+            "ema_decay": self.fixmatch_ema_decay,
+        }
+
+    def subsample(self, pool: Any, seed: int) -> Any:
+        """The pool, cut to ``unlabeled_max_samples`` (seeded) when set; an empty pool is an error."""
+        if len(pool) == 0:
+            raise ValueError("the unlabelled pool is empty; point the unlabeled_* arguments at samples")
+        if self.unlabeled_max_samples is not None and len(pool) > self.unlabeled_max_samples:
+            pool = pool.shuffle(seed=seed).select(range(self.unlabeled_max_samples))
+        return pool
+
+    def load_hub_pool(self, seed: int) -> Any:
+        """The Hub pool named by ``unlabeled_dataset_name``, or None."""
+        if not self.unlabeled_dataset_name:
+            return None
+        from datasets import load_dataset
+
+        pool = load_dataset(self.unlabeled_dataset_name, self.unlabeled_dataset_config_name, split=self.unlabeled_split)
+        return self.subsample(pool, seed)
 
 
 @dataclass
@@ -217,9 +268,12 @@ def parse_recipe_arguments(
     return parsed
 
 
-def stage1_config(args: SelMixConfig, stages: StageArguments, final: bool = False) -> LongTailConfig:
+def stage1_config(
+    args: SelMixConfig, stages: StageArguments, final: bool = False, fixmatch: dict[str, Any] | None = None
+) -> LongTailConfig:
     """Stage 1's TrainingArguments: the run's own, with stage 1's lr, length, batch and loss, in ``_stage1``
-    (in output_dir itself, pushed as the run's model, when stage 1 is the ``final`` stage)."""
+    (in output_dir itself, pushed as the run's model, when stage 1 is the ``final`` stage); a `FixMatchConfig`
+    with the ``fixmatch`` settings when given."""
     shared = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     shared.update(
         output_dir=args.output_dir if final else os.path.join(args.output_dir, "_stage1"),
@@ -243,7 +297,10 @@ def stage1_config(args: SelMixConfig, stages: StageArguments, final: bool = Fals
     for name in ("logging_dir",):  # derived from output_dir in __post_init__; recompute it for _stage1
         if name in shared:
             shared[name] = None
-    return LongTailConfig(loss_type=stages.stage1_loss_type, loss_options=stages.stage1_loss_options, **shared)
+    config_class = LongTailConfig if fixmatch is None else FixMatchConfig
+    return config_class(
+        loss_type=stages.stage1_loss_type, loss_options=stages.stage1_loss_options, **shared, **(fixmatch or {})
+    )
 
 
 def set_class_names(model: Any, names: Sequence[str]) -> None:
@@ -333,8 +390,15 @@ def run_two_stages(
     data_collator: Callable | None = None,
     dataset_id: str | None = None,
     dataset_name: str | None = None,
+    unlabeled: Any = None,
+    semi: SemiSupervisedArguments | None = None,
+    views: Any = None,
 ) -> dict[str, Any]:
-    """Stage 1 -> test report -> stage 2 -> test report -> model, figures, metrics, card (and the Hub upload)."""
+    """Stage 1 -> test report -> stage 2 -> test report -> model, figures, metrics, card (and the Hub upload).
+
+    With an ``unlabeled`` pool, stage 1 is FixMatch-LA (unless ``semi.fixmatch`` is false; ``views`` are its
+    weak / strong views, default by input kind) and SelMix draws its partners from the pool (``--partners``).
+    """
     for name in ("train", "validation", "test"):
         if splits.get(name) is None:
             raise ValueError(f"the recipe needs a {name} split")
@@ -354,21 +418,31 @@ def run_two_stages(
         compute_metrics=make_compute_metrics(len(names), class_counts=counts),
     )
     before, trainer = None, None
+    semi = semi or SemiSupervisedArguments()
+    use_fixmatch = unlabeled is not None and semi.fixmatch
     if stages.run_stage1:
-        config1 = stage1_config(args, stages, final=not stages.run_stage2)
+        fixmatch = semi.fixmatch_settings() if use_fixmatch else None
+        config1 = stage1_config(args, stages, final=not stages.run_stage2, fixmatch=fixmatch)
         done = os.path.join(config1.output_dir, "config.json")
         if resume and stages.run_stage2 and os.path.exists(done):  # this run's stage 1 finished before: reuse it
             logger.info("resuming: stage 1 already finished in %s", config1.output_dir)
             model = type(model).from_pretrained(config1.output_dir)
             set_class_names(model, names)
         else:
-            trainer = LongTailTrainer(model=model, args=config1, **common)
+            trainer = (
+                FixMatchTrainer(model=model, args=config1, unlabeled_dataset=unlabeled, views=views, **common)
+                if use_fixmatch
+                else LongTailTrainer(model=model, args=config1, **common)
+            )
             trainer.train(resume_from_checkpoint=_resume_point(config1.output_dir, resume))
             if stages.run_stage2:
                 trainer.save_model(config1.output_dir)
             model = trainer.model
     if stages.run_stage2:
-        trainer = SelMixTrainer(model=model, args=args, **common)
+        partners_from_pool = unlabeled is not None and (args.partners != "labeled" or args.unlabeled_anchors)
+        trainer = SelMixTrainer(
+            model=model, args=args, unlabeled_dataset=unlabeled if partners_from_pool else None, **common
+        )
         if stages.run_stage1 or stages.stage1_checkpoint:  # the starting point's test metrics, for the comparison
             before = test_report(trainer, splits["test"], names, counts)
         trainer.train(resume_from_checkpoint=_resume_point(args.output_dir, resume))
@@ -425,6 +499,7 @@ def finish(
 __all__ = [
     "CardArguments",
     "ParsedArguments",
+    "SemiSupervisedArguments",
     "SplitArguments",
     "StageArguments",
     "display_path",

@@ -12,6 +12,7 @@ IMAGENET_LT_FILES = {
     "validation": "ImageNet_LT_val.txt",
     "test": "ImageNet_LT_test.txt",
 }
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def id_ranges(ids: Sequence[int], limit: int = 10) -> str:
@@ -139,10 +140,26 @@ def load_split_files(
     return splits
 
 
+def image_folder(folder: str) -> Dataset:
+    """Every image file under ``folder`` (recursively, sorted) as an ``image_path`` column: an unlabelled pool."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"the unlabelled image folder {folder} does not exist")
+    paths = sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
+        if name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    if not paths:
+        raise ValueError(f"no image ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+    return Dataset.from_dict({"image_path": paths})
+
+
 def with_image_transform(
     dataset: Dataset, transform: Callable[[Any], Any], image_column: str = "image_path"
 ) -> Dataset:
-    """Decode (a path or a PIL image) to RGB and apply ``transform`` lazily; the model input is ``pixel_values``."""
+    """Decode (a path or a PIL image) to RGB and apply ``transform`` lazily; the model input is ``pixel_values``
+    (with ``label`` when the dataset has one: an unlabelled pool has none)."""
     from PIL import Image
 
     def apply(batch: dict[str, list]) -> dict[str, list]:
@@ -150,7 +167,7 @@ def with_image_transform(
         for item in batch[image_column]:
             image = Image.open(item) if isinstance(item, str) else item
             images.append(transform(image.convert("RGB")))
-        return {"pixel_values": images, "label": batch["label"]}
+        return {"pixel_values": images, **({"label": batch["label"]} if "label" in batch else {})}
 
     return dataset.with_transform(apply)
 
@@ -159,6 +176,7 @@ __all__ = [
     "IMAGENET_LT_FILES",
     "check_class_ids",
     "id_ranges",
+    "image_folder",
     "load_split_files",
     "read_split_file",
     "with_image_transform",

@@ -129,8 +129,6 @@ class SelMixTrainer(BaseTrainer):
         dataset, collator = _compat.drop_unused_columns(self, self.train_dataset, self.data_collator, "training")
         pool = self.unlabeled_dataset
         if pool is not None:
-            if hasattr(dataset, "column_names"):  # unused columns were dropped from the labelled set: the same here
-                pool.keep = set(dataset.column_names)
             dataset = torch.utils.data.ConcatDataset([dataset, pool])
         self.sampler = PairBatchSampler(
             self.train_labels,

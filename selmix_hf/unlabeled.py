@@ -39,7 +39,7 @@ class UnlabeledView(torch.utils.data.Dataset):
             dataset = dataset.remove_columns(present)
         self.dataset, self.dropped, self.label_column = dataset, tuple(label_columns), label_column
         self.placeholder = placeholder
-        self.keep: set[str] | None = None  # restricted to the labelled set's columns once those are known
+        self.keep: set[str] | None = None  # the columns an item keeps (None: all but the labels)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -68,6 +68,7 @@ def unlabeled_view(
     labelled_columns = columns_of(labelled)
     label_column = next((name for name in label_columns if name in labelled_columns), label_columns[0])
     view = UnlabeledView(dataset, label_columns, label_column, _placeholder_like(labelled[0].get(label_column)))
+    view.keep = model_columns  # the columns the Trainer keeps of the labelled set, the same of the pool
     columns = sorted(view.columns())
     wanted, got = set(labelled_columns) - set(label_columns), set(columns)
     if model_columns is not None:  # the Trainer drops the others from both sets

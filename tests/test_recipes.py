@@ -576,3 +576,48 @@ def test_push_to_hub_uploads_a_loadable_model_with_its_card(image_data, tmp_path
     images = [Image.open(os.path.join(data, p)).convert("RGB") for p in paths]
     inputs = dict(processor(images, return_tensors="pt"))
     np.testing.assert_allclose(predictions(str(repo), inputs), predictions(str(out), inputs), atol=1e-6)
+
+
+# -- semi-supervised: an unlabelled pool makes stage 1 FixMatch-LA and SelMix's partners unlabelled ----------------
+SEMI = ["--fixmatch_confidence_threshold", "0.3", "--stage1_max_steps", "6", "--max_steps", "6"]
+
+
+def test_image_recipe_with_an_unlabelled_folder_runs_fixmatch_then_semi_supervised_selmix(image_data, tmp_path):
+    data, _ = image_data
+    out = tmp_path / "run"
+    extra = ["--unlabeled_dir", os.path.join(data, "images"), "--unlabeled_max_samples", "30", *SEMI]
+    result = recipe("vit_imagenet_lt").main(image_args(image_data, out, *extra))
+    stages = json.load(open(out / "config.json"))["selmix_hf_stages"]
+    assert [s["method"] for s in stages] == ["fixmatch", "selmix"]
+    assert stages[0]["settings"]["mu"] == 2 and stages[0]["settings"]["confidence_threshold"] == 0.3
+    assert "partners drawn from an unlabelled pool of 30 samples" in stages[1]["description"]
+    assert result["trainer"].pseudo_labels.numel() == 30
+    card = open(out / "README.md").read()
+    assert "sohn2020fixmatch" in card and "unlabelled pool of 30 samples" in card
+
+
+def test_text_recipe_with_an_unlabelled_file_never_reads_its_labels(text_data, tmp_path):
+    csv, _ = text_data
+    out = tmp_path / "run"
+    result = recipe("bert_text_lt").main(text_args(text_data, out, "--unlabeled_file", csv, *SEMI))
+    stages = json.load(open(out / "config.json"))["selmix_hf_stages"]
+    assert [s["method"] for s in stages] == ["fixmatch", "selmix"]
+    assert "topic" not in result["trainer"].unlabeled_dataset.columns()
+    supervised = recipe("bert_text_lt").main(
+        text_args(text_data, tmp_path / "supervised", "--unlabeled_file", csv, "--fixmatch", "false", *SEMI)
+    )
+    assert [s["method"] for s in supervised["trainer"].model.config.selmix_hf_stages] == ["logit_adjusted", "selmix"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--unlabeled_file", "missing.csv"], "unlabelled file missing.csv does not exist"),
+        (["--unlabeled_file", "pool.txt"], "must be one of"),
+    ],
+)
+def test_bad_unlabelled_sources_are_named(extra, message, text_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    open("pool.txt", "w").write("a\n")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        recipe("bert_text_lt").main(text_args(text_data, tmp_path / "run", *extra))
