@@ -104,6 +104,18 @@ def common_args(out: str, seed: int, task_is_text: bool) -> dict:
     )
 
 
+def stage1_settings(dataset: str) -> dict:
+    """Stage 1's loss and budget (the semi-supervised benchmark's FixMatch-LA stage 1 uses the same)."""
+    budget = BUDGET[dataset]
+    return dict(
+        loss_type="logit_adjusted",
+        max_steps=budget["stage1_steps"],
+        per_device_train_batch_size=budget["batch"],
+        learning_rate=3e-4,
+        warmup_steps=0.1,
+    )
+
+
 def stage1_model(dataset: str, seed: int, splits, model, text: bool):
     """The shared stage-1 (logit-adjusted) model of this dataset and seed, trained once and cached."""
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
@@ -114,18 +126,10 @@ def stage1_model(dataset: str, seed: int, splits, model, text: bool):
     if os.path.exists(os.path.join(path, "config.json")):
         auto = AutoModelForSequenceClassification if text else AutoModelForImageClassification
         return auto.from_pretrained(path)
-    budget = BUDGET[dataset]
     trainer = LongTailTrainer(
         model=model,
         train_dataset=splits["train"],
-        args=LongTailConfig(
-            loss_type="logit_adjusted",
-            max_steps=budget["stage1_steps"],
-            per_device_train_batch_size=budget["batch"],
-            learning_rate=3e-4,
-            warmup_steps=0.1,
-            **common_args(path + ".run", seed, text),
-        ),
+        args=LongTailConfig(**stage1_settings(dataset), **common_args(path + ".run", seed, text)),
     )
     started = time.time()
     trainer.train()
@@ -380,12 +384,16 @@ def write_report() -> None:
         ]
         lines += table(cells, "validation_metrics", VALIDATION_COLUMNS)
         sections.append("\n".join(lines))
-    body = "\n\n".join(sections) if sections else "No cell has finished yet."
+    replace_block(MARKERS, "\n\n".join(sections) if sections else "No cell has finished yet.")
+
+
+def replace_block(markers: tuple[str, str], body: str) -> None:
+    """Put ``body`` between the two markers of docs/benchmarks.md (appended with them when they are not there)."""
     with open(DOC) as fh:
         doc = fh.read()
-    block = f"{MARKERS[0]}\n{body}\n{MARKERS[1]}"
-    if MARKERS[0] in doc:
-        doc = re.sub(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), lambda _: block, doc, flags=re.S)
+    block = f"{markers[0]}\n{body}\n{markers[1]}"
+    if markers[0] in doc:
+        doc = re.sub(re.escape(markers[0]) + ".*?" + re.escape(markers[1]), lambda _: block, doc, flags=re.S)
     else:
         doc += "\n" + block + "\n"
     with open(DOC, "w") as fh:
@@ -571,17 +579,7 @@ def write_posthoc_report() -> None:
                 ]
             )
         )
-    body = "\n\n".join(sections) if sections else "No cell has post-hoc results yet."
-    with open(DOC) as fh:
-        doc = fh.read()
-    block = f"{POSTHOC_MARKERS[0]}\n{body}\n{POSTHOC_MARKERS[1]}"
-    if POSTHOC_MARKERS[0] in doc:
-        pattern = re.escape(POSTHOC_MARKERS[0]) + ".*?" + re.escape(POSTHOC_MARKERS[1])
-        doc = re.sub(pattern, lambda _: block, doc, flags=re.S)
-    else:
-        doc += "\n" + block + "\n"
-    with open(DOC, "w") as fh:
-        fh.write(doc)
+    replace_block(POSTHOC_MARKERS, "\n\n".join(sections) if sections else "No cell has post-hoc results yet.")
 
 
 def run_probe(dataset: str, seed: int, name: str, method: str, overrides: dict, budget_overrides: dict) -> dict:
