@@ -37,7 +37,8 @@ class ClassMembers:
 
 
 class PairBatchSampler:
-    """Yields batches of 2B dataset indices: B samples of classes i ~ sum_j P_ij, then partners j ~ P_ij / sum_j P_ij.
+    """Yields batches of 2B dataset indices: B samples of classes i ~ sum_j P_ij, then partners j ~ P_ij / sum_j P_ij
+    (with pool anchors, each first member as ``(index, class drawn as)``).
 
     Samples are uniform within a class. Every draw is a function of one uniform stream consumed pair by pair, so
     B pairs in one batch are the same pairs as in B/m batches of m (gradient accumulation). ``set_distribution``
@@ -79,6 +80,7 @@ class PairBatchSampler:
         self._labelled_labels = labels_t
         self.pool_labels: torch.Tensor | None = None
         self.anchors, self.pool = self.labelled, None
+        self.first_classes = torch.zeros(0, dtype=torch.long)
         batches = num_batches or max(1, labels_t.numel() // (2 * pairs_per_batch * world_size))
         self.num_batches = -(-batches // accumulation_steps) * accumulation_steps  # whole optimiser steps per epoch
         self.generator = torch.Generator().manual_seed(rank_seed(seed, rank))
@@ -144,7 +146,8 @@ class PairBatchSampler:
         return [(self.labelled, 1.0 - self.pool_fraction), (self.pool, self.pool_fraction)]
 
     def draw(self, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dataset indices of the first and second members of ``pairs`` pairs."""
+        """Dataset indices of the first and second members of ``pairs`` pairs (the first members' classes are kept
+        in ``first_classes``)."""
         if self.pool_fraction > 0 and self.pool is None:
             raise RuntimeError("the sampler draws partners from the unlabelled pool before set_pool was called")
         mixed = len(self._second_cdfs) == 2
@@ -153,6 +156,7 @@ class PairBatchSampler:
             self.num_classes - 1
         )
         first = self.anchors.pick(first_class, u[:, 2])
+        self.first_classes = first_class
         source = (u[:, 4] < self.pool_fraction).long() if mixed else torch.zeros(pairs, dtype=torch.long)
         second = torch.empty_like(first)
         for k, ((members, _), cdf) in enumerate(zip(self._partner_sources(), self._second_cdfs)):
@@ -168,7 +172,10 @@ class PairBatchSampler:
             self._before.pop(self.batches_drawn - KEPT_POSITIONS, None)
             first, second = self.draw(self.pairs_per_batch)
             self.batches_drawn += 1
-            yield torch.cat([first, second]).tolist()
+            if self.pool_anchors:  # a pool anchor's label is the pseudo-class it was drawn as: it travels with it
+                yield [*zip(first.tolist(), self.first_classes.tolist()), *second.tolist()]
+            else:
+                yield torch.cat([first, second]).tolist()
 
     def __len__(self) -> int:
         return self.num_batches

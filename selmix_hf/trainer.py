@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 # standard deviation below FRESH_HEAD_STD is reported as untrained (transformers initialises heads at std 0.02).
 NEGLIGIBLE_CHANGE = 1e-5
 INDEX_KEY = "_selmix_index"  # the dataset indices a pair batch carries, for error messages and the sampler position
+DRAWN_CLASS_KEY = "_selmix_drawn_class"  # with pool anchors: the class each first member was drawn as
 NEGLIGIBLE_REFRESHES = 3
 FRESH_HEAD_STD = 0.03
 MAX_LISTED_CLASSES = 20  # classes of the unlabelled pool's distribution a card lists by name
@@ -205,7 +206,21 @@ class SelMixTrainer(BaseTrainer):
         """Pseudo-label the unlabelled pool (one gathered pass, each sample once) and regroup its partners."""
         pool = self.unlabeled_dataset
         _, logits, _ = gathered_validation_pass(self, pool, purpose="pseudo-labelling", labelled=False)
-        self.pseudo_labels = pseudo_labels(logits.cpu(), self.args.pseudo_label_threshold)
+        pseudo = pseudo_labels(logits.cpu(), self.args.pseudo_label_threshold)
+        if not bool((pseudo >= 0).any()) and self.args.pool_fraction(self.partners) > 0:
+            if self.pseudo_labels is None:
+                raise ValueError(
+                    f"no unlabelled sample reaches pseudo_label_threshold={self.args.pseudo_label_threshold} at the "
+                    "first refresh, so no partner can be drawn from the pool; lower the threshold"
+                )
+            logger.warning(
+                "SelMix: no unlabelled sample reaches pseudo_label_threshold=%s at step %d; the pool keeps the "
+                "pseudo-labels of the last refresh",
+                self.args.pseudo_label_threshold,
+                self.state.global_step,
+            )
+            pseudo = self.pseudo_labels
+        self.pseudo_labels = pseudo
         if self.sampler is not None:
             self.sampler.set_pool(self.pseudo_labels)
         shares = pool_distribution(self.pseudo_labels, self.num_labels)
@@ -229,8 +244,9 @@ class SelMixTrainer(BaseTrainer):
             return self.evaluation_loss(model, inputs, return_outputs)
         inputs, labels = self.split_labels(inputs)
         self._current_indices = inputs.pop(INDEX_KEY, None)
-        if self.args.unlabeled_anchors and self._current_indices is not None:
-            labels = self._anchor_labels(labels)
+        drawn = inputs.pop(DRAWN_CLASS_KEY, None)
+        if drawn is not None and self._current_indices is not None:
+            labels = self._anchor_labels(labels, drawn)
         self._batches_used += 1
         if self.args.freeze_batchnorm:
             for module in self._batchnorms:
@@ -245,16 +261,15 @@ class SelMixTrainer(BaseTrainer):
         self.check_finite_loss(loss, inputs, logits)
         return (loss, outputs) if return_outputs else loss
 
-    def _anchor_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """The labels of a pair batch, first members drawn from the pool labelled by their pseudo-labels."""
+    def _anchor_labels(self, labels: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+        """The labels of a pair batch whose first members may come from the pool: those take the pseudo-class the
+        sampler drew them as (not the latest pseudo-labels: workers draw batches ahead of a refresh)."""
         pairs, offset = labels.shape[0] // 2, len(self.train_labels)
-        first = self._current_indices[:pairs].cpu()
-        from_pool = first >= offset
-        if not from_pool.any():
+        from_pool = (self._current_indices[:pairs] >= offset).to(labels.device)
+        if not bool(from_pool.any()):
             return labels
         labels = labels.clone()
-        rows = torch.nonzero(from_pool).flatten()
-        labels[rows.to(labels.device)] = self.pseudo_labels[first[rows] - offset].to(labels)
+        labels[:pairs] = torch.where(from_pool, drawn[:pairs].to(labels), labels[:pairs])
         return labels
 
     def batch_indices(self) -> list[int] | None:
@@ -456,7 +471,8 @@ class SelMixTrainer(BaseTrainer):
 
 
 class IndexedDataset(torch.utils.data.Dataset):
-    """A dataset whose items carry their index: ``(i, dataset[i])``, so a batch knows which samples it holds."""
+    """A dataset whose items carry their index: ``(i, class drawn as, dataset[i])``, so a batch knows which samples
+    it holds; the sampler gives ``(i, k)`` for a first member drawn as class k, a plain ``i`` otherwise (-1)."""
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -464,19 +480,23 @@ class IndexedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[int, Any]:
-        return index, self.dataset[index]
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[int, int, Any]:
+        index, drawn = key if isinstance(key, tuple) else (key, -1)
+        return index, drawn, self.dataset[index]
 
 
 class IndexedCollator:
-    """The user's collator on the samples, plus their dataset indices under INDEX_KEY (popped before the forward)."""
+    """The user's collator on the samples, plus their dataset indices under INDEX_KEY and, when the sampler gave
+    them, the classes the first members were drawn as under DRAWN_CLASS_KEY (both popped before the forward)."""
 
     def __init__(self, collator: Any) -> None:
         self.collator = collator
 
-    def __call__(self, items: list[tuple[int, Any]]) -> dict[str, Any]:
-        batch = dict(self.collator([item for _, item in items]))
-        batch[INDEX_KEY] = torch.tensor([index for index, _ in items])
+    def __call__(self, items: list[tuple[int, int, Any]]) -> dict[str, Any]:
+        batch = dict(self.collator([item for _, _, item in items]))
+        batch[INDEX_KEY] = torch.tensor([index for index, _, _ in items])
+        if any(drawn >= 0 for _, drawn, _ in items):
+            batch[DRAWN_CLASS_KEY] = torch.tensor([drawn for _, drawn, _ in items])
         return batch
 
 

@@ -17,26 +17,27 @@ PLACEHOLDER_LABEL = -100  # what a pool item carries in the label column, so the
 UNCONFIDENT = -1  # the pseudo-label of a pool sample below the confidence threshold: never drawn
 
 
-def columns_of(dataset: Any) -> list[str]:
-    """The columns of a dataset: `column_names` of a `datasets.Dataset`, else the keys of its first item."""
-    if isinstance(dataset, datasets.Dataset):
-        return list(dataset.column_names)
+def item_keys(dataset: Any, what: str) -> list[str]:
+    """The keys of a dataset's first item: what the collator gets, after any transform the dataset applies."""
     item = dataset[0]
     if not hasattr(item, "keys"):
         raise TypeError(
-            f"the unlabeled dataset's items are {type(item).__name__}, not dicts of model inputs; give it the "
-            "labelled set's columns (e.g. pixel_values, or input_ids and attention_mask)"
+            f"the {what}'s items are {type(item).__name__}, not dicts of model inputs (e.g. pixel_values, or "
+            "input_ids and attention_mask)"
         )
     return list(item.keys())
 
 
 class UnlabeledView(torch.utils.data.Dataset):
-    """A dataset's items without any label column, with ``label_column`` set to a placeholder the loss never reads."""
+    """A dataset's items without any label column, with ``label_column`` set to a placeholder the loss never reads.
+
+    A `datasets.Dataset`'s label columns are replaced by the placeholder before its own transform runs (a
+    transform that reads them still finds them, but not their values)."""
 
     def __init__(self, dataset: Any, label_columns: Sequence[str], label_column: str, placeholder: Any = -100) -> None:
-        present = [name for name in label_columns if name in columns_of(dataset)]
-        if isinstance(dataset, datasets.Dataset) and present:
-            dataset = dataset.remove_columns(present)
+        if isinstance(dataset, datasets.Dataset):
+            for name in [c for c in label_columns if c in dataset.column_names]:
+                dataset = dataset.remove_columns(name).add_column(name, [PLACEHOLDER_LABEL] * len(dataset))
         self.dataset, self.dropped, self.label_column = dataset, tuple(label_columns), label_column
         self.placeholder = placeholder
         self.keep: set[str] | None = None  # the columns an item keeps (None: all but the labels)
@@ -52,25 +53,27 @@ class UnlabeledView(torch.utils.data.Dataset):
         return item
 
     def columns(self) -> list[str]:
-        """The input columns a pool item carries (the placeholder label left out)."""
-        return [name for name in columns_of(self.dataset) if name not in self.dropped]
+        """The inputs a pool item carries (the placeholder label left out)."""
+        return [name for name in item_keys(self, "unlabeled dataset") if name != self.label_column]
 
 
 def unlabeled_view(
     dataset: Any, labelled: Any, label_columns: Sequence[str], model_columns: set[str] | None = None
 ) -> UnlabeledView:
-    """Check the pool against the labelled training set (non-empty, the same model inputs: among
-    ``model_columns`` when the Trainer drops the others, else all columns) and return its view."""
+    """Check the pool against the labelled training set (non-empty; its items give the model the same inputs:
+    among ``model_columns`` when the Trainer drops the others, else all keys) and return its view."""
     if not isinstance(dataset, Sized) or not hasattr(dataset, "__getitem__"):
         raise TypeError(f"unlabeled_dataset must be a map-style dataset (len and [i]), got {type(dataset).__name__}")
     if len(dataset) == 0:
         raise ValueError("unlabeled_dataset is empty; pass a pool with samples, or leave unlabeled_dataset unset")
-    labelled_columns = columns_of(labelled)
-    label_column = next((name for name in label_columns if name in labelled_columns), label_columns[0])
-    view = UnlabeledView(dataset, label_columns, label_column, _placeholder_like(labelled[0].get(label_column)))
+    labelled_item = labelled[0]
+    labelled_keys = item_keys(labelled, "labelled training set")
+    label_column = next((name for name in label_columns if name in labelled_keys), label_columns[0])
+    view = UnlabeledView(dataset, label_columns, label_column, _placeholder_like(labelled_item.get(label_column)))
+    item_keys(dataset, "unlabeled dataset")  # dicts, or a clear error
     view.keep = model_columns  # the columns the Trainer keeps of the labelled set, the same of the pool
-    columns = sorted(view.columns())
-    wanted, got = set(labelled_columns) - set(label_columns), set(columns)
+    columns = sorted(k for k in item_keys(dataset, "unlabeled dataset") if k not in label_columns)
+    wanted, got = set(labelled_keys) - set(label_columns), set(columns)
     if model_columns is not None:  # the Trainer drops the others from both sets
         wanted, got = wanted & model_columns, got & model_columns
     if wanted != got:

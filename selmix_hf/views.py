@@ -17,6 +17,23 @@ import torch
 import torch.nn.functional as F
 
 View = Callable[[dict[str, Any], torch.Tensor], dict[str, Any]]
+# FixMatch's RandAugment operations in timm's names (no Invert); posterize keeps 4 - 8 bits, as in FixMatch (timm's
+# plain "Posterize" reaches 0 bits at low magnitude, which Pillow refuses)
+FIXMATCH_OPS = [
+    "AutoContrast",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Equalize",
+    "PosterizeOriginal",
+    "Rotate",
+    "Sharpness",
+    "ShearX",
+    "ShearY",
+    "Solarize",
+    "TranslateXRel",
+    "TranslateYRel",
+]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -90,8 +107,8 @@ class ImageViews(Views):
         mean_t, std_t = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
         if mean_t.numel() != std_t.numel() or (std_t <= 0).any():
             raise ValueError(f"mean {list(mean)} and std {list(std)} must have one positive std per channel")
-        # "mstd" spreads the magnitude: each operation draws its own, as RandAugment's random-magnitude variant
-        self._augment = rand_augment_transform(f"rand-n{ops}-m{magnitude}-mstd0.5", {})
+        # mstd > 100: timm draws each operation's magnitude uniformly in [0, magnitude], as FixMatch's RandAugment
+        self._augment = rand_augment_transform(f"rand-n{ops}-m{magnitude}-mstd101", {}, transforms=FIXMATCH_OPS)
         self.key, self.padding, self.cutout_fraction = key, padding, cutout_fraction
         self.mean, self.std = mean_t, std_t
         super().__init__(weak=self._weak, strong=self._strong)

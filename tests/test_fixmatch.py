@@ -135,6 +135,8 @@ def test_image_views_differ_are_seeded_per_sample_and_keep_the_shape():
         assert set(crop[i, 0].flatten().tolist()) <= set(images[i, 0].flatten().tolist())
     with pytest.raises(ValueError, match="pixel_values"):
         views.weak({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, seeds[:2])
+    many = views.strong({"pixel_values": torch.rand(128, 3, 16, 16)}, torch.arange(128))  # every op, many magnitudes
+    assert torch.isfinite(many["pixel_values"]).all()
 
 
 def test_fixmatch_runs_on_images_with_the_default_views(tmp_path):

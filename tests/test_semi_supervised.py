@@ -76,12 +76,13 @@ class CheckPseudoLabels(TrainerCallback):
         model.eval()
         with torch.no_grad():
             features = torch.stack([e["features"] for e in pool().examples])
-            argmax = model(features=features).logits.argmax(1)
+            probabilities = model(features=features).logits.softmax(1)
         model.train()
+        confidence, argmax = probabilities.max(1)
         current = self.trainer.pseudo_labels
-        confident = current >= 0
-        assert confident.any()
-        assert torch.equal(current[confident], argmax[confident]), f"step {step}"
+        expected = torch.where(confidence >= UNTRAINED_CONFIDENCE, argmax, torch.full_like(argmax, -1))
+        assert (current >= 0).any()
+        assert torch.equal(current, expected), f"step {step}"  # argmax above the threshold, -1 below
         self.changed += int(self.previous is not None and current is not self.previous)
         self.previous = current
         self.checked.append(step)
@@ -209,7 +210,7 @@ def test_bad_semi_supervised_settings_fail_when_the_config_is_built(settings, me
 
 def test_a_threshold_no_sample_passes_is_a_clear_error(tmp_path):
     trainer = semi_trainer(str(tmp_path / "run"), pool(), pseudo_label_threshold=0.99, unlabeled_anchors=False)
-    with pytest.raises(ValueError, match="none passed pseudo_label_threshold"):
+    with pytest.raises(ValueError, match="no unlabelled sample reaches pseudo_label_threshold=0.99 at the first"):
         trainer.train()
 
 
@@ -221,5 +222,68 @@ def test_train_counts_are_the_labelled_sets_only(tmp_path):
 def test_a_pool_with_columns_the_model_does_not_take_is_accepted(tmp_path):
     examples = [{**e, "id": i, "source": "crawl"} for i, e in enumerate(pool().examples)]
     trainer = semi_trainer(str(tmp_path / "run"), ListDataset(examples), max_steps=2)
+    trainer.train()
+    assert trainer.pseudo_labels.numel() == sum(UNLABELED_COUNTS)
+
+
+def test_pool_anchors_keep_the_class_they_were_drawn_as_when_workers_draw_ahead(tmp_path):
+    labels = [0] * 30 + [1] * 20 + [2] * 10
+    sampler = PairBatchSampler(labels, 3, 6, pool_size=6, pool_fraction=1.0, pool_anchors=True, num_batches=2)
+    sampler.set_pool(torch.tensor([0, 1, 2, 0, 1, 2]))
+    batches = iter(sampler)
+    first = next(batches)  # drawn ahead of a refresh ...
+    sampler.set_pool(torch.tensor([-1, -1, -1, 1, 1, 1]))  # ... that relabels the pool
+    for index, drawn in first[:6]:
+        expected = labels[index] if index < len(labels) else [0, 1, 2, 0, 1, 2][index - len(labels)]
+        assert drawn == expected
+    assert all(isinstance(i, int) for i in first[6:])
+    seen = []
+    trainer = semi_trainer(str(tmp_path / "run"), pool(), max_steps=6, gain_refresh_steps=1, dataloader_num_workers=1)
+    original = trainer._anchor_labels
+
+    def spy(labels, drawn):
+        out = original(labels, drawn)
+        seen.append(out[: len(out) // 2].clone())
+        return out
+
+    trainer._anchor_labels = spy
+    trainer.train()
+    assert len(seen) == 6 and all(((x >= 0) & (x < K)).all() for x in seen)
+
+
+def test_a_later_refresh_with_no_confident_sample_keeps_the_last_pseudo_labels(tmp_path, monkeypatch, caplog):
+    import selmix_hf.trainer as trainer_module
+
+    calls = []
+    real = trainer_module.pseudo_labels
+
+    def fading(logits, threshold):
+        calls.append(1)
+        out = real(logits, threshold)
+        return out if len(calls) == 1 else torch.full_like(out, -1)
+
+    monkeypatch.setattr(trainer_module, "pseudo_labels", fading)
+    trainer = semi_trainer(str(tmp_path / "run"), pool(), max_steps=4, gain_refresh_steps=2, unlabeled_anchors=False)
+    first = []
+    trainer.add_callback(
+        type(
+            "First", (TrainerCallback,), {"on_train_begin": lambda *a, **k: first.append(trainer.pseudo_labels.clone())}
+        )
+    )
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert len(calls) == 2 and torch.equal(trainer.pseudo_labels, first[0])
+    assert "keeps the pseudo-labels of the last refresh" in caplog.text
+
+
+def test_a_datasets_pool_with_a_transform_that_reads_its_label_column(tmp_path):
+    from datasets import Dataset
+
+    rows = [{"x": e["features"].tolist(), "label": e["labels"]} for e in pool().examples]
+    hf_pool = Dataset.from_list(rows)
+    hf_pool.set_transform(lambda b: {"features": torch.tensor(b["x"]), "label": b["label"]})
+    assert hf_pool[0]["label"] in range(K)
+    trainer = semi_trainer(str(tmp_path / "run"), hf_pool, max_steps=2)
+    assert all(v == -100 for v in trainer.unlabeled_dataset.dataset["label"])  # replaced before any transform
     trainer.train()
     assert trainer.pseudo_labels.numel() == sum(UNLABELED_COUNTS)
