@@ -110,7 +110,7 @@ class FixMatchTrainer(LongTailTrainer):
             mask = (confidence >= self.args.confidence_threshold).float()
         unlabelled = (F.cross_entropy(logits_s.float(), pseudo, reduction="none") * mask).mean()
         loss = supervised + self.args.lambda_u * unlabelled
-        self.check_finite_loss(loss, inputs, logits_l)
+        self.check_finite_loss(loss, inputs, torch.cat([logits_l, logits_w, logits_s]))  # pool logits too
         self._stats += torch.tensor([float(unlabelled.detach()), float(mask.mean()), 1.0], dtype=torch.float64)
         return (loss, outputs) if return_outputs else loss
 

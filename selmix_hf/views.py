@@ -176,7 +176,11 @@ class TokenMasking(Views):
         real = ~torch.isin(ids, self.special.to(ids.device))
         if "attention_mask" in batch:
             real &= batch["attention_mask"].bool()
-        u = torch.stack([torch.rand(ids.shape[1:], generator=_generator(s)) for s in seeds]).to(ids.device)
+        # draws numbered from each text's first token, so left padding does not change which tokens are masked
+        first = torch.where(real.any(1), real.float().argmax(1), torch.zeros_like(real[:, 0], dtype=torch.long))
+        u = torch.stack(
+            [torch.rand(ids.shape[1], generator=_generator(s)).roll(int(f)) for s, f in zip(seeds, first.cpu())]
+        ).to(ids.device)
         return {**batch, self.key: torch.where(real & (u < self.fraction), torch.full_like(ids, self.mask_id), ids)}
 
 

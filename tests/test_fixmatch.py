@@ -240,6 +240,9 @@ def test_token_masking_masks_only_real_tokens_from_the_seeds():
     assert torch.equal(strong, views.strong(dict(batch), seeds)["input_ids"])
     assert not torch.equal(strong, views.strong(dict(batch), seeds + 1)["input_ids"])
     assert torch.equal(strong[~masked], batch["input_ids"][~masked])
+    left = torch.cat([torch.zeros(2, 5, dtype=torch.long), ids], 1)  # the same texts, padded on the left
+    shifted = views.strong({"input_ids": left, "attention_mask": (left != 0).long()}, seeds)["input_ids"]
+    assert torch.equal(shifted[:, 5:], strong)
 
 
 def test_fixmatch_runs_on_text_with_the_default_views(tmp_path):
