@@ -159,14 +159,18 @@ class BaseTrainer(ModelCardMixin, Trainer):
 
     def _require_whole_head(self) -> None:
         """Refuse sharded parameters (FSDP, DeepSpeed ZeRO-3): the head's weights are read whole between steps."""
+        self.require_whole_parameters("reads the classifier head's full weights between steps", "")
+
+    def require_whole_parameters(self, why: str, alternative: str) -> None:
+        """Refuse FSDP and DeepSpeed ZeRO-3, which shard the parameters, for a trainer that ``why`` (a phrase)."""
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         if getattr(self, "is_fsdp_enabled", False) or (
             getattr(self, "is_deepspeed_enabled", False) and is_deepspeed_zero3_enabled()
         ):
             raise ValueError(
-                f"{type(self).__name__} reads the classifier head's full weights between steps, which FSDP and "
-                "DeepSpeed ZeRO-3 shard; use DDP (accelerate launch / torchrun) or DeepSpeed ZeRO-1/2"
+                f"{type(self).__name__} {why}, which FSDP and DeepSpeed ZeRO-3 shard; use DDP (accelerate launch / "
+                f"torchrun) or DeepSpeed ZeRO-1/2{alternative}"
             )
 
     # -- the refresh protocol -------------------------------------------------------------------------

@@ -67,6 +67,8 @@ class FixMatchTrainer(LongTailTrainer):
         seed, rank = args.seed, args.process_index
         self.stream = SampleStream(len(self.unlabeled_dataset), seed=seed, rank=rank)
         self._labelled_seeds = torch.Generator().manual_seed(rank_seed(seed, rank) ^ 0x1AB)
+        if args.ema_decay is not None:
+            self.require_whole_parameters("averages the full weights (ema_decay)", ", or set ema_decay=None")
         self.average = WeightAverage(unwrap(model), args.ema_decay) if args.ema_decay is not None else None
         self._pool_collator: Any = None
         self._stats = torch.zeros(3, dtype=torch.float64)  # since the last log: unlabelled loss, mask rate, steps

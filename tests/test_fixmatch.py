@@ -266,3 +266,11 @@ def test_fixmatch_runs_on_text_with_the_default_views(tmp_path):
     assert isinstance(trainer.views, TokenMasking)
     trainer.train()
     assert trainer.state.global_step == 2
+
+
+def test_an_ema_over_sharded_parameters_is_refused_with_the_alternatives(tmp_path):
+    trainer = fixmatch(str(tmp_path / "run"))
+    trainer.require_whole_parameters("averages the full weights (ema_decay)", ", or set ema_decay=None")  # fine here
+    trainer.is_fsdp_enabled = True
+    with pytest.raises(ValueError, match=r"averages the full weights \(ema_decay\), which FSDP .*ema_decay=None"):
+        trainer.require_whole_parameters("averages the full weights (ema_decay)", ", or set ema_decay=None")
