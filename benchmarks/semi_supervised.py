@@ -75,7 +75,7 @@ def pool_of(setting: str, seed: int, train_size: int):
     return make_long_tailed(source, 100.0, n_max=2000, class_order=order, seed=seed + 2)
 
 
-def prepared_pool(pool, tokenizer, seed: int):
+def prepared_pool(pool, tokenizer):
     """The pool as the trainers get it: label column dropped, the labelled splits' transform / tokenisation."""
     inputs = pool.remove_columns([c for c in pool.column_names if c in ("label", "idx")])
     if tokenizer is not None:
@@ -202,7 +202,7 @@ def run_setting(setting: str, seed: int, smoke: bool) -> None:
     raw_pool = pool_of(setting, seed, sum(counts))
     if smoke:
         raw_pool = raw_pool.shuffle(seed=0).select(range(200))
-    pool, pool_labels = prepared_pool(raw_pool, tokenizer, seed), np.asarray(raw_pool["label"])
+    pool, pool_labels = prepared_pool(raw_pool, tokenizer), np.asarray(raw_pool["label"])
     pool_counts = np.bincount(pool_labels, minlength=len(names)).tolist()
     common = {"setting": setting, "seed": seed, "pool_size": len(pool), "pool_counts": pool_counts}
     la = quality.stage1_model(dataset, seed, splits, model, text)  # the quality grid's stage 1 (trained once)

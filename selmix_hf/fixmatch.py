@@ -80,8 +80,7 @@ class FixMatchTrainer(LongTailTrainer):
 
     def _default_views(self) -> Views:
         """ImageViews for pixel_values, TokenMasking for input_ids with a tokenizer; other inputs need the user's."""
-        pool = self.unlabeled_dataset  # read an item: a dataset transform may make the inputs (pixel_values)
-        columns = sorted(k for k in pool[0] if k != pool.label_column)
+        columns = sorted(self.unlabeled_dataset.columns())  # of an item: a transform may make them (pixel_values)
         if "pixel_values" in columns:
             return image_views_for(self.processing_class)
         if "input_ids" in columns and hasattr(self.processing_class, "all_special_ids"):
@@ -105,15 +104,19 @@ class FixMatchTrainer(LongTailTrainer):
         labelled = self.views.weak(inputs, seeds)
         pool, pool_seeds = self.unlabeled_batch(self.args.mu * count)
         weak, strong = self.views.weak(pool, pool_seeds[:, 0]), self.views.strong(pool, pool_seeds[:, 1])
-        logits_l, logits_w, logits_s, outputs = self.forward_views(model, [labelled, weak, strong])
+        logits, outputs = self.forward_views(model, [labelled, weak, strong])
+        logits_l, logits_w, logits_s = logits.split([count, len(pool_seeds), len(pool_seeds)])
         supervised = self.loss_fn(logits_l, labels)
         with torch.no_grad():
             confidence, pseudo = torch.softmax(logits_w.detach().float(), dim=1).max(dim=1)
             mask = (confidence >= self.args.confidence_threshold).float()
         unlabelled = (F.cross_entropy(logits_s.float(), pseudo, reduction="none") * mask).mean()
         loss = supervised + self.args.lambda_u * unlabelled
-        self.check_finite_loss(loss, inputs, torch.cat([logits_l, logits_w, logits_s]))  # pool logits too
-        self._stats += torch.tensor([float(unlabelled.detach()), float(mask.mean()), 1.0], dtype=torch.float64)
+        self.check_finite_loss(loss, inputs, logits)  # the pool's logits too
+        step_stats = torch.stack(
+            [unlabelled.detach().double(), mask.mean().double(), mask.new_ones((), dtype=torch.float64)]
+        )
+        self._stats = step_stats + self._stats.to(step_stats.device)  # summed on the device: no sync per step
         return (loss, outputs) if return_outputs else loss
 
     def unlabeled_batch(self, count: int) -> tuple[dict[str, Any], torch.Tensor]:
@@ -127,10 +130,10 @@ class FixMatchTrainer(LongTailTrainer):
         batch.pop(self.label_key, None)  # the placeholder: nothing reads a pool label
         return _compat.prepare_inputs(self, batch), seeds
 
-    def forward_views(self, model: nn.Module, batches: list[dict[str, Any]]) -> tuple[Any, ...]:
-        """Logits of each batch: one forward over all when their inputs stack (BatchNorm sees the whole step, as
-        published), else one forward each (e.g. text padded to different lengths)."""
-        sizes = [len(next(iter(b.values()))) for b in batches]
+    def forward_views(self, model: nn.Module, batches: list[dict[str, Any]]) -> tuple[torch.Tensor, Any]:
+        """The logits of the batches, concatenated, and the first forward's outputs: one forward over all when their
+        inputs stack (BatchNorm sees the whole step, as published), else one forward each (e.g. text padded to
+        different lengths)."""
         keys = set(batches[0])
         stackable = all(set(b) == keys for b in batches) and all(
             not torch.is_tensor(batches[0][k]) or all(b[k].shape[1:] == batches[0][k].shape[1:] for b in batches)
@@ -139,9 +142,9 @@ class FixMatchTrainer(LongTailTrainer):
         if stackable:
             joined = {k: torch.cat([b[k] for b in batches]) if torch.is_tensor(v) else v for k, v in batches[0].items()}
             outputs = model(**joined)
-            return (*logits_of(outputs).split(sizes), outputs)
+            return logits_of(outputs), outputs
         outputs = [model(**b) for b in batches]
-        return (*[logits_of(o) for o in outputs], outputs[0])
+        return torch.cat([logits_of(o) for o in outputs]), outputs[0]
 
     # -- EMA: updated after each optimiser step, used by evaluation, saved at the end -----------------
     def optimizer_step_done(self) -> None:

@@ -266,8 +266,6 @@ class SelMixTrainer(BaseTrainer):
         sampler drew them as (not the latest pseudo-labels: workers draw batches ahead of a refresh)."""
         pairs, offset = labels.shape[0] // 2, len(self.train_labels)
         from_pool = (self._current_indices[:pairs] >= offset).to(labels.device)
-        if not bool(from_pool.any()):
-            return labels
         labels = labels.clone()
         labels[:pairs] = torch.where(from_pool, drawn[:pairs].to(labels), labels[:pairs])
         return labels

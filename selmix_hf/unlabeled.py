@@ -19,7 +19,11 @@ UNCONFIDENT = -1  # the pseudo-label of a pool sample below the confidence thres
 
 def item_keys(dataset: Any, what: str) -> list[str]:
     """The keys of a dataset's first item: what the collator gets, after any transform the dataset applies."""
-    item = dataset[0]
+    return keys_of(dataset[0], what)
+
+
+def keys_of(item: Any, what: str) -> list[str]:
+    """The keys of one item of the ``what`` set, or a clear error when it is not a dict of model inputs."""
     if not hasattr(item, "keys"):
         raise TypeError(
             f"the {what}'s items are {type(item).__name__}, not dicts of model inputs (e.g. pixel_values, or "
@@ -34,13 +38,20 @@ class UnlabeledView(torch.utils.data.Dataset):
     A `datasets.Dataset`'s label columns are replaced by the placeholder before its own transform runs (a
     transform that reads them still finds them, but not their values)."""
 
-    def __init__(self, dataset: Any, label_columns: Sequence[str], label_column: str, placeholder: Any = -100) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        label_columns: Sequence[str],
+        label_column: str,
+        placeholder: Any = PLACEHOLDER_LABEL,
+        keep: set[str] | None = None,
+    ) -> None:
         if isinstance(dataset, datasets.Dataset):
             for name in [c for c in label_columns if c in dataset.column_names]:
                 dataset = dataset.remove_columns(name).add_column(name, [PLACEHOLDER_LABEL] * len(dataset))
         self.dataset, self.dropped, self.label_column = dataset, tuple(label_columns), label_column
         self.placeholder = placeholder
-        self.keep: set[str] | None = None  # the columns an item keeps (None: all but the labels)
+        self.keep = keep  # the columns an item keeps (None: all but the labels)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -67,12 +78,12 @@ def unlabeled_view(
     if len(dataset) == 0:
         raise ValueError("unlabeled_dataset is empty; pass a pool with samples, or leave unlabeled_dataset unset")
     labelled_item = labelled[0]
-    labelled_keys = item_keys(labelled, "labelled training set")
+    labelled_keys = keys_of(labelled_item, "labelled training set")
     label_column = next((name for name in label_columns if name in labelled_keys), label_columns[0])
-    view = UnlabeledView(dataset, label_columns, label_column, _placeholder_like(labelled_item.get(label_column)))
-    item_keys(dataset, "unlabeled dataset")  # dicts, or a clear error
-    view.keep = model_columns  # the columns the Trainer keeps of the labelled set, the same of the pool
     columns = sorted(k for k in item_keys(dataset, "unlabeled dataset") if k not in label_columns)
+    placeholder = _placeholder_like(labelled_item.get(label_column))
+    # the pool keeps what the Trainer keeps of the labelled set (model_columns; None: everything)
+    view = UnlabeledView(dataset, label_columns, label_column, placeholder, keep=model_columns)
     wanted, got = set(labelled_keys) - set(label_columns), set(columns)
     if model_columns is not None:  # the Trainer drops the others from both sets
         wanted, got = wanted & model_columns, got & model_columns
