@@ -71,6 +71,11 @@ class Objective:
         violation = self.constraint_violation(confusion)
         return self.value(confusion) if violation <= 0.0 else -violation
 
+    def tie_score(self, confusion: torch.Tensor) -> float:
+        """Orders decision rules of equal `rule_score` (selmix_hf.posthoc): the surrogate at the current multipliers;
+        min-type objectives override it with a soft minimum, whose plateaus are where ties happen."""
+        return float(self.surrogate(confusion.clamp_min(CONFUSION_CLIP)))
+
     def report(self, confusion: torch.Tensor) -> dict[str, float]:
         """Reported value, plus whatever the objective reports beside it (e.g. min coverage)."""
         return {self.name: self.value(confusion)}
@@ -205,6 +210,16 @@ class MinRecall(Objective):
         recall = metrics.recalls(confusion.detach().cpu().to(torch.float64))
         self.lam = torch.softmax(self.beta * torch.log(self.lam) - self.omega * recall, dim=0)
 
+    def _minimised(self, confusion: torch.Tensor) -> torch.Tensor:
+        """The recalls whose minimum is the value: one per class."""
+        return metrics.recalls(confusion.detach().cpu().to(torch.float64))
+
+    def tie_score(self, confusion: torch.Tensor) -> float:
+        """Soft minimum -log(sum exp(-omega r)) / omega of the minimised recalls, at C itself: of two rules with the
+        same worst recall, the one with fewer classes at (or near) it wins, and a rule that lifts one of two tied
+        worst classes by pushing others down to the minimum loses (frozen multipliers would prefer it)."""
+        return float(-torch.logsumexp(-self.omega * self._minimised(confusion), dim=0) / self.omega)
+
     def multipliers(self) -> dict[str, torch.Tensor]:
         return {"lam": self.lam}
 
@@ -269,6 +284,9 @@ class MinHeadTailRecall(_HeadTailMixin, MinRecall):
 
     def value(self, confusion: torch.Tensor) -> float:
         return metrics.min_head_tail_recall(confusion, self.split)
+
+    def _minimised(self, confusion: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(metrics.head_tail_recall(confusion.detach().cpu().to(torch.float64), self.split))
 
     def update(self, confusion: torch.Tensor) -> None:
         self._check_confusion(confusion)

@@ -2,6 +2,7 @@
 guard, folding into the head's bias, bad input."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -47,6 +48,49 @@ def test_min_recall_offsets_are_within_a_point_of_the_best_offsets_by_brute_forc
     rule = fit_decision_rule(logits, labels, objective)
     assert rule.kind == "offsets" and rule.estimates["in_sample"] >= best - 0.01
     assert rule.estimates["without_rule"] < best - 0.2  # the offsets matter here
+
+
+def tied_zero_logits(seed: int, k: int = 20, per_class: int = 10):
+    """Confident logits of a K-class model whose classes 0 and 1 are never predicted (their logits pushed down by
+    40): min recall sits on a plateau at 0 that only moving both offsets leaves."""
+    means = torch.randn(k, 8, generator=torch.Generator().manual_seed(7)) * 1.2
+    labels = torch.arange(k).repeat_interleave(per_class)
+    x = means[labels] + torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(seed))
+    push = torch.zeros(k)
+    push[:2] = -40.0
+    return (-1.5 * ((x[:, None] - means[None]) ** 2).sum(-1) + push).double(), labels
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_search_leaves_a_plateau_of_two_classes_at_zero_without_sinking_others(seed):
+    # The coordinate search from zero offsets must lift both never-predicted classes at least as far as the offsets
+    # that undo the push do; ordering ties by multipliers frozen at the start lifted one class at any cost to others
+    from selmix_hf.posthoc import _polish, _Split
+
+    logits, labels = tied_zero_logits(seed)
+    split = _Split(logits, labels, get_objective("min_recall", 20))
+    zero = torch.zeros(20, dtype=torch.float64)
+    split.objective.update(split.confusion(split.predict(zero)))
+    undo = zero.clone()
+    undo[:2] = 40.0
+    assert split.score(split.predict(zero)) == 0.0
+    assert split.score(split.predict(_polish(split, zero))) >= split.score(split.predict(undo)) - 1e-9
+
+
+def test_min_recall_orders_ties_by_a_soft_minimum_of_the_recalls():
+    objective = get_objective("min_recall", 3)
+    prior = torch.full((3,), 1 / 3, dtype=torch.float64)
+
+    def confusion(recalls):
+        r = torch.tensor(recalls, dtype=torch.float64)
+        return (torch.diag(r) + torch.diag(1 - r).roll(1, dims=1)) * prior[:, None]  # class i's misses go to i + 1
+
+    objective.update(confusion([0.0, 0.0, 1.0]))  # multipliers now on the two tied classes
+    two_at_zero, one_at_zero = confusion([0.0, 0.0, 1.0]), confusion([0.5, 0.0, 1.0])
+    sunk = confusion([0.5, 0.0, 0.0])  # class 0 lifted by sinking class 2 to zero: still two classes there
+    assert objective.tie_score(one_at_zero) > objective.tie_score(two_at_zero) > objective.tie_score(sunk)
+    expected = -math.log(1 + math.exp(-25) + math.exp(-50)) / 50  # -logsumexp(-50 r) / 50 at r = (0.5, 0, 1)
+    assert objective.tie_score(one_at_zero) == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("kind", ["offsets", "gain_matrix"])

@@ -103,9 +103,9 @@ class _Split:
         return self.objective.rule_score(self.confusion(predictions))
 
     def tie_break(self, predictions: torch.Tensor) -> float:
-        """The objective's surrogate at its current multipliers: orders rules of equal score (e.g. min recall's
-        plateaus, where raising one of two tied worst classes is the step that makes the next one possible)."""
-        return float(self.objective.surrogate(self.confusion(predictions).clamp_min(CONFUSION_CLIP)))
+        """The objective's `tie_score`: orders rules of equal score (e.g. min recall's plateaus, where raising one of
+        two tied worst classes is the step that makes the next one possible)."""
+        return self.objective.tie_score(self.confusion(predictions))
 
     def predict(self, offsets: torch.Tensor) -> torch.Tensor:
         return torch.add(self.logits, offsets.to(self.logits.dtype), out=self._work).argmax(dim=1)
@@ -218,6 +218,15 @@ def _polish(split: _Split, offsets: torch.Tensor) -> torch.Tensor:
     return best - best.mean()
 
 
+def _distinct(*starts: torch.Tensor) -> list[torch.Tensor]:
+    """The starts without repeats: the coordinate search is local, so each distinct start may end elsewhere."""
+    out: list[torch.Tensor] = []
+    for start in starts:
+        if not any(torch.equal(start, seen) for seen in out):
+            out.append(start)
+    return out
+
+
 def _fit(
     objective: Objective,
     logits: torch.Tensor,
@@ -248,7 +257,9 @@ def _fit(
                 break
             seen.add(key)
             candidate = _plug_in_offsets(objective, split.confusion(predictions), calibration)
-        return DecisionRule("offsets", _polish(split, best), objective.name, calibration=calibration)
+        polished = [_polish(split, start) for start in _distinct(best, calibration, zero)]
+        offsets = max(polished, key=lambda o: (split.score(split.predict(o)), split.tie_break(split.predict(o))))
+        return DecisionRule("offsets", offsets, objective.name, calibration=calibration)
     posteriors = torch.softmax(split.logits + calibration.to(split.logits.dtype), dim=1)
     best_gain, best_value = torch.eye(num_classes, dtype=torch.float64), -math.inf
     gain = best_gain
