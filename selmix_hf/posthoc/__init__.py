@@ -16,7 +16,7 @@ import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -108,7 +108,8 @@ class _Split:
         return self.objective.tie_score(self.confusion(predictions))
 
     def predict(self, offsets: torch.Tensor) -> torch.Tensor:
-        return torch.add(self.logits, offsets.to(self.logits.dtype), out=self._work).argmax(dim=1)
+        """argmax(logits + offsets), first index on ties; max(dim).indices is the same and 2x faster on CPU."""
+        return torch.add(self.logits, offsets.to(self.logits.dtype), out=self._work).max(dim=1).indices
 
 
 @dataclass
@@ -175,7 +176,15 @@ def _plug_in_offsets(objective: Objective, confusion: torch.Tensor, calibration:
     return offsets - offsets.mean()
 
 
-def _polish(split: _Split, offsets: torch.Tensor) -> torch.Tensor:
+class _Polished(NamedTuple):
+    """A polished rule with its validation score and tie-break value (what ranks starts, with no re-prediction)."""
+
+    offsets: torch.Tensor
+    score: float
+    tie: float
+
+
+def _polish(split: _Split, offsets: torch.Tensor) -> _Polished:
     """Coordinate search on the validation score: the offsets of the classes the objective's gradient weighs most
     (all when K <= POLISH_CLASSES) each moved to the best of a coarse-then-fine set of values; up to
     POLISH_SWEEPS sweeps, stopping after one that changes nothing."""
@@ -203,7 +212,7 @@ def _polish(split: _Split, offsets: torch.Tensor) -> torch.Tensor:
                     value = split.objective.rule_score(confusion)
                     if value < best_value - 1e-12:
                         continue
-                    tie = split.tie_break(trials[index]) if value <= best_value + 1e-12 else math.inf
+                    tie = split.objective.tie_score(confusion) if value <= best_value + 1e-12 else math.inf
                     if value > best_value + 1e-12 or tie > best_tie + 1e-12:
                         best[k], best_value, predictions = float(candidates[index]), value, trials[index]
                         centre, improved = float(grid[index]), True
@@ -215,7 +224,7 @@ def _polish(split: _Split, offsets: torch.Tensor) -> torch.Tensor:
             shifted[:, k] = split.logits[:, k] + best[k].to(split.logits.dtype)
         if not improved:
             break
-    return best - best.mean()
+    return _Polished(best - best.mean(), best_value, split.tie_break(predictions))
 
 
 def _distinct(*starts: torch.Tensor) -> list[torch.Tensor]:
@@ -248,18 +257,17 @@ def _fit(
         best, best_value = zero, split.score(split.predict(zero))
         candidate, seen = calibration, set()
         for _ in range(iterations):
-            predictions = split.predict(candidate)
-            value = split.score(predictions)
+            confusion = split.confusion(split.predict(candidate))
+            value = objective.rule_score(confusion)
             if value > best_value + 1e-12:
                 best, best_value = candidate, value
             key = tuple(torch.round(candidate, decimals=9).tolist())
             if key in seen:  # the iteration cycles: nothing new to find
                 break
             seen.add(key)
-            candidate = _plug_in_offsets(objective, split.confusion(predictions), calibration)
-        polished = [_polish(split, start) for start in _distinct(best, calibration, zero)]
-        offsets = max(polished, key=lambda o: (split.score(split.predict(o)), split.tie_break(split.predict(o))))
-        return DecisionRule("offsets", offsets, objective.name, calibration=calibration)
+            candidate = _plug_in_offsets(objective, confusion, calibration)
+        polished = max((_polish(split, start) for start in _distinct(best, calibration, zero)), key=lambda p: p[1:])
+        return DecisionRule("offsets", polished.offsets, objective.name, calibration=calibration)
     posteriors = torch.softmax(split.logits + calibration.to(split.logits.dtype), dim=1)
     best_gain, best_value = torch.eye(num_classes, dtype=torch.float64), -math.inf
     gain = best_gain
