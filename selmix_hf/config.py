@@ -282,6 +282,14 @@ class SelMixConfig(MethodConfig, TrainingArguments):
             "published); in (0, 1]."
         },
     )
+    unlabeled_refresh_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pool samples pseudo-labelled at each refresh: None = the whole pool (as published); n = a fresh "
+            "random n of them per refresh, the only ones drawn until the next (the refresh then costs n forward "
+            "passes instead of the pool's size)."
+        },
+    )
     unlabeled_anchors: bool = field(
         default=False,
         metadata={
@@ -362,6 +370,11 @@ class SelMixConfig(MethodConfig, TrainingArguments):
         threshold = self.pseudo_label_threshold
         if threshold is not None and not 0.0 < threshold <= 1.0:
             raise ValueError(f"pseudo_label_threshold must lie in (0, 1] (or be None: no threshold), got {threshold}")
+        if self.unlabeled_refresh_size is not None and self.unlabeled_refresh_size < 1:
+            raise ValueError(
+                f"unlabeled_refresh_size must be >= 1 (or None: the whole pool at each refresh), got "
+                f"{self.unlabeled_refresh_size}"
+            )
         if self.unlabeled_anchors and threshold is None:
             raise ValueError(
                 "unlabeled_anchors=True labels pool samples by their pseudo-labels, which needs a confidence cut: "
@@ -394,6 +407,7 @@ class SelMixConfig(MethodConfig, TrainingArguments):
         "partners",
         "unlabeled_ratio",
         "pseudo_label_threshold",
+        "unlabeled_refresh_size",
         "unlabeled_anchors",
     )
 

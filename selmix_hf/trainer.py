@@ -27,7 +27,7 @@ from .metrics import confusion_counts, normalized_confusion
 from .objectives import CONFUSION_CLIP, Objective, multiplier_logs, objective_for_training
 from .plots import log_refresh_heatmaps
 from .sampling import PairBatchSampler, rank_seed
-from .unlabeled import UnlabeledView, pool_distribution, pseudo_labels, unlabeled_view
+from .unlabeled import UNCONFIDENT, PoolSample, UnlabeledView, pool_distribution, pseudo_labels, unlabeled_view
 from .validation import gathered_validation_pass
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,8 @@ class SelMixTrainer(BaseTrainer):
                 unlabeled_dataset, self.train_dataset, self._label_columns(), _compat.model_input_columns(self)
             )
         )
-        self.pseudo_labels: torch.Tensor | None = None  # of the pool at the last refresh (-1: below the threshold)
+        self.pseudo_labels: torch.Tensor | None = None  # of the pool at the last refresh (-1: not drawn)
+        self._pool_sample: PoolSample | None = None  # with unlabeled_refresh_size: the part of the pool labelled
         self.objective = (
             objective
             if objective is not None
@@ -204,9 +205,17 @@ class SelMixTrainer(BaseTrainer):
 
     def _refresh_pool(self) -> dict[str, float]:
         """Pseudo-label the unlabelled pool (one gathered pass, each sample once) and regroup its partners."""
-        pool = self.unlabeled_dataset
-        _, logits, _ = gathered_validation_pass(self, pool, purpose="pseudo-labelling", labelled=False)
-        pseudo = pseudo_labels(logits.cpu(), self.args.pseudo_label_threshold)
+        pool, size = self.unlabeled_dataset, self.args.unlabeled_refresh_size
+        if size is None or size >= len(pool):
+            _, logits, _ = gathered_validation_pass(self, pool, purpose="pseudo-labelling", labelled=False)
+            pseudo = pseudo_labels(logits.cpu(), self.args.pseudo_label_threshold)
+        else:  # a fresh random subset; the rest of the pool is not drawn until a later refresh labels it
+            if self._pool_sample is None:
+                self._pool_sample = PoolSample(pool, size)
+            chosen = self._pool_sample.draw(self.args.seed, self.state.global_step)
+            _, logits, _ = gathered_validation_pass(self, self._pool_sample, purpose="pseudo-labelling", labelled=False)
+            pseudo = torch.full((len(pool),), UNCONFIDENT, dtype=torch.long)
+            pseudo[chosen] = pseudo_labels(logits.cpu(), self.args.pseudo_label_threshold)
         if not bool((pseudo >= 0).any()) and self.args.pool_fraction(self.partners) > 0:
             if self.pseudo_labels is None:
                 raise ValueError(
@@ -224,7 +233,8 @@ class SelMixTrainer(BaseTrainer):
         if self.sampler is not None:
             self.sampler.set_pool(self.pseudo_labels)
         shares = pool_distribution(self.pseudo_labels, self.num_labels)
-        logs = {"selmix/unlabeled_confident": float((self.pseudo_labels >= 0).double().mean())}
+        labelled = len(self._pool_sample) if self._pool_sample is not None else len(self.pseudo_labels)
+        logs = {"selmix/unlabeled_confident": float((self.pseudo_labels >= 0).sum()) / labelled}
         if self.num_labels <= 16:
             logs.update({f"selmix/unlabeled_share_{k}": float(v) for k, v in enumerate(shares)})
         else:
@@ -432,9 +442,11 @@ class SelMixTrainer(BaseTrainer):
         top = sorted(range(self.num_labels), key=lambda k: -float(shares[k]))
         listed = ", ".join(f"{names[k]} {float(shares[k]):.3f}" for k in top[:MAX_LISTED_CLASSES])
         more = f" and {self.num_labels - MAX_LISTED_CLASSES} more" if self.num_labels > MAX_LISTED_CLASSES else ""
+        size = self.args.unlabeled_refresh_size
+        labelled = f"a random {size} of them pseudo-labelled per refresh, " if size and size < len(pseudo) else ""
         return (
-            f"{source} of {len(pseudo)} samples by pseudo-label ({confident} above the confidence threshold at the "
-            f"last refresh){anchors}; the pool's estimated class distribution: {listed}{more}"
+            f"{source} of {len(pseudo)} samples by pseudo-label ({labelled}{confident} above the confidence "
+            f"threshold at the last refresh){anchors}; the pool's estimated class distribution: {listed}{more}"
         )
 
     # -- checkpoints ------------------------------------------------------------------------------

@@ -68,6 +68,26 @@ class UnlabeledView(torch.utils.data.Dataset):
         return [name for name in item_keys(self, "unlabeled dataset") if name != self.label_column]
 
 
+class PoolSample(torch.utils.data.Dataset):
+    """``size`` samples of the pool, re-drawn by `draw` at each refresh: one object for the whole run, because the
+    validation pass caches its loader per dataset object (and the length, hence the loader's shards, stays fixed)."""
+
+    def __init__(self, pool: UnlabeledView, size: int) -> None:
+        self.pool, self.indices = pool, torch.arange(min(size, len(pool)))
+
+    def draw(self, seed: int, step: int) -> torch.Tensor:
+        """A random subset of the pool for the refresh at ``step``: the same on every rank and on resume."""
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 0x5E1]).generate_state(1)[0]))
+        self.indices = torch.randperm(len(self.pool), generator=generator)[: len(self.indices)].sort().values
+        return self.indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.pool[int(self.indices[index])]
+
+
 def unlabeled_view(
     dataset: Any, labelled: Any, label_columns: Sequence[str], model_columns: set[str] | None = None
 ) -> UnlabeledView:

@@ -69,7 +69,7 @@ class CheckPseudoLabels(TrainerCallback):
 
     def __init__(self, trainer, every: int) -> None:
         self.trainer, self.every, self.checked, self.changed = trainer, every, [], 0
-        self.previous = None
+        self.previous, self.subsets = None, []
 
     def _check(self, step: int) -> None:
         model = self.trainer.model
@@ -80,7 +80,14 @@ class CheckPseudoLabels(TrainerCallback):
         model.train()
         confidence, argmax = probabilities.max(1)
         current = self.trainer.pseudo_labels
-        expected = torch.where(confidence >= UNTRAINED_CONFIDENCE, argmax, torch.full_like(argmax, -1))
+        threshold = self.trainer.args.pseudo_label_threshold or 0.0
+        expected = torch.where(confidence >= threshold, argmax, torch.full_like(argmax, -1))
+        if self.trainer._pool_sample is not None:  # unlabeled_refresh_size: only this refresh's subset is labelled
+            chosen = self.trainer._pool_sample.indices
+            self.subsets.append(chosen.tolist())
+            outside = torch.ones_like(expected, dtype=torch.bool)
+            outside[chosen] = False
+            expected = expected.masked_fill(outside, -1)
         assert (current >= 0).any()
         assert torch.equal(current, expected), f"step {step}"  # argmax above the threshold, -1 below
         self.changed += int(self.previous is not None and current is not self.previous)
@@ -108,6 +115,26 @@ def test_pseudo_labels_are_refreshed_with_the_gains_and_are_the_models_argmax(tm
     assert sum(shares) == pytest.approx(1.0)
     expected = torch.bincount(trainer.pseudo_labels[trainer.pseudo_labels >= 0], minlength=K).double()
     assert shares == pytest.approx((expected / expected.sum()).tolist())
+
+
+def test_a_refresh_size_pseudo_labels_a_fresh_subset_and_only_it(tmp_path):
+    trainer = semi_trainer(
+        str(tmp_path / "run"),
+        pool(),
+        max_steps=7,
+        gain_refresh_steps=2,
+        unlabeled_refresh_size=12,
+        pseudo_label_threshold=None,
+        unlabeled_anchors=False,
+    )
+    check = CheckPseudoLabels(trainer, 2)
+    trainer.add_callback(check)
+    trainer.train()
+    assert check.checked == [0, 2, 4, 6]
+    assert all(len(subset) == 12 == len(set(subset)) for subset in check.subsets)
+    assert len({tuple(subset) for subset in check.subsets}) == 4  # a new subset at every refresh
+    assert int((trainer.pseudo_labels >= 0).sum()) == 12  # no threshold: the subset, and only it, is drawable
+    assert "a random 12 of them pseudo-labelled per refresh" in trainer.stage_description()
 
 
 def test_the_card_gives_the_pool_and_its_estimated_class_distribution(tmp_path):
@@ -201,6 +228,7 @@ def test_bad_pools_are_refused_before_training(settings, unlabeled, message, tmp
         ({"partners": "mixed", "unlabeled_ratio": 1.0}, "0 < unlabeled_ratio < 1"),
         ({"partners": "pool"}, "unknown partners 'pool'"),
         ({"unlabeled_anchors": True}, "needs a confidence cut"),
+        ({"unlabeled_refresh_size": 0}, "unlabeled_refresh_size must be >= 1"),
     ],
 )
 def test_bad_semi_supervised_settings_fail_when_the_config_is_built(settings, message, tmp_path):
