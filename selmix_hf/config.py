@@ -584,6 +584,14 @@ class FixMatchConfig(LongTailConfig):
         default=0.95, metadata={"help": "Pseudo-labels of weak views below this top probability are masked out."}
     )
     lambda_u: float = field(default=1.0, metadata={"help": "Weight of the unlabelled loss."})
+    unlabeled_logit_adjustment: float = field(
+        default=0.0,
+        metadata={
+            "help": "tau of a logit adjustment of the unlabelled loss by the labelled class prior, "
+            "CE(strong + tau log pi, pseudo-label): with a pool as long-tailed as the labelled set, plain CE on "
+            "confident pseudo-labels teaches the head prior back to a logit-adjusted model. 0: plain CE (published)."
+        },
+    )
     ema_decay: float | None = field(
         default=0.999,
         metadata={
@@ -598,6 +606,11 @@ class FixMatchConfig(LongTailConfig):
             raise ValueError(f"mu must be >= 1 (unlabelled samples per labelled one), got {self.mu}")
         if not 0.0 < self.confidence_threshold <= 1.0:
             raise ValueError(f"confidence_threshold must lie in (0, 1], got {self.confidence_threshold}")
+        if self.unlabeled_logit_adjustment < 0:
+            raise ValueError(
+                "unlabeled_logit_adjustment must be >= 0 (0: plain CE on the pool), got "
+                f"{self.unlabeled_logit_adjustment}"
+            )
         if self.lambda_u < 0:
             raise ValueError(f"lambda_u must be >= 0, got {self.lambda_u}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:

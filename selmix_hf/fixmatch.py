@@ -2,9 +2,9 @@
 
 One step, as this file implements it: a labelled batch of B (the Trainer's loader) and mu B samples drawn from the
 unlabelled pool -> weak views of both, a strong view of the unlabelled -> one forward when the inputs stack ->
-supervised loss on the labelled weak view + lambda_u x mean(mask x CE(strong, argmax weak)) with mask = top
-probability of the weak view >= threshold -> after the optimiser step, the EMA of the weights. Evaluation and
-the saved model use the EMA.
+supervised loss on the labelled weak view + lambda_u x mean(mask x CE(strong + tau log pi, argmax weak)) with
+mask = top probability of the weak view >= threshold and tau = unlabeled_logit_adjustment (0 as published) -> after
+the optimiser step, the EMA of the weights. Evaluation and the saved model use the EMA.
 """
 
 from __future__ import annotations
@@ -77,6 +77,9 @@ class FixMatchTrainer(LongTailTrainer):
         self._pending_raw: dict[str, torch.Tensor] | None = None  # a checkpoint's raw weights, not yet restored
         self._final_raw: dict[str, torch.Tensor] | None = None  # the raw weights the EMA replaced at the end
         self.add_callback(_AverageAfterStep(self))
+        counts = torch.as_tensor(self.class_counts, dtype=torch.float64).clamp_min(1.0)
+        # added to the strong views' logits in the unlabelled loss (zero: plain CE)
+        self._pool_adjustment = (args.unlabeled_logit_adjustment * torch.log(counts / counts.sum())).float()
 
     def _default_views(self) -> Views:
         """ImageViews for pixel_values, TokenMasking for input_ids with a tokenizer; other inputs need the user's."""
@@ -110,7 +113,8 @@ class FixMatchTrainer(LongTailTrainer):
         with torch.no_grad():
             confidence, pseudo = torch.softmax(logits_w.detach().float(), dim=1).max(dim=1)
             mask = (confidence >= self.args.confidence_threshold).float()
-        unlabelled = (F.cross_entropy(logits_s.float(), pseudo, reduction="none") * mask).mean()
+        strong_logits = logits_s.float() + self._pool_adjustment.to(logits_s.device)
+        unlabelled = (F.cross_entropy(strong_logits, pseudo, reduction="none") * mask).mean()
         loss = supervised + self.args.lambda_u * unlabelled
         self.check_finite_loss(loss, inputs, logits)  # the pool's logits too
         step_stats = torch.stack(

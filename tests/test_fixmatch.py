@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_contract import (  # noqa: E402
     SUBJECTS,
     UNLABELED_COUNTS,
+    UNTRAINED_CONFIDENCE,
     VALIDATION_COUNTS,
     assert_same,
     build,
@@ -55,6 +56,37 @@ def test_no_confident_prediction_means_no_unlabelled_loss_and_the_supervised_los
     unmasked.train()
     with pytest.raises(AssertionError):  # with confident pseudo-labels the pool does change the weights
         assert_same(weights(masked), weights(unmasked), "weights", rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0, 2.0])
+def test_the_unlabelled_loss_is_ce_of_the_strong_views_logit_adjusted_by_the_labelled_prior(tau, tmp_path):
+    trainer = fixmatch(
+        str(tmp_path / "run"), unlabeled_logit_adjustment=tau, confidence_threshold=UNTRAINED_CONFIDENCE, **LA
+    )
+    seen = []
+    forward = trainer.forward_views
+
+    def spy(model, batches):
+        logits, outputs = forward(model, batches)
+        seen.append((logits.detach(), [len(next(iter(b.values()))) for b in batches]))
+        return logits, outputs
+
+    trainer.forward_views = spy
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, batch)
+    ((logits, sizes),) = seen
+    _, weak, strong = logits.split(sizes)
+    confidence, pseudo = weak.softmax(1).max(1)
+    counts = torch.tensor(trainer.class_counts, dtype=torch.float64)
+    adjusted = strong + (tau * torch.log(counts / counts.sum())).float()
+    expected = (
+        F.cross_entropy(adjusted, pseudo, reduction="none") * (confidence >= UNTRAINED_CONFIDENCE).float()
+    ).mean()
+    assert (confidence >= UNTRAINED_CONFIDENCE).any() and not (
+        confidence >= UNTRAINED_CONFIDENCE
+    ).all()  # the mask acts on this batch
+    assert float(trainer._stats[0]) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_evaluation_and_the_saved_model_use_the_ema_weights(tmp_path):
@@ -190,6 +222,7 @@ def test_bad_pools_and_views_are_refused_before_training(kwargs, message, tmp_pa
         ({"mu": 0}, "mu must be >= 1"),
         ({"lambda_u": -1.0}, "lambda_u must be >= 0"),
         ({"ema_decay": 1.0}, r"ema_decay must lie in \[0, 1\)"),
+        ({"unlabeled_logit_adjustment": -1.0}, "unlabeled_logit_adjustment must be >= 0"),
     ],
 )
 def test_bad_fixmatch_settings_fail_when_the_config_is_built(settings, message, tmp_path):
