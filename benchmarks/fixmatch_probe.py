@@ -120,19 +120,20 @@ def run(variant: str, setting: str, seed: int) -> dict:
 def report() -> None:
     print(
         "| variant | setting, seed | EMA: mean / min recall | raw: mean / min recall | raw, BatchNorm recalibrated "
-        "| worst class (raw) | s |"
+        "| worst class (raw) | validation mean recall (EMA) | s |"
     )
-    print("|---|---|---:|---:|---:|---|---:|")
+    print("|---|---|---:|---:|---:|---|---:|---:|")
     for name in sorted(os.listdir(RESULTS)):
         with open(os.path.join(RESULTS, name)) as fh:
             c = json.load(fh)
         worst = int(np.argmin(c["raw"]["recalls"]))
         ema, raw, recal = c["ema"], c["raw"], c.get("raw_bn_recalibrated")
         bn = f"{recal['mean_recall']:.3f} / {recal['min_recall']:.3f}" if recal else ""
+        validation = f"{ema['validation']['mean_recall']:.3f}" if "validation" in ema else ""
         print(
             f"| {c['variant']} | {c['setting']}, {c['seed']} | {ema['mean_recall']:.3f} / {ema['min_recall']:.3f}"
             f" | {raw['mean_recall']:.3f} / {raw['min_recall']:.3f} | {bn} | {worst} "
-            f"(pool share {c['raw']['pseudo_label_share'][worst]:.3f}) | {c['seconds']:.0f} |"
+            f"(pool share {c['raw']['pseudo_label_share'][worst]:.3f}) | {validation} | {c['seconds']:.0f} |"
         )
 
 
