@@ -49,6 +49,9 @@ WEAK_VIEW = "plain"
 # Pool samples pseudo-labelled per refresh in the ``_subset`` rows (SelMixConfig.unlabeled_refresh_size): the
 # refresh overhead lever of issue 16's step-time target.
 REFRESH_SUBSET = {"fashion": 500, "wordnet": 1000}
+# Confidence cut of the ``_threshold`` rows (SelMixConfig.pseudo_label_threshold): partners only from pool samples
+# the model is sure of, against the published no-threshold default (pseudo-label precision, issue 16's lever).
+PARTNER_THRESHOLD = 0.9
 COLUMNS = ["mean_recall", "min_recall", "h_mean", "few_shot_recall"]
 
 
@@ -57,7 +60,8 @@ def rows(setting: str) -> list[str]:
     dataset = SETTINGS[setting]
     start = "fixmatch_la" if dataset == "fashion" else "la"
     selmix = [f"{start}+selmix_{o}_{p}" for o in OBJECTIVES[dataset] for p in ("labeled", "unlabeled")]
-    subset = [f"{start}+selmix_min_recall_unlabeled_subset"]
+    variants = ["subset", "threshold"] if dataset == "fashion" else ["subset"]
+    subset = [f"{start}+selmix_min_recall_unlabeled_{v}" for v in variants]
     return ["la", *(["fixmatch_la"] if dataset == "fashion" else []), *selmix, *subset]
 
 
@@ -139,7 +143,9 @@ def fixmatch_model(path: str, seed: int, splits, model, pool, steps: int):
     return trainer.model, {"seconds": time.time() - started, "logs": logs, "weak_view": WEAK_VIEW}
 
 
-def run_selmix(dataset, seed, name, splits, model, counts, pool, objective, steps, refresh_size=None) -> dict:
+def run_selmix(
+    dataset, seed, name, splits, model, counts, pool, objective, steps, refresh_size=None, threshold=None
+) -> dict:
     """SelMix (scale-free temperature, the quality grid's settings) with labelled partners or the pool's."""
     from selmix_hf import SelMixConfig, SelMixTrainer
 
@@ -159,6 +165,7 @@ def run_selmix(dataset, seed, name, splits, model, counts, pool, objective, step
             per_device_train_batch_size=budget["batch"] // 2,
             gain_refresh_steps=budget["refresh"],
             unlabeled_refresh_size=refresh_size,
+            pseudo_label_threshold=threshold,
             max_steps=steps,
             **quality.common_args(out, seed, text),
         ),
@@ -242,14 +249,18 @@ def run_setting(setting: str, seed: int, smoke: bool) -> None:
             reports = evaluate(start, splits, counts, text)
             cell["stage1"] = extra
         else:
-            objective, partners, subset = re.match(r".*\+selmix_(.+)_(labeled|unlabeled)(_subset)?$", row).groups()
+            found = re.match(r".*\+selmix_(.+)_(labeled|unlabeled)(_subset|_threshold)?$", row)
+            objective, partners, variant = found.groups()
             start.load_state_dict(start_state)
             torch.manual_seed(seed)
             partner_pool = pool if partners == "unlabeled" else None
-            size = REFRESH_SUBSET[dataset] if subset else None
-            run = run_selmix(dataset, seed, row, splits, start, counts, partner_pool, objective, stage2, size)
+            size = REFRESH_SUBSET[dataset] if variant == "_subset" else None
+            threshold = PARTNER_THRESHOLD if variant == "_threshold" else None
+            options = (size, threshold)
+            run = run_selmix(dataset, seed, row, splits, start, counts, partner_pool, objective, stage2, *options)
             reports = evaluate(run["trainer"], splits, counts, text)
             cell.update(seconds=run["seconds"], seconds_per_step=run["seconds_per_step"], refresh_size=size)
+            cell["pseudo_label_threshold"] = threshold
             if partners == "unlabeled":
                 cell["pseudo_labels"] = pseudo_label_quality(run["trainer"], pool_labels, len(names))
         cell.update(metrics=reports["test"], validation_metrics=reports["validation"])
