@@ -99,6 +99,16 @@ SUBJECTS = [
         ("plateau_window", 2.5),
         trainer_kwargs=lambda: {"unlabeled_dataset": gaussian_problem(UNLABELED_COUNTS, seed=3)},
     ),
+    Subject(  # as published (every pool sample may be a partner) but each refresh pseudo-labels 21 of the 33
+        "selmix-unlabeled-subset",
+        SelMixTrainer,
+        SelMixConfig,
+        {"gain_refresh_steps": 2, "objective": "min_recall", "partners": "unlabeled", "unlabeled_refresh_size": 21},
+        lambda t: {"gains": t.gains, "distribution": t.distribution, "pseudo_labels": t.pseudo_labels},
+        ("unlabeled_refresh_size", 2.5),
+        unused_settings={"unlabeled_ratio"},  # partners="unlabeled": no mix to weigh
+        trainer_kwargs=lambda: {"unlabeled_dataset": gaussian_problem(UNLABELED_COUNTS, seed=3)},
+    ),
     Subject(
         "longtail-cost-sensitive",
         LongTailTrainer,
