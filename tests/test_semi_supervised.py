@@ -117,7 +117,8 @@ def test_pseudo_labels_are_refreshed_with_the_gains_and_are_the_models_argmax(tm
     assert shares == pytest.approx((expected / expected.sum()).tolist())
 
 
-def test_a_refresh_size_pseudo_labels_a_fresh_subset_and_only_it(tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])  # a worker must see each refresh's subset, not the first one
+def test_a_refresh_size_pseudo_labels_a_fresh_subset_and_only_it(workers, tmp_path):
     trainer = semi_trainer(
         str(tmp_path / "run"),
         pool(),
@@ -126,6 +127,7 @@ def test_a_refresh_size_pseudo_labels_a_fresh_subset_and_only_it(tmp_path):
         unlabeled_refresh_size=12,
         pseudo_label_threshold=None,
         unlabeled_anchors=False,
+        dataloader_num_workers=workers,
     )
     check = CheckPseudoLabels(trainer, 2)
     trainer.add_callback(check)
