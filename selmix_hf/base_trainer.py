@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Sized
 from typing import Any, ClassVar
 
 import numpy as np
@@ -61,15 +62,27 @@ class PeriodicRefresh(TrainerCallback):
         self.trainer.after_refresh(control)
 
 
+def refuse_streams(dataset: Any, why: str) -> None:
+    """A clear error for an iterable-style training set (`datasets.IterableDataset`, torch `IterableDataset`)."""
+    if dataset is None or (isinstance(dataset, Sized) and hasattr(dataset, "__getitem__")):
+        return
+    raise TypeError(
+        f"train_dataset is a {type(dataset).__name__} (a stream, no len or [i]), but {why}. Pass a map-style "
+        "dataset: load it without streaming=True, or materialise the stream, e.g. "
+        "datasets.Dataset.from_generator(lambda: (yield from stream))"
+    )
+
+
 class BaseTrainer(ModelCardMixin, Trainer):
     """`Trainer` plus what every selmix-hf method needs: checked set-up, validation refreshes, own checkpoint state.
 
     Subclasses declare, as class attributes: ``config_class`` (their `TrainingArguments` subclass), ``_name`` (the
     method's name in cards and tags), ``_paper`` (citation keys), ``_tag_names`` (extra Hub tags), ``state_stem``
     (file name of their checkpoint state), ``reads_head_weights`` (the method reads the classifier head between
-    steps) and ``supports_label_smoothing``. They implement `refresh` / `after_refresh` when they re-estimate
-    anything from validation data (and call `schedule_refresh`), `method_state` / `load_method_state` for their
-    checkpoint state, and `stage_title` for the card.
+    steps), ``supports_label_smoothing`` and ``random_access_reason`` (why a streamed training set cannot work).
+    They implement `refresh` / `after_refresh` when they re-estimate anything from validation data (and call
+    `schedule_refresh`), `method_state` / `load_method_state` for their checkpoint state, and `stage_title` for the
+    card.
     """
 
     config_class: ClassVar[type] = MethodConfig
@@ -80,6 +93,8 @@ class BaseTrainer(ModelCardMixin, Trainer):
     reads_head_weights: ClassVar[bool] = False
     supports_label_smoothing: ClassVar[bool] = False
     batch_unit: ClassVar[str] = "samples per step"
+    # why the training set must be map-style (len and [i]): named in the error a stream gets
+    random_access_reason: ClassVar[str] = "counts the training labels per class before the first step"
     # the loss returned by compute_loss is a per-micro-batch mean; the Trainer divides by the accumulation steps
     loss_is_scaled_for_ga = False
 
@@ -147,6 +162,7 @@ class BaseTrainer(ModelCardMixin, Trainer):
         """Training samples per class, from the training labels (kept in ``train_labels``)."""
         if self.train_dataset is None:
             raise ValueError(f"{type(self).__name__} needs a train_dataset: the class counts are read from it")
+        refuse_streams(self.train_dataset, f"{type(self).__name__} {self.random_access_reason}")
         self.train_labels = self._labels_of(self.train_dataset, "training")
         return np.bincount(self.train_labels, minlength=self.num_labels).tolist()
 

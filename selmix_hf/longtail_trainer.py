@@ -30,6 +30,10 @@ class LongTailTrainer(BaseTrainer):
     _name = "long-tail"
     _tag_names = ("long-tail-loss",)
     state_stem = "longtail_state"
+    random_access_reason = (
+        "counts the training labels per class before the first step (or give class_counts in the config: with "
+        "the counts known, a stream trains)"
+    )
 
     def __init__(
         self,

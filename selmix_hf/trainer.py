@@ -61,6 +61,7 @@ class SelMixTrainer(BaseTrainer):
     reads_head_weights = True
     supports_label_smoothing = True
     batch_unit = "pairs per step"
+    random_access_reason = "draws the two samples of each mixing pair by class, by index"
 
     def __init__(
         self,

@@ -469,6 +469,26 @@ def test_bad_configuration_is_a_clear_error(subject, tmp_path):
         build(subject, str(tmp_path / "missing"), validation=gaussian_problem([5, 5, 5, 0], seed=2))
 
 
+class Stream(torch.utils.data.IterableDataset):
+    """The training samples as a torch stream (no len, no [i])."""
+
+    def __iter__(self):
+        return iter(gaussian_problem(TRAIN_COUNTS, seed=1).examples)
+
+
+@pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
+@pytest.mark.parametrize("kind", ["torch", "datasets"])
+def test_a_streamed_training_set_is_refused_naming_why_and_the_alternative(subject, kind, tmp_path):
+    import datasets
+
+    examples = [{"features": e["features"].tolist(), "labels": e["labels"]} for e in Stream()]
+    stream = Stream() if kind == "torch" else datasets.Dataset.from_list(examples).to_iterable_dataset()
+    with pytest.raises(TypeError, match="a stream, no len or") as error:
+        build(subject, str(tmp_path / "run"), train=stream)
+    assert subject.trainer.random_access_reason in str(error.value)
+    assert "Dataset.from_generator" in str(error.value) and "streaming=True" in str(error.value)
+
+
 @pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
 def test_label_smoothing_is_applied_or_refused(subject, tmp_path):
     if not subject.trainer.supports_label_smoothing:
