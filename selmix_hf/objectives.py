@@ -207,11 +207,10 @@ class MinRecall(Objective):
 
     def update(self, confusion: torch.Tensor) -> None:
         self._check_confusion(confusion)
-        recall = metrics.recalls(confusion.detach().cpu().to(torch.float64))
-        self.lam = torch.softmax(self.beta * torch.log(self.lam) - self.omega * recall, dim=0)
+        self.lam = torch.softmax(self.beta * torch.log(self.lam) - self.omega * self._minimised(confusion), dim=0)
 
     def _minimised(self, confusion: torch.Tensor) -> torch.Tensor:
-        """The recalls whose minimum is the value: one per class."""
+        """The recalls whose minimum is the value (one per class), which the multipliers and `tie_score` weigh."""
         return metrics.recalls(confusion.detach().cpu().to(torch.float64))
 
     def tie_score(self, confusion: torch.Tensor) -> float:
@@ -286,12 +285,13 @@ class MinHeadTailRecall(_HeadTailMixin, MinRecall):
         return metrics.min_head_tail_recall(confusion, self.split)
 
     def _minimised(self, confusion: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(metrics.head_tail_recall(confusion.detach().cpu().to(torch.float64), self.split))
+        """The head and the tail recall."""
+        recalls = metrics.head_tail_recall(confusion.detach().cpu().to(torch.float64), self.split)
+        return torch.tensor(recalls, dtype=torch.float64)
 
     def update(self, confusion: torch.Tensor) -> None:
         self._check_confusion(confusion)
-        head, tail = metrics.head_tail_recall(confusion.detach().cpu().to(torch.float64), self.split)
-        self.lam_head_tail = torch.softmax(-self.omega * torch.tensor([head, tail], dtype=torch.float64), dim=0)
+        self.lam_head_tail = torch.softmax(-self.omega * self._minimised(confusion), dim=0)
 
     def multipliers(self) -> dict[str, torch.Tensor]:
         return {"lam_head_tail": self.lam_head_tail}
