@@ -79,7 +79,8 @@ class FixMatchTrainer(LongTailTrainer):
         self.add_callback(_AverageAfterStep(self))
         counts = torch.as_tensor(self.class_counts, dtype=torch.float64).clamp_min(1.0)
         # added to the strong views' logits in the unlabelled loss (zero: plain CE)
-        self._pool_adjustment = (args.unlabeled_logit_adjustment * torch.log(counts / counts.sum())).float()
+        adjustment = args.unlabeled_logit_adjustment * torch.log(counts / counts.sum())
+        self._pool_adjustment = adjustment.float().to(args.device)
 
     def _default_views(self) -> Views:
         """ImageViews for pixel_values, TokenMasking for input_ids with a tokenizer; other inputs need the user's."""
@@ -113,7 +114,7 @@ class FixMatchTrainer(LongTailTrainer):
         with torch.no_grad():
             confidence, pseudo = torch.softmax(logits_w.detach().float(), dim=1).max(dim=1)
             mask = (confidence >= self.args.confidence_threshold).float()
-        strong_logits = logits_s.float() + self._pool_adjustment.to(logits_s.device)
+        strong_logits = logits_s.float() + self._pool_adjustment
         unlabelled = (F.cross_entropy(strong_logits, pseudo, reduction="none") * mask).mean()
         loss = supervised + self.args.lambda_u * unlabelled
         self.check_finite_loss(loss, inputs, logits)  # the pool's logits too
