@@ -77,11 +77,8 @@ def recalibrate_batchnorm(model, dataset) -> None:
 
 
 def run(variant: str, setting: str, seed: int) -> dict:
-    from selmix_hf import FixMatchConfig, FixMatchTrainer, ImageViews, Views
     from selmix_hf.ema import WeightAverage
     from selmix_hf.features import unwrap
-    from selmix_hf.pretrained import EFFICIENTNET_MEAN, EFFICIENTNET_STD
-    from selmix_hf.views import identity_view
 
     budget = quality.BUDGET["fashion"]
     splits, names, model, _ = quality.load_task("fashion", seed)
@@ -89,20 +86,10 @@ def run(variant: str, setting: str, seed: int) -> dict:
     raw_pool = semi.pool_of(setting, seed, int(counts.sum()))
     pool = semi.prepared_pool(raw_pool, None)
     out = os.path.join(quality.ROOT, "outputs", "fixmatch_probe", variant)
-    views = ImageViews(EFFICIENTNET_MEAN, EFFICIENTNET_STD)
-    if variant in PLAIN_WEAK:
-        views = Views(weak=identity_view, strong=views.strong)
-    trainer = FixMatchTrainer(
-        model=model,
-        train_dataset=splits["train"],
-        unlabeled_dataset=pool,
-        views=views,
-        args=FixMatchConfig(
-            **{**quality.stage1_settings("fashion"), "max_steps": budget["stage1_steps"]},
-            **{**semi.FIXMATCH, **VARIANTS[variant]},
-            **{**quality.common_args(out, seed, False), "logging_strategy": "steps", "logging_steps": 50},
-        ),
-    )
+    weak_view = "plain" if variant in PLAIN_WEAK else "published"
+    # the grid's FIXMATCH before the probe's choices (tau 0), then the variant's one change
+    changes = {"unlabeled_logit_adjustment": 0.0, **VARIANTS[variant]}
+    trainer = semi.fixmatch_trainer(out, seed, splits, model, pool, budget["stage1_steps"], weak_view, **changes)
     started = time.time()
     trainer.train()
     seconds = time.time() - started

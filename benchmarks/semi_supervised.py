@@ -112,30 +112,36 @@ def prepared_pool(pool, tokenizer):
     return inputs
 
 
-def fixmatch_model(path: str, seed: int, splits, model, pool, steps: int):
-    """FixMatch-LA from the pretrained weights, the LA stage 1's budget, cached in ``path``."""
-    from transformers import AutoModelForImageClassification
-
+def fixmatch_trainer(out: str, seed: int, splits, model, pool, steps: int, weak_view: str, **changes):
+    """The grid's FixMatch-LA trainer (LA stage 1's budget, ``FIXMATCH`` with ``changes``); ``weak_view`` "plain"
+    shows the image as is for the weak view, "published" uses `ImageViews`' flip + crop."""
     from selmix_hf import FixMatchConfig, FixMatchTrainer, ImageViews, Views
     from selmix_hf.pretrained import EFFICIENTNET_MEAN, EFFICIENTNET_STD
     from selmix_hf.views import identity_view
 
-    if os.path.exists(os.path.join(path, "config.json")):
-        return AutoModelForImageClassification.from_pretrained(path), None
     views = ImageViews(EFFICIENTNET_MEAN, EFFICIENTNET_STD)
-    if WEAK_VIEW == "plain":
+    if weak_view == "plain":
         views = Views(weak=identity_view, strong=views.strong)
-    trainer = FixMatchTrainer(
+    return FixMatchTrainer(
         model=model,
         train_dataset=splits["train"],
         unlabeled_dataset=pool,
         views=views,
         args=FixMatchConfig(
             **{**quality.stage1_settings("fashion"), "max_steps": steps},
-            **FIXMATCH,
-            **{**quality.common_args(path + ".run", seed, False), "logging_strategy": "steps", "logging_steps": 25},
+            **{**FIXMATCH, **changes},
+            **{**quality.common_args(out, seed, False), "logging_strategy": "steps", "logging_steps": 25},
         ),
     )
+
+
+def fixmatch_model(path: str, seed: int, splits, model, pool, steps: int):
+    """FixMatch-LA from the pretrained weights, the LA stage 1's budget, cached in ``path``."""
+    from transformers import AutoModelForImageClassification
+
+    if os.path.exists(os.path.join(path, "config.json")):
+        return AutoModelForImageClassification.from_pretrained(path), None
+    trainer = fixmatch_trainer(path + ".run", seed, splits, model, pool, steps, WEAK_VIEW)
     started = time.time()
     trainer.train()
     trainer.save_model(path)
@@ -256,8 +262,9 @@ def run_setting(setting: str, seed: int, smoke: bool) -> None:
             partner_pool = pool if partners == "unlabeled" else None
             size = REFRESH_SUBSET[dataset] if variant == "_subset" else None
             threshold = PARTNER_THRESHOLD if variant == "_threshold" else None
-            options = (size, threshold)
-            run = run_selmix(dataset, seed, row, splits, start, counts, partner_pool, objective, stage2, *options)
+            run = run_selmix(
+                dataset, seed, row, splits, start, counts, partner_pool, objective, stage2, size, threshold
+            )
             reports = evaluate(run["trainer"], splits, counts, text)
             cell.update(seconds=run["seconds"], seconds_per_step=run["seconds_per_step"], refresh_size=size)
             cell["pseudo_label_threshold"] = threshold
