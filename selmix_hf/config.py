@@ -21,7 +21,7 @@ from .objectives import OBJECTIVES, check_objective_options
 from .options import matches_type, plain, type_name
 
 PAIR_DISTRIBUTIONS = ("gain", "uniform")
-PARTNERS = ("auto", "unlabeled", "labeled", "mixed")
+PARTNERS = ("auto", "unlabeled", "labeled", "mixed", "by_precision")
 HYPERGRADIENTS = ("neumann", "unrolled")
 UPPER_OBJECTIVES = ("balanced_ce", *sorted(OBJECTIVES))
 _TRAINING_ARGUMENT_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainingArguments))
@@ -268,7 +268,9 @@ class SelMixConfig(MethodConfig, TrainingArguments):
         default="auto",
         metadata={
             "help": "Where the mixing partners x2 come from: 'unlabeled' (the unlabeled_dataset, by pseudo-label, as "
-            "published), 'labeled' (the training set), 'mixed' (the pool with probability unlabeled_ratio) or "
+            "published), 'labeled' (the training set), 'mixed' (the pool with probability unlabeled_ratio), "
+            "'by_precision' (a partner of pseudo-class j from the pool with the probability that the pool's label j "
+            "is right, estimated at each refresh from the validation confusion; else from the labelled set) or "
             "'auto' ('unlabeled' when an unlabeled_dataset is given, else 'labeled')."
         },
     )
@@ -400,8 +402,9 @@ class SelMixConfig(MethodConfig, TrainingArguments):
         return self.partners
 
     def pool_fraction(self, source: str) -> float:
-        """The probability that a pair's partner comes from the unlabelled pool."""
-        return {"labeled": 0.0, "unlabeled": 1.0, "mixed": self.unlabeled_ratio}[source]
+        """The probability that a pair's partner comes from the unlabelled pool ('by_precision': per class, set at
+        each refresh; until the first, any value between 0 and 1)."""
+        return {"labeled": 0.0, "unlabeled": 1.0, "mixed": self.unlabeled_ratio, "by_precision": 0.5}[source]
 
     SEMI_SUPERVISED_FIELDS: ClassVar[tuple[str, ...]] = (
         "partners",

@@ -45,9 +45,11 @@ class PairBatchSampler:
     swaps P in place: the DataLoader and the dataset are never rebuilt.
 
     Semi-supervised SelMix adds a pool of ``pool_size`` unlabelled samples, indexed after the labelled ones
-    (``len(labels) + k``) and grouped by the pseudo-labels `set_pool` gives: a pair's partner comes from the pool with
-    probability ``pool_fraction`` (1: always, as published), and with ``pool_anchors`` the first members are drawn
-    from the labelled samples and the pool's confident ones together.
+    (``len(labels) + k``) and grouped by the pseudo-labels `set_pool` gives: a pair's partner class j is drawn from
+    P(j | i) over the classes either source has, and the partner comes from the pool with probability
+    ``pool_fraction`` (one number, 1: always, as published; or one per class, which `set_pool` may update), from the
+    labelled set otherwise (always the source that has class j when only one does). With ``pool_anchors`` the first
+    members are drawn from the labelled samples and the pool's confident ones together.
     """
 
     def __init__(
@@ -62,21 +64,22 @@ class PairBatchSampler:
         num_batches: int | None = None,
         accumulation_steps: int = 1,
         pool_size: int = 0,
-        pool_fraction: float = 0.0,
+        pool_fraction: float | Sequence[float] | torch.Tensor = 0.0,
         pool_anchors: bool = False,
     ) -> None:
         labels_t = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
         check_labels(labels_t, num_classes, "training labels")
         if pairs_per_batch < 1:
             raise ValueError(f"pairs_per_batch must be >= 1, got {pairs_per_batch}")
-        if not 0.0 <= pool_fraction <= 1.0 or (pool_size == 0 and (pool_fraction > 0 or pool_anchors)):
+        fraction = self._fractions(pool_fraction, num_classes)
+        if pool_size == 0 and (bool((fraction > 0).any()) or pool_anchors):
             raise ValueError(f"pool_fraction={pool_fraction} / pool_anchors={pool_anchors} need a pool of samples")
         self.num_classes, self.pairs_per_batch = num_classes, pairs_per_batch
         self.labelled = ClassMembers(labels_t, num_classes)
         self.class_sizes = self.labelled.sizes
         if int((self.class_sizes > 0).sum()) < 1:
             raise ValueError("the training set is empty")
-        self.pool_size, self.pool_fraction, self.pool_anchors = pool_size, float(pool_fraction), pool_anchors
+        self.pool_size, self.pool_fraction, self.pool_anchors = pool_size, fraction, pool_anchors
         self._labelled_labels = labels_t
         self.pool_labels: torch.Tensor | None = None
         self.anchors, self.pool = self.labelled, None
@@ -90,14 +93,30 @@ class PairBatchSampler:
         self._before: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.set_distribution(torch.ones(num_classes, num_classes, dtype=torch.float64))
 
-    def set_pool(self, pseudo_labels: torch.Tensor) -> None:
-        """Group the pool by these pseudo-labels (-1: not drawn) from now on; P is kept."""
+    @staticmethod
+    def _fractions(pool_fraction: float | Sequence[float] | torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The pool's share of partners per class (K, float64), checked to lie in [0, 1]."""
+        fraction = torch.as_tensor(pool_fraction, dtype=torch.float64).detach().cpu().clone()
+        fraction = fraction.expand(num_classes).clone() if fraction.dim() == 0 else fraction
+        if fraction.shape != (num_classes,) or not torch.isfinite(fraction).all():
+            raise ValueError(f"pool_fraction must be one number or {num_classes} finite ones, got {pool_fraction}")
+        if (fraction < 0).any() or (fraction > 1).any():
+            raise ValueError(f"pool_fraction must lie in [0, 1], got {pool_fraction}")
+        return fraction
+
+    def set_pool(
+        self, pseudo_labels: torch.Tensor, fraction: float | Sequence[float] | torch.Tensor | None = None
+    ) -> None:
+        """Group the pool by these pseudo-labels (-1: not drawn) from now on, with the pool's share of partners per
+        class ``fraction`` if given (else kept); P is kept."""
+        if fraction is not None:
+            self.pool_fraction = self._fractions(fraction, self.num_classes)
         pseudo = torch.as_tensor(pseudo_labels).long().reshape(-1).cpu()
         if pseudo.numel() != self.pool_size:
             raise ValueError(f"{pseudo.numel()} pseudo-labels for a pool of {self.pool_size} samples")
         if (pseudo >= self.num_classes).any() or (pseudo < -1).any():
             raise ValueError(f"pseudo-labels must lie in [-1, {self.num_classes})")
-        if self.pool_fraction > 0 and not (pseudo >= 0).any():
+        if bool((self.pool_fraction > 0).any()) and not (pseudo >= 0).any():
             raise ValueError(
                 "no unlabelled sample has a pseudo-label (none passed pseudo_label_threshold); lower the threshold"
             )
@@ -118,9 +137,8 @@ class PairBatchSampler:
         if not torch.isfinite(p).all() or (p < 0).any():
             raise ValueError("sampling distribution must be finite and non-negative")
         self.raw_probabilities = p
-        sources = self._partner_sources()
-        partners = torch.stack([members.present for members, _ in sources]).amax(0)
-        p = p * self.anchors.present.unsqueeze(1) * partners.unsqueeze(0)
+        self._pool_share, partners = self._partner_shares()
+        p = p * self.anchors.present.unsqueeze(1) * partners.double().unsqueeze(0)
         if p.sum() <= 0:
             raise ValueError(
                 "the sampling distribution puts no mass on any pair of classes present in the training set"
@@ -129,46 +147,52 @@ class PairBatchSampler:
         marginal = self.probabilities.sum(1)
         self._first_cdf = torch.cumsum(marginal, 0)
         self._first_cdf[-1] = 1.0
-        self._second_cdfs = []
-        for members, _ in sources:  # rows with no mass on a source's classes: uniform over that source's classes
-            rows = self.probabilities * members.present.unsqueeze(0)
-            rows = torch.where(rows.sum(1, keepdim=True) > 0, rows, members.present.unsqueeze(0))
-            cdf = torch.cumsum(rows / rows.sum(1, keepdim=True), 1)
-            cdf[:, -1] = 1.0
-            self._second_cdfs.append(cdf)
+        # rows with no mass on the partners' classes: uniform over those classes
+        rows = torch.where(self.probabilities.sum(1, keepdim=True) > 0, self.probabilities, partners.double())
+        self._second_cdf = torch.cumsum(rows / rows.sum(1, keepdim=True), 1)
+        self._second_cdf[:, -1] = 1.0
 
-    def _partner_sources(self) -> list[tuple[ClassMembers, float]]:
-        """Where partners come from, with the probability of each: the labelled set and / or the pool."""
-        if self.pool_fraction == 0 or self.pool is None:
-            return [(self.labelled, 1.0)]
-        if self.pool_fraction == 1:
-            return [(self.pool, 1.0)]
-        return [(self.labelled, 1.0 - self.pool_fraction), (self.pool, self.pool_fraction)]
+    def _partner_shares(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per class j: the probability that a partner comes from the pool (``pool_fraction`` where both sources may
+        give class j, else whichever may) and whether either may (before `set_pool`: the labelled set alone)."""
+        labelled = self.labelled.present > 0
+        if self.pool is None:
+            return torch.zeros(self.num_classes, dtype=torch.float64), labelled
+        pool = (self.pool_fraction > 0) & (self.pool.present > 0)
+        labelled = labelled & (self.pool_fraction < 1)
+        return torch.where(pool & labelled, self.pool_fraction, pool.double()), pool | labelled
 
     def draw(self, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Dataset indices of the first and second members of ``pairs`` pairs (the first members' classes are kept
         in ``first_classes``)."""
-        if self.pool_fraction > 0 and self.pool is None:
+        if bool((self.pool_fraction > 0).any()) and self.pool is None:
             raise RuntimeError("the sampler draws partners from the unlabelled pool before set_pool was called")
-        mixed = len(self._second_cdfs) == 2
+        share = self._pool_share
+        mixed = bool(((share > 0) & (share < 1)).any())  # a fifth uniform chooses the source only when one is mixed
         u = torch.rand(pairs, 5 if mixed else 4, generator=self.generator, dtype=torch.float64)
         first_class = torch.searchsorted(self._first_cdf, u[:, 0].contiguous(), right=True).clamp_max(
             self.num_classes - 1
         )
         first = self.anchors.pick(first_class, u[:, 2])
         self.first_classes = first_class
-        source = (u[:, 4] < self.pool_fraction).long() if mixed else torch.zeros(pairs, dtype=torch.long)
+        second_class = torch.searchsorted(self._second_cdf[first_class], u[:, 1:2].contiguous(), right=True)
+        second_class = second_class.squeeze(1).clamp_max(self.num_classes - 1)
+        from_pool = u[:, 4] < share[second_class] if mixed else share[second_class] >= 1
         second = torch.empty_like(first)
-        for k, ((members, _), cdf) in enumerate(zip(self._partner_sources(), self._second_cdfs)):
-            rows = torch.nonzero(source == k).flatten()
+        for members, rows in ((self.pool, from_pool), (self.labelled, ~from_pool)):
+            rows = torch.nonzero(rows).flatten()
             if rows.numel():
-                classes = torch.searchsorted(cdf[first_class[rows]], u[rows, 1:2].contiguous(), right=True)
-                second[rows] = members.pick(classes.squeeze(1).clamp_max(self.num_classes - 1), u[rows, 3])
+                second[rows] = members.pick(second_class[rows], u[rows, 3])
         return first, second
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.num_batches):
-            self._before[self.batches_drawn] = (self.generator.get_state(), self.raw_probabilities, self.pool_labels)
+            self._before[self.batches_drawn] = (
+                self.generator.get_state(),
+                self.raw_probabilities,
+                self.pool_labels,
+                self.pool_fraction,
+            )
             self._before.pop(self.batches_drawn - KEPT_POSITIONS, None)
             first, second = self.draw(self.pairs_per_batch)
             self.batches_drawn += 1
@@ -183,9 +207,10 @@ class PairBatchSampler:
     def state_dict(self, batches_used: int | None = None) -> dict[str, Any]:
         """The position after ``batches_used`` batches (default: all drawn): batches drawn ahead are given back."""
         if batches_used is None or batches_used == self.batches_drawn:
-            generator, probabilities, pool = self.generator.get_state(), self.raw_probabilities, self.pool_labels
+            generator, probabilities = self.generator.get_state(), self.raw_probabilities
+            pool, fraction = self.pool_labels, self.pool_fraction
         elif batches_used in self._before:
-            generator, probabilities, pool = self._before[batches_used]
+            generator, probabilities, pool, fraction = self._before[batches_used]
         else:
             raise ValueError(
                 f"the sampler has drawn {self.batches_drawn} batches and cannot go back to batch {batches_used} "
@@ -198,12 +223,13 @@ class PairBatchSampler:
         }
         if pool is not None:
             state["pool_labels"] = pool.clone()
+            state["pool_fraction"] = fraction.clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
         if "pool_labels" in state:
-            self.set_pool(state["pool_labels"])
+            self.set_pool(state["pool_labels"], state.get("pool_fraction"))
         self.set_distribution(state["probabilities"])
         self.batches_drawn = int(state["batches_drawn"])
 

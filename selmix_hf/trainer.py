@@ -27,7 +27,15 @@ from .metrics import confusion_counts, normalized_confusion
 from .objectives import CONFUSION_CLIP, Objective, multiplier_logs, objective_for_training
 from .plots import log_refresh_heatmaps
 from .sampling import PairBatchSampler, rank_seed
-from .unlabeled import UNCONFIDENT, PoolSample, UnlabeledView, pool_distribution, pseudo_labels, unlabeled_view
+from .unlabeled import (
+    UNCONFIDENT,
+    PoolSample,
+    UnlabeledView,
+    pool_distribution,
+    pool_precision,
+    pseudo_labels,
+    unlabeled_view,
+)
 from .validation import gathered_validation_pass
 
 logger = logging.getLogger(__name__)
@@ -42,6 +50,7 @@ DRAWN_CLASS_KEY = "_selmix_drawn_class"  # with pool anchors: the class each fir
 NEGLIGIBLE_REFRESHES = 3
 FRESH_HEAD_STD = 0.03
 MAX_LISTED_CLASSES = 20  # classes of the unlabelled pool's distribution a card lists by name
+MAX_LOGGED_CLASSES = 16  # per-class values logged one by one; past this, their min and max
 
 
 class SelMixTrainer(BaseTrainer):
@@ -84,6 +93,7 @@ class SelMixTrainer(BaseTrainer):
             )
         )
         self.pseudo_labels: torch.Tensor | None = None  # of the pool at the last refresh (-1: not drawn)
+        self.pool_precision: torch.Tensor | None = None  # partners='by_precision': per pseudo-class, estimated
         self._pool_sample: PoolSample | None = None  # with unlabeled_refresh_size: the part of the pool labelled
         self.objective = (
             objective
@@ -142,7 +152,9 @@ class SelMixTrainer(BaseTrainer):
             world_size=self.args.world_size,
             accumulation_steps=self.args.gradient_accumulation_steps,  # no short last step in an epoch
             pool_size=0 if pool is None else len(pool),
-            pool_fraction=self.args.pool_fraction(self.partners),
+            pool_fraction=self.pool_precision
+            if self.pool_precision is not None
+            else self.args.pool_fraction(self.partners),
             pool_anchors=self.args.unlabeled_anchors,
         )
         if self._sampler_state is not None:
@@ -150,7 +162,7 @@ class SelMixTrainer(BaseTrainer):
             self._sampler_state = None
         else:
             if self.pseudo_labels is not None:
-                self.sampler.set_pool(self.pseudo_labels)
+                self.sampler.set_pool(self.pseudo_labels, self.pool_precision)
             if self.distribution is not None:
                 self.sampler.set_distribution(self.distribution)
         return DataLoader(
@@ -231,16 +243,16 @@ class SelMixTrainer(BaseTrainer):
             )
             pseudo = self.pseudo_labels
         self.pseudo_labels = pseudo
+        if self.partners == "by_precision":  # validation confusion of this refresh -> the pool's share per class
+            self.pool_precision = pool_precision(self.last_confusion_counts, self.pseudo_labels)[0]
         if self.sampler is not None:
-            self.sampler.set_pool(self.pseudo_labels)
+            self.sampler.set_pool(self.pseudo_labels, self.pool_precision)
         shares = pool_distribution(self.pseudo_labels, self.num_labels)
         labelled = len(self._pool_sample) if self._pool_sample is not None else len(self.pseudo_labels)
         logs = {"selmix/unlabeled_confident": float((self.pseudo_labels >= 0).sum()) / labelled}
-        if self.num_labels <= 16:
-            logs.update({f"selmix/unlabeled_share_{k}": float(v) for k, v in enumerate(shares)})
-        else:
-            logs.update({"selmix/unlabeled_share_max": float(shares.max())})
-            logs.update({"selmix/unlabeled_share_min": float(shares.min())})
+        logs.update(per_class_logs("selmix/unlabeled_share", shares))
+        if self.pool_precision is not None:
+            logs.update(per_class_logs("selmix/pool_precision", self.pool_precision))
         return logs
 
     def compute_loss(
@@ -433,6 +445,8 @@ class SelMixTrainer(BaseTrainer):
         source = {
             "unlabeled": "partners drawn from an unlabelled pool",
             "mixed": f"{self.args.unlabeled_ratio:.0%} of partners drawn from an unlabelled pool",
+            "by_precision": "partners of each class drawn from an unlabelled pool with the probability that its "
+            f"pseudo-label is right, estimated on validation (lowest: {self._lowest_precision()}), else labelled",
             "labeled": "first members also drawn from an unlabelled pool",
         }[self.partners]
         anchors = (
@@ -450,6 +464,14 @@ class SelMixTrainer(BaseTrainer):
             f"threshold at the last refresh){anchors}; the pool's estimated class distribution: {listed}{more}"
         )
 
+    def _lowest_precision(self, shown: int = 3) -> str:
+        """The pseudo-classes whose pool partners were least trusted at the last refresh, for the card."""
+        if self.pool_precision is None:
+            return "not estimated"
+        names = self.class_names()
+        order = sorted(range(self.num_labels), key=lambda k: float(self.pool_precision[k]))[:shown]
+        return ", ".join(f"{names[k]} {float(self.pool_precision[k]):.2f}" for k in order)
+
     # -- checkpoints ------------------------------------------------------------------------------
     def method_state(self) -> dict[str, Any]:
         """Everything SelMix adds to a checkpoint: multipliers, P, G, the histories and this rank's streams."""
@@ -465,6 +487,7 @@ class SelMixTrainer(BaseTrainer):
             else self.sampler.state_dict(self._batches_used),
             "mix_generator": self._mix_generator.get_state(),
             "pseudo_labels": self.pseudo_labels,
+            "pool_precision": self.pool_precision,
         }
 
     def load_method_state(self, state: dict[str, Any], same_rank: bool) -> None:
@@ -475,10 +498,18 @@ class SelMixTrainer(BaseTrainer):
         self.objective_history = list(state.get("objective_history", []))
         self.negligible_refreshes = int(state.get("negligible_refreshes", 0))
         self.pseudo_labels = state.get("pseudo_labels")
+        self.pool_precision = state.get("pool_precision")
         if same_rank:
             self._mix_generator.set_state(state["mix_generator"])
             self._sampler_state = state["sampler"]
             self._batches_used = 0 if state["sampler"] is None else int(state["sampler"]["batches_drawn"])
+
+
+def per_class_logs(name: str, values: torch.Tensor) -> dict[str, float]:
+    """One log entry per class (``name_k``), or ``name_min`` / ``name_max`` when there are too many to read."""
+    if len(values) <= MAX_LOGGED_CLASSES:
+        return {f"{name}_{k}": float(v) for k, v in enumerate(values)}
+    return {f"{name}_min": float(values.min()), f"{name}_max": float(values.max())}
 
 
 class IndexedDataset(torch.utils.data.Dataset):

@@ -142,4 +142,20 @@ def pool_distribution(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return counts / counts.sum().clamp_min(1.0)
 
 
-__all__ = ["UNCONFIDENT", "UnlabeledView", "pool_distribution", "pseudo_labels", "unlabeled_view"]
+def pool_precision(confusion_counts: torch.Tensor, pseudo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pseudo-class j, the estimated share of the pool's samples labelled j that are of class j, and the pool's
+    class prior pi behind it, by black-box shift estimation (Lipton et al., 2018): the pseudo-label shares q are
+    R^T pi, with R the validation confusion (rows normalised), so pi solves it (least squares, clipped at 0) and
+    precision_j = pi_j R_jj / (R^T pi)_j. The pool's own labels are not needed."""
+    counts = torch.as_tensor(confusion_counts, dtype=torch.float64).cpu()
+    num_classes = counts.shape[0]
+    rates = counts / counts.sum(1, keepdim=True).clamp_min(1.0)  # R[i, j] = P(predicted j | class i)
+    shares = pool_distribution(torch.as_tensor(pseudo).cpu(), num_classes)
+    prior = (torch.linalg.pinv(rates.T) @ shares).clamp_min(0.0)
+    prior = prior / prior.sum() if prior.sum() > 0 else shares
+    predicted = rates.T @ prior
+    precision = torch.where(predicted > 0, prior * rates.diagonal() / predicted.clamp_min(1e-12), 0.0)
+    return precision.clamp(0.0, 1.0), prior
+
+
+__all__ = ["UNCONFIDENT", "UnlabeledView", "pool_distribution", "pool_precision", "pseudo_labels", "unlabeled_view"]

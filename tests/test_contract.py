@@ -109,6 +109,16 @@ SUBJECTS = [
         unused_settings={"unlabeled_ratio"},  # partners="unlabeled": no mix to weigh
         trainer_kwargs=lambda: {"unlabeled_dataset": gaussian_problem(UNLABELED_COUNTS, seed=3)},
     ),
+    Subject(  # partners of each pseudo-class from the pool at its estimated precision: a per-class share per refresh
+        "selmix-by-precision",
+        SelMixTrainer,
+        SelMixConfig,
+        {"gain_refresh_steps": 2, "objective": "min_recall", "partners": "by_precision"},
+        lambda t: {"gains": t.gains, "pseudo_labels": t.pseudo_labels, "pool_precision": t.pool_precision},
+        ("plateau_window", "10"),
+        unused_settings={"unlabeled_ratio"},
+        trainer_kwargs=lambda: {"unlabeled_dataset": gaussian_problem(UNLABELED_COUNTS, seed=3)},
+    ),
     Subject(
         "longtail-cost-sensitive",
         LongTailTrainer,

@@ -25,6 +25,7 @@ from transformers import TrainerCallback  # noqa: E402
 
 from selmix_hf import SelMixConfig  # noqa: E402
 from selmix_hf.sampling import PairBatchSampler  # noqa: E402
+from selmix_hf.unlabeled import pool_precision  # noqa: E402
 
 PLAIN = SUBJECTS[0]  # SelMix without a pool: the rows below add one through the trainer's keyword
 SEMI = {"partners": "unlabeled", "pseudo_label_threshold": UNTRAINED_CONFIDENCE, "unlabeled_anchors": True}
@@ -190,6 +191,63 @@ def test_mixed_partners_come_from_the_pool_at_the_ratio_and_anchors_from_confide
     assert from_pool.double().mean().item() == pytest.approx(0.3, abs=0.015)
     anchors = first[first >= len(labels)] - len(labels)
     assert anchors.numel() > 0 and (pseudo[anchors] >= 0).all()  # no unconfident sample is a first member
+
+
+def test_pool_precision_recovers_the_pools_prior_and_the_share_of_right_pseudo_labels():
+    # validation: 100 per class; class 2 is often predicted as 1, class 0 sometimes as 2
+    rates = torch.tensor([[0.8, 0.0, 0.2], [0.0, 0.9, 0.1], [0.0, 0.4, 0.6]], dtype=torch.float64)
+    counts = (rates * 100).round().long()
+    prior = torch.tensor([0.1, 0.3, 0.6], dtype=torch.float64)  # the pool's, unlike the balanced validation's
+    shares = rates.T @ prior  # the pool's pseudo-label shares this prior gives: 0.08 / 0.51 / 0.41
+    pseudo = torch.repeat_interleave(torch.arange(3), (shares * 1000).round().long())
+    precision, estimated = pool_precision(counts, pseudo)
+    torch.testing.assert_close(estimated, prior)
+    # by hand: of the pool's pseudo-label 1 (0.27 + 0.24), 0.27 are class 1; of label 2 (0.02 + 0.03 + 0.36), 0.36
+    torch.testing.assert_close(precision, torch.tensor([1.0, 0.27 / 0.51, 0.36 / 0.41], dtype=torch.float64))
+    # the balanced validation's own precision of label 2 (0.6 / 0.9) is not the pool's: the prior matters
+    assert abs(float(precision[2]) - 0.6 / 0.9) > 0.1
+    # a pool that is all one pseudo-class: its prior is clipped to a distribution, precisions stay in [0, 1]
+    precision, estimated = pool_precision(counts, torch.zeros(50, dtype=torch.long))
+    assert float(estimated.sum()) == pytest.approx(1.0) and ((precision >= 0) & (precision <= 1)).all()
+
+
+def test_per_class_pool_shares_send_each_partner_class_to_the_pool_at_its_rate():
+    labels = [0] * 30 + [1] * 20 + [2] * 10
+    pseudo = torch.tensor([0] * 5 + [1] * 40 + [2] * 15)
+    p = torch.tensor([[0.05, 0.30, 0.05], [0.10, 0.02, 0.08], [0.25, 0.05, 0.10]], dtype=torch.float64)
+    sampler = PairBatchSampler(labels, 3, 10, pool_size=len(pseudo), pool_fraction=0.5)
+    sampler.set_pool(pseudo, torch.tensor([0.9, 0.0, 0.3]))
+    sampler.set_distribution(p)
+    first, second = sampler.draw(60000)
+    from_pool = second >= len(labels)
+    second_class = torch.cat([torch.tensor(labels), pseudo])[second]
+    first_class = torch.tensor(labels)[first]
+    for j, share in enumerate([0.9, 0.0, 0.3]):
+        assert from_pool[second_class == j].double().mean().item() == pytest.approx(share, abs=0.02)
+    for i in range(3):  # the partner class still follows P(j | i), whichever set it comes from
+        partners = torch.bincount(second_class[first_class == i], minlength=3).double()
+        assert stats.chisquare(partners.numpy(), (p[i] / p[i].sum() * partners.sum()).numpy()).pvalue > 1e-3
+    # a class the pool has no sample of comes from the labelled set, whatever its share
+    sampler.set_pool(torch.tensor([1] * 60), torch.tensor([0.9, 0.9, 0.9]))
+    first, second = sampler.draw(2000)
+    partner_class = torch.tensor(labels + [1] * 60)[second]
+    assert (second[partner_class != 1] < len(labels)).all() and (second[partner_class == 1] >= len(labels)).any()
+    with pytest.raises(ValueError, match=r"pool_fraction must lie in \[0, 1\]"):
+        sampler.set_pool(pseudo, torch.tensor([0.5, 1.5, 0.0]))
+
+
+def test_partners_by_precision_follow_the_estimate_of_the_last_refresh(tmp_path):
+    trainer = semi_trainer(str(tmp_path / "run"), pool(), max_steps=4, partners="by_precision", unlabeled_anchors=False)
+    logged = []
+    trainer.add_callback(
+        type("Logs", (TrainerCallback,), {"on_log": lambda s, a, st, c, logs=None, **k: logged.append(logs)})
+    )
+    trainer.train()
+    expected, _ = pool_precision(trainer.last_confusion_counts, trainer.pseudo_labels)
+    torch.testing.assert_close(trainer.pool_precision, expected)
+    torch.testing.assert_close(trainer.sampler.pool_fraction, expected)
+    assert any("selmix/pool_precision_0" in entry for entry in logged)
+    assert "with the probability that its pseudo-label is right" in trainer.card_stage()["description"]
 
 
 def test_accumulation_draws_the_same_pairs_with_a_pool():
