@@ -19,9 +19,12 @@ __all__ = [
     "disable_loss_kwargs",
     "drop_unused_columns",
     "get_last_checkpoint",
+    "is_batchnorm",
     "is_headless",
     "is_peft_model",
+    "peft_active_copy",
     "peft_base_model_name",
+    "peft_inactive_modules",
     "prepare_inputs",
     "restore_best_weights",
 ]
@@ -105,6 +108,13 @@ def is_headless(model: Any) -> bool:
     return bool(model_type) and modeling_auto.MODEL_MAPPING_NAMES.get(model_type) == type(model).__name__
 
 
+def is_batchnorm(module: Any) -> bool:
+    """Whether a module is a BatchNorm layer of any dimension (torch's shared base class is private)."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return isinstance(module, _BatchNorm)
+
+
 def _peft_model_class() -> type | None:
     try:
         from peft import PeftModel
@@ -125,6 +135,38 @@ def is_peft_model(model: Any) -> bool:
     """Whether the model is a PEFT adapter model."""
     peft_class = _peft_model_class()
     return peft_class is not None and isinstance(model, peft_class)
+
+
+def _peft_copy_wrappers(model: Any) -> list[Any]:
+    """The `ModulesToSaveWrapper`s in a model (modules PEFT trains as a copy, e.g. a classifier head)."""
+    try:
+        from peft.utils.other import ModulesToSaveWrapper
+    except Exception:  # noqa: BLE001 - not installed, or a release without it
+        return []
+    return [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def peft_active_copy(module: Any) -> Any:
+    """The module a PEFT `ModulesToSaveWrapper` runs in forward: the active adapter's copy (the original when
+    adapters are disabled); any other module is returned as is."""
+    if module not in _peft_copy_wrappers(module):
+        return module
+    adapters = list(module.active_adapters)
+    if module.disable_adapters or not adapters or adapters[0] not in module.modules_to_save:
+        return module.original_module
+    return module.modules_to_save[adapters[0]]
+
+
+def peft_inactive_modules(model: Any) -> set[int]:
+    """ids of the modules inside PEFT copy wrappers that forward does not run (the original, other adapters')."""
+    inactive: set[int] = set()
+    for wrapper in _peft_copy_wrappers(model):
+        active = peft_active_copy(wrapper)
+        for child in wrapper.children():
+            for branch in [child] if child is not wrapper.modules_to_save else list(child.values()):
+                if branch is not active:
+                    inactive.update(id(m) for m in branch.modules())
+    return inactive
 
 
 def peft_base_model_name(model: Any) -> str | None:

@@ -116,6 +116,9 @@ class BaseTrainer(ModelCardMixin, Trainer):
             )
         self.num_labels = num_labels_of(model)
         self.head = find_head(model, self.num_labels)[1] if self.reads_head_weights else None
+        if _compat.is_peft_model(unwrap(model)):
+            self._require_trainable_peft_head(model)
+            keep_frozen_norm_statistics(model)
         if args.label_smoothing_factor and not self.supports_label_smoothing:
             raise ValueError(
                 f"label_smoothing_factor={args.label_smoothing_factor} is not applied by {name}: its loss defines its "
@@ -138,6 +141,18 @@ class BaseTrainer(ModelCardMixin, Trainer):
         self.posthoc_metrics: dict[str, float] | None = None  # eval_dataset metrics of the model with its rule
 
     # -- set-up shared by every trainer ---------------------------------------------------------------
+    def _require_trainable_peft_head(self, model: torch.nn.Module) -> None:
+        """A PEFT model must train its classification head (new classes start from random weights): the head goes in
+        the adapter config's ``modules_to_save``, which PEFT adds by itself only for some task types."""
+        name, head = find_head(model, self.num_labels)
+        if not any(p.requires_grad for p in head.parameters()):
+            short = name.rsplit(".", 1)[-1]
+            raise ValueError(
+                f"the classification head {name!r} is frozen in this PEFT model, so its classes would never be "
+                f"learned; pass modules_to_save=[{short!r}] in the adapter config (e.g. peft.LoraConfig(..., "
+                f"modules_to_save=[{short!r}])) so that the adapter trains and saves a copy of it"
+            )
+
     def _label_key(self) -> str:
         """The batch key of the labels: the one entry of ``label_names`` (``labels`` by default)."""
         names = list(self.label_names or ["labels"])
@@ -478,4 +493,27 @@ class BaseTrainer(ModelCardMixin, Trainer):
         return "evaluation", counts, None
 
 
-__all__ = ["BaseTrainer", "PeriodicRefresh"]
+def _use_running_statistics(module: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook: this BatchNorm normalises with its running statistics and does not update them."""
+    module.train(False)
+
+
+def keep_frozen_norm_statistics(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """BatchNorm layers a PEFT adapter does not train keep their running statistics: an adapter saves only what it
+    trains, so statistics updated by training would be lost at reload and the reloaded model would predict
+    differently. Returns the layers so held."""
+    held = [
+        m
+        for m in unwrap(model).modules()
+        if _compat.is_batchnorm(m) and not any(p.requires_grad for p in m.parameters())
+    ]
+    for module in held:
+        if not getattr(module, "_selmix_frozen_statistics", False):
+            module.register_forward_pre_hook(_use_running_statistics)
+            module._selmix_frozen_statistics = True
+    if held:
+        logger.info("PEFT model: %d frozen BatchNorm layers keep their running statistics", len(held))
+    return held
+
+
+__all__ = ["BaseTrainer", "PeriodicRefresh", "keep_frozen_norm_statistics"]

@@ -101,17 +101,20 @@ def find_head(model: nn.Module, num_labels: int | None = None) -> tuple[str, nn.
     if num_labels is None:
         num_labels = getattr(getattr(model, "config", None), "num_labels", None)
     names = {id(module): name for name, module in model.named_modules()}
+    inactive = _compat.peft_inactive_modules(model)  # a PEFT-trained head: only its active copy runs
     if cls_name in HEAD_PATHS:
-        name = HEAD_PATHS[cls_name]
-        head = model.get_submodule(name)
+        head = _compat.peft_active_copy(model.get_submodule(HEAD_PATHS[cls_name]))
+        name = names.get(id(head), HEAD_PATHS[cls_name])
     elif hasattr(model, "timm_model") and hasattr(model.timm_model, "get_classifier"):
-        head = model.timm_model.get_classifier()
+        head = _compat.peft_active_copy(model.timm_model.get_classifier())
         name = names.get(id(head), "")
     else:
         candidates = [
             (name, module)
             for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and (num_labels is None or module.out_features == num_labels)
+            if isinstance(module, nn.Linear)
+            and (num_labels is None or module.out_features == num_labels)
+            and id(module) not in inactive
         ]
         if not candidates:
             raise ValueError(

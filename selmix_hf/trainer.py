@@ -112,7 +112,7 @@ class SelMixTrainer(BaseTrainer):
         self.class_prior = self._resolve_prior()
 
         self.pooled = PooledFeatures(self.head)
-        self._batchnorms = [m for m in unwrap(model).modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        self._batchnorms = [m for m in unwrap(model).modules() if _compat.is_batchnorm(m)]
         self._mix_generator = torch.Generator().manual_seed(rank_seed(args.seed, args.process_index) ^ 0x5E1)
         self.sampler: PairBatchSampler | None = None
         self.distribution: torch.Tensor | None = None
