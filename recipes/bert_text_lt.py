@@ -22,6 +22,7 @@ from datasets import ClassLabel, load_dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from selmix_hf import SelMixConfig
+from selmix_hf.adapters import AdapterArguments
 from selmix_hf.data import make_long_tailed
 from selmix_hf.recipe import (
     CardArguments,
@@ -130,8 +131,16 @@ def load_pool(data: TextDataArguments, semi: SemiSupervisedArguments, seed: int)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data, args, stages, card, semi = parse_recipe_arguments(
-        (ModelArguments, TextDataArguments, SelMixConfig, StageArguments, CardArguments, SemiSupervisedArguments),
+    model_args, data, args, stages, card, semi, adapter = parse_recipe_arguments(
+        (
+            ModelArguments,
+            TextDataArguments,
+            SelMixConfig,
+            StageArguments,
+            CardArguments,
+            SemiSupervisedArguments,
+            AdapterArguments,
+        ),
         argv,
         DEFAULT_CONFIG,
     )
@@ -177,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         dataset_name=data.dataset_name or os.path.basename(data.train_file),
         unlabeled=pool,
         semi=semi,
+        adapter=adapter,
     )
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from selmix_hf import SelMixConfig
+from selmix_hf.adapters import AdapterArguments
 from selmix_hf.recipe import (
     CardArguments,
     SemiSupervisedArguments,
@@ -154,11 +155,19 @@ def load_pool(data: ImageDataArguments, semi: SemiSupervisedArguments, seed: int
 
 def main(argv: list[str] | None = None) -> dict:
     parsed = parse_recipe_arguments(
-        (ModelArguments, ImageDataArguments, SelMixConfig, StageArguments, CardArguments, SemiSupervisedArguments),
+        (
+            ModelArguments,
+            ImageDataArguments,
+            SelMixConfig,
+            StageArguments,
+            CardArguments,
+            SemiSupervisedArguments,
+            AdapterArguments,
+        ),
         argv,
         DEFAULT_CONFIG,
     )
-    model_args, data, args, stages, card, semi = parsed
+    model_args, data, args, stages, card, semi, adapter = parsed
     origin = parsed.origin("num_labels")
     splits, names = load_splits(data, args.seed, origin)
     names = class_names(data, splits, names, origin)
@@ -193,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
         dataset_name=data.dataset_name or f"ImageNet-LT format split files in {data.image_root}",
         unlabeled=pool,
         semi=semi,
+        adapter=adapter,
     )
 
 

@@ -20,6 +20,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from . import FixMatchConfig, FixMatchTrainer, LongTailConfig, LongTailTrainer, SelMixConfig, SelMixTrainer, _compat
+from .adapters import AdapterArguments, load_adapter_weights, wrap_with_lora
 from .data import dataset_labels
 from .losses import LOSSES
 from .metrics import classification_report, make_compute_metrics
@@ -393,11 +394,13 @@ def run_two_stages(
     unlabeled: Any = None,
     semi: SemiSupervisedArguments | None = None,
     views: Any = None,
+    adapter: AdapterArguments | None = None,
 ) -> dict[str, Any]:
     """Stage 1 -> test report -> stage 2 -> test report -> model, figures, metrics, card (and the Hub upload).
 
     With an ``unlabeled`` pool, stage 1 is FixMatch-LA (unless ``semi.fixmatch`` is false; ``views`` are its
     weak / strong views, default by input kind) and SelMix draws its partners from the pool (``--partners``).
+    With ``adapter.lora_r`` > 0 both stages train a LoRA adapter and the head's copy instead of the whole model.
     """
     for name in ("train", "validation", "test"):
         if splits.get(name) is None:
@@ -409,6 +412,9 @@ def run_two_stages(
     resume = bool(args.resume_from_checkpoint)
     names = [str(name) for name in class_names]
     set_class_names(model, names)
+    lora = adapter is not None and adapter.lora_r > 0
+    if lora:
+        model = wrap_with_lora(model, adapter)
     counts = np.bincount(dataset_labels(splits["train"]), minlength=len(names)).tolist()
     common = dict(
         train_dataset=splits["train"],
@@ -426,8 +432,11 @@ def run_two_stages(
         done = os.path.join(config1.output_dir, "config.json")
         if resume and stages.run_stage2 and os.path.exists(done):  # this run's stage 1 finished before: reuse it
             logger.info("resuming: stage 1 already finished in %s", config1.output_dir)
-            model = type(model).from_pretrained(config1.output_dir)
-            set_class_names(model, names)
+            if lora:  # stage 1 saved the adapter and the head's copy: put them into the wrapped model
+                load_adapter_weights(model, config1.output_dir)
+            else:
+                model = type(model).from_pretrained(config1.output_dir)
+                set_class_names(model, names)
         else:
             trainer = (
                 FixMatchTrainer(model=model, args=config1, unlabeled_dataset=unlabeled, views=views, **common)

@@ -621,3 +621,27 @@ def test_bad_unlabelled_sources_are_named(extra, message, text_data, tmp_path, m
     open("pool.txt", "w").write("a\n")
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         recipe("bert_text_lt").main(text_args(text_data, tmp_path / "run", *extra))
+
+
+@pytest.mark.parametrize("name", ["bert_text_lt", "vit_imagenet_lt"])
+def test_lora_flag_trains_an_adapter_in_both_stages_and_it_reloads(name, text_data, image_data, tmp_path):
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    text = name == "bert_text_lt"
+    targets = ["--lora_target_modules", *(["query", "value"] if text else ["q_proj", "v_proj"])]
+    make_args = text_args if text else image_args
+    result = recipe(name).main(make_args(text_data if text else image_data, out, "--lora_r", "4", *targets))
+    saved = set(os.listdir(out))
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= saved and "model.safetensors" not in saved
+    meta = card_yaml(out)
+    assert meta["library_name"] == "peft"
+    inputs = (
+        {"input_ids": torch.randint(5, 12, (3, 8)), "attention_mask": torch.ones(3, 8, dtype=torch.long)}
+        if text
+        else {"pixel_values": torch.randn(3, 3, 16, 16)}
+    )
+    model = result["trainer"].model.eval()
+    loader = peft.AutoPeftModelForSequenceClassification if text else peft.AutoPeftModel
+    reloaded = loader.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, model(**inputs).logits)
