@@ -27,6 +27,7 @@ from .metrics import confusion_counts, normalized_confusion
 from .objectives import CONFUSION_CLIP, Objective, multiplier_logs, objective_for_training
 from .plots import log_refresh_heatmaps
 from .sampling import PairBatchSampler, rank_seed
+from .sharding import whole_head
 from .unlabeled import (
     UNCONFIDENT,
     PoolSample,
@@ -185,13 +186,14 @@ class SelMixTrainer(BaseTrainer):
         raw_prototypes = class_prototypes(features, labels, self.num_labels)
         prototypes = equal_norm_prototypes(raw_prototypes) if self.args.equal_norm_prototypes else raw_prototypes
         self.objective.update(confusion)
-        head = self.pooled.head
+        with whole_head(self.pooled.head, self.model_wrapped) as (weight, bias):  # gathered if sharded
+            weight, bias = weight.float(), None if bias is None else bias.float()
         gains = gain_matrix(
             self.objective,
             confusion.to(features),
             prototypes,
-            head.weight.detach().float(),
-            None if head.bias is None else head.bias.detach().float(),
+            weight,
+            bias,
             mix_lambda_min=self.args.mix_lambda_min,
             estimator=self.args.gain_estimator,
             class_prior=self.class_prior,
