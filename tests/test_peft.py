@@ -12,7 +12,7 @@ peft = pytest.importorskip("peft")
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_contract import SUBJECTS, build  # noqa: E402
-from tiny import ARCHITECTURES, NUM_LABELS, class_signal_dataset, model_inputs  # noqa: E402
+from tiny import ARCHITECTURES, NUM_LABELS, attention_names, class_signal_dataset, model_inputs  # noqa: E402
 
 from selmix_hf import find_head  # noqa: E402
 
@@ -32,6 +32,7 @@ def lora_model(arch_name: str, folder: str, modules_to_save: list[str] | None | 
     arch.build().save_pretrained(folder)
     base = type(arch.build()).from_pretrained(folder)
     targets, head = LORA[arch_name]
+    targets = attention_names(base, targets)
     task = "SEQ_CLS" if arch.kind == "text" else None
     config = peft.LoraConfig(
         task_type=task, r=4, lora_alpha=8, target_modules=targets, modules_to_save=head if modules_to_save else None

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from miniatures import imagenet_lt_folder, text_csv, tiny_bert, tiny_timm, tiny_vit
+from tiny import attention_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_COUNTS = [24, 12, 6, 4]
@@ -628,7 +629,14 @@ def test_lora_flag_trains_an_adapter_in_both_stages_and_it_reloads(name, text_da
     peft = pytest.importorskip("peft")
     out = tmp_path / "lora"
     text = name == "bert_text_lt"
-    targets = ["--lora_target_modules", *(["query", "value"] if text else ["q_proj", "v_proj"])]
+    from transformers import AutoModelForImageClassification
+
+    vit = (
+        []
+        if text
+        else attention_names(AutoModelForImageClassification.from_pretrained(image_data[1]), ["q_proj", "v_proj"])
+    )
+    targets = ["--lora_target_modules", *(["query", "value"] if text else vit)]
     make_args = text_args if text else image_args
     result = recipe(name).main(make_args(text_data if text else image_data, out, "--lora_r", "4", *targets))
     saved = set(os.listdir(out))

@@ -260,3 +260,10 @@ def two_cpu_ranks(script: str, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, timeout=600, env=env, capture_output=True, text=True)
+
+
+def attention_names(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """LoRA targets as this transformers release names them (ViT's q_proj / v_proj were query / value before 5.x)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    renamed = {"q_proj": "query", "v_proj": "value"}
+    return [t if t in names else renamed.get(t, t) for t in targets]
