@@ -115,9 +115,11 @@ class BaseTrainer(ModelCardMixin, Trainer):
                 "process per GPU instead: `accelerate launch` or `torchrun --nproc_per_node N`"
             )
         self.num_labels = num_labels_of(model)
-        self.head = find_head(model, self.num_labels)[1] if self.reads_head_weights else None
-        if _compat.is_peft_model(unwrap(model)):
-            self._require_trainable_peft_head(model)
+        peft = _compat.is_peft_model(unwrap(model))
+        head_name, head = find_head(model, self.num_labels) if self.reads_head_weights or peft else ("", None)
+        self.head = head if self.reads_head_weights else None
+        if peft:
+            self._require_trainable_peft_head(head_name, head)
             keep_frozen_norm_statistics(model)
         if args.label_smoothing_factor and not self.supports_label_smoothing:
             raise ValueError(
@@ -141,10 +143,9 @@ class BaseTrainer(ModelCardMixin, Trainer):
         self.posthoc_metrics: dict[str, float] | None = None  # eval_dataset metrics of the model with its rule
 
     # -- set-up shared by every trainer ---------------------------------------------------------------
-    def _require_trainable_peft_head(self, model: torch.nn.Module) -> None:
+    def _require_trainable_peft_head(self, name: str, head: torch.nn.Module) -> None:
         """A PEFT model must train its classification head (new classes start from random weights): the head goes in
         the adapter config's ``modules_to_save``, which PEFT adds by itself only for some task types."""
-        name, head = find_head(model, self.num_labels)
         if not any(p.requires_grad for p in head.parameters()):
             short = name.rsplit(".", 1)[-1]
             raise ValueError(

@@ -519,13 +519,17 @@ def optimised_metrics(name: str | None) -> list[str]:
     return [name] if cls is None else list(cls.optimised_metrics)
 
 
+def vector_logs(name: str, values: torch.Tensor, max_entries: int = 16) -> dict[str, float]:
+    """Log scalars of a tensor: ``name_i`` per entry, or ``name_max`` / ``name_min`` beyond max_entries."""
+    flat = values.flatten()
+    if flat.numel() <= max_entries:
+        return {f"{name}_{i}": float(v) for i, v in enumerate(flat)}
+    return {f"{name}_max": float(flat.max()), f"{name}_min": float(flat.min())}
+
+
 def multiplier_logs(objective: Objective, prefix: str, max_entries: int = 16) -> dict[str, float]:
     """The objective's multipliers as log scalars: one per entry, or max / min beyond max_entries."""
     logs = {}
     for key, value in objective.multipliers().items():
-        flat = value.flatten()
-        if flat.numel() <= max_entries:
-            logs.update({f"{prefix}/{key}_{i}": float(v) for i, v in enumerate(flat)})
-        else:
-            logs.update({f"{prefix}/{key}_max": float(flat.max()), f"{prefix}/{key}_min": float(flat.min())})
+        logs.update(vector_logs(f"{prefix}/{key}", value, max_entries))
     return logs

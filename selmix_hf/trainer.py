@@ -24,7 +24,7 @@ from .config import SelMixConfig
 from .features import PooledFeatures, logits_of, unwrap
 from .gains import class_prototypes, equal_norm_prototypes, gain_matrix, sampling_distribution
 from .metrics import confusion_counts, normalized_confusion
-from .objectives import CONFUSION_CLIP, Objective, multiplier_logs, objective_for_training
+from .objectives import CONFUSION_CLIP, Objective, multiplier_logs, objective_for_training, vector_logs
 from .plots import log_refresh_heatmaps
 from .sampling import PairBatchSampler, rank_seed
 from .sharding import whole_head
@@ -51,7 +51,6 @@ DRAWN_CLASS_KEY = "_selmix_drawn_class"  # with pool anchors: the class each fir
 NEGLIGIBLE_REFRESHES = 3
 FRESH_HEAD_STD = 0.03
 MAX_LISTED_CLASSES = 20  # classes of the unlabelled pool's distribution a card lists by name
-MAX_LOGGED_CLASSES = 16  # per-class values logged one by one; past this, their min and max
 
 
 class SelMixTrainer(BaseTrainer):
@@ -252,9 +251,9 @@ class SelMixTrainer(BaseTrainer):
         shares = pool_distribution(self.pseudo_labels, self.num_labels)
         labelled = len(self._pool_sample) if self._pool_sample is not None else len(self.pseudo_labels)
         logs = {"selmix/unlabeled_confident": float((self.pseudo_labels >= 0).sum()) / labelled}
-        logs.update(per_class_logs("selmix/unlabeled_share", shares))
+        logs.update(vector_logs("selmix/unlabeled_share", shares))
         if self.pool_precision is not None:
-            logs.update(per_class_logs("selmix/pool_precision", self.pool_precision))
+            logs.update(vector_logs("selmix/pool_precision", self.pool_precision))
         return logs
 
     def compute_loss(
@@ -505,13 +504,6 @@ class SelMixTrainer(BaseTrainer):
             self._mix_generator.set_state(state["mix_generator"])
             self._sampler_state = state["sampler"]
             self._batches_used = 0 if state["sampler"] is None else int(state["sampler"]["batches_drawn"])
-
-
-def per_class_logs(name: str, values: torch.Tensor) -> dict[str, float]:
-    """One log entry per class (``name_k``), or ``name_min`` / ``name_max`` when there are too many to read."""
-    if len(values) <= MAX_LOGGED_CLASSES:
-        return {f"{name}_{k}": float(v) for k, v in enumerate(values)}
-    return {f"{name}_min": float(values.min()), f"{name}_max": float(values.max())}
 
 
 class IndexedDataset(torch.utils.data.Dataset):
