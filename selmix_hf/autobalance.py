@@ -21,13 +21,14 @@ from torch import nn
 from . import _compat
 from .base_trainer import BaseTrainer
 from .config import HYPERGRADIENTS, AutoBalanceConfig
-from .features import PooledFeatures, logits_of, unwrap
+from .features import PooledFeatures, logits_of
 from .longtail_trainer import LongTailTrainer
 from .losses import ParametricCrossEntropy, build_loss, class_balanced_weights
 from .metrics import confusion_counts, normalized_confusion
 from .nonfinite import NonFiniteError, bad_input_rows, first_bad, row_is_finite
 from .objectives import objective_for_training
 from .sampling import rank_seed
+from .sharding import model_to_call, whole_head
 
 
 def hypergradient(
@@ -96,6 +97,11 @@ class AutoBalanceTrainer(LongTailTrainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(model=model, args=args, validation_dataset=validation_dataset, **kwargs)
+        if args.hypergradient_params != "head":
+            self.require_whole_parameters(
+                f"with hypergradient_params={args.hypergradient_params!r} differentiates through every weight",
+                ", or hypergradient_params='head' (the default)",
+            )
         self.use_validation_set("AutoBalance")
         self.upper_weights = class_balanced_weights(self.validation_counts).to(args.device)
         self.upper_objective = None
@@ -127,7 +133,7 @@ class AutoBalanceTrainer(LongTailTrainer):
         """
         if self.args.search_steps is not None and self.state.global_step > self.args.search_steps:
             return {}
-        model = unwrap(self.model)
+        model = model_to_call(self.model)
         was_training = model.training
         model.eval()
         head_only = self.args.hypergradient_params == "head"
@@ -147,9 +153,10 @@ class AutoBalanceTrainer(LongTailTrainer):
             except NonFiniteError as err:
                 error = err
             self.stop_together(error)
-            head = self.pooled.head
-            module = head if head_only else model
-            weights = [p for p in module.parameters() if p.requires_grad]
+            if head_only:  # differentiable float copies of the head (gathered whole if sharded) stand in for it
+                weights, head = self._head_copy()
+            else:
+                weights = [p for p in model.parameters() if p.requires_grad]
 
             def train_loss() -> torch.Tensor:
                 """The lower-level (training) loss over the hyper-batches, with the graph to the weights."""
@@ -161,7 +168,7 @@ class AutoBalanceTrainer(LongTailTrainer):
             def val_loss() -> torch.Tensor:
                 """The upper-level (validation) objective as a loss."""
                 if head_only:
-                    return self._upper_loss(head(features.to(head.weight)), labels)
+                    return self._upper_loss(head(features.float()), labels)
                 return self._upper_loss(
                     torch.cat([self._logits(model, b) for b in val_batches]),
                     torch.cat([b[self.label_key] for b in val_batches]),
@@ -212,6 +219,19 @@ class AutoBalanceTrainer(LongTailTrainer):
             for g in shown:
                 logs[f"autobalance/{name}_{g}"] = float(values[groups.index(g)])
         return logs
+
+    def _head_copy(self) -> tuple[list[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """The head's trainable weights as float leaves with gradients, and the linear map they define.
+
+        The head-only hypergradient differentiates the two losses with respect to these copies: the same numbers as
+        the head's own, and under FSDP or ZeRO-3 the head's parameters are shards outside the wrapped forward.
+        """
+        head = self.pooled.head
+        with whole_head(head, self.model_wrapped) as (weight, bias):
+            weight = weight.float().clone().requires_grad_(head.weight.requires_grad)
+            bias = None if bias is None else bias.float().clone().requires_grad_(head.bias.requires_grad)
+        trainable = [t for t in (weight, bias) if t is not None and t.requires_grad]
+        return trainable, lambda features: F.linear(features, weight, bias)
 
     def _logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Logits of a batch with the graph kept (the whole-model hypergradient differentiates through them)."""

@@ -29,6 +29,7 @@ from .metrics import check_labels, classification_report
 from .nonfinite import NonFiniteError, bad_input_rows, check_state_finite, describe_rows
 from .objectives import Objective, objective_for_training
 from .posthoc import RULE_ATTRIBUTE, DecisionRule, fit_decision_rule, fold_offsets
+from .sharding import local_part
 from .validation import counts_with_every_class, gathered_validation_pass, pick_validation_set
 
 logger = logging.getLogger(__name__)
@@ -128,8 +129,6 @@ class BaseTrainer(ModelCardMixin, Trainer):
             )
         super().__init__(model=model, args=args, **kwargs)
         _compat.disable_loss_kwargs(self)
-        if self.reads_head_weights:
-            self._require_whole_head()
         self.label_key = self._label_key()
         self.train_labels: np.ndarray | None = None  # read by count_classes when the counts come from them
         self.class_counts = self.count_classes()
@@ -188,10 +187,6 @@ class BaseTrainer(ModelCardMixin, Trainer):
         labels = self._labels_of(self.validation_dataset, "validation")
         self.validation_counts = counts_with_every_class(labels, self.num_labels, "validation")
         return self.validation_dataset
-
-    def _require_whole_head(self) -> None:
-        """Refuse sharded parameters (FSDP, DeepSpeed ZeRO-3): the head's weights are read whole between steps."""
-        self.require_whole_parameters("reads the classifier head's full weights between steps", "")
 
     def require_whole_parameters(self, why: str, alternative: str) -> None:
         """Refuse FSDP and DeepSpeed ZeRO-3, which shard the parameters, for a trainer that ``why`` (a phrase)."""
@@ -297,12 +292,15 @@ class BaseTrainer(ModelCardMixin, Trainer):
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Refuse to write NaN weights or state over good checkpoints; write this rank's state before the Trainer's."""
+        error = None
         for name, param in unwrap(model).named_parameters():
-            if param.dtype.is_floating_point and not torch.isfinite(param.detach()).all():
-                raise NonFiniteError(
+            if param.dtype.is_floating_point and not torch.isfinite(local_part(param).detach()).all():
+                error = NonFiniteError(
                     f"the weight {name} holds NaN or inf at step {self.state.global_step}: the "
                     "checkpoint is not written, earlier checkpoints are left as they are"
                 )
+                break
+        self.stop_together(error)  # under FSDP / ZeRO-3 each rank checked only its own shard
         state = {"run_id": self.run_id, "method": self.method_state()}
         check_state_finite(state["method"], f"{type(self).__name__} state at step {self.state.global_step}")
         folder = _compat.checkpoint_folder(self, trial)
@@ -393,7 +391,7 @@ class BaseTrainer(ModelCardMixin, Trainer):
         self.posthoc_rule = rule
         model = _compat.base_model_of(unwrap(self.model))
         if rule.kind == "offsets":
-            fold_offsets(unwrap(self.model), rule.offsets)
+            fold_offsets(unwrap(self.model), rule.offsets, root=self.model_wrapped)
         self.decision_rule = rule if rule.kind == "gain_matrix" else None
         setattr(model.config, RULE_ATTRIBUTE, rule.to_dict() if self.decision_rule else None)
         self.record_posthoc_stage(rule, objective, len(labels))

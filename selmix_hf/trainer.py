@@ -117,6 +117,7 @@ class SelMixTrainer(BaseTrainer):
         self.sampler: PairBatchSampler | None = None
         self.distribution: torch.Tensor | None = None
         self.gains: torch.Tensor | None = None
+        self.head_std = float("nan")  # the head weight's std at the last refresh
         self.max_gain_history: list[float] = []
         self.objective_history: list[float] = []  # the objective on validation at each refresh
         self.negligible_refreshes = 0  # consecutive refreshes whose largest gain could not move the objective
@@ -187,6 +188,7 @@ class SelMixTrainer(BaseTrainer):
         self.objective.update(confusion)
         with whole_head(self.pooled.head, self.model_wrapped) as (weight, bias):  # gathered if sharded
             weight, bias = weight.float(), None if bias is None else bias.float()
+        self.head_std = float(weight.std())  # read by the negligible-gain warning
         gains = gain_matrix(
             self.objective,
             confusion.to(features),
@@ -309,6 +311,12 @@ class SelMixTrainer(BaseTrainer):
         for name, param in opt_model.named_parameters():
             if param.requires_grad:
                 groups.setdefault((id(param) in head_ids, name in decay), []).append(param)
+        if self.args.backbone_lr_ratio != 1 and not any(is_head for is_head, _ in groups):
+            raise ValueError(
+                "backbone_lr_ratio needs the classifier head's parameters among the model's, but the wrapped model "
+                "holds none of them: FSDP1 without use_orig_params flattens them. Set fsdp_config={'use_orig_params': "
+                "True} (accelerate config: fsdp_use_orig_params: true), use FSDP2, or set backbone_lr_ratio=1"
+            )
         base_lr = self.args.learning_rate
         param_groups = [
             {
@@ -373,9 +381,8 @@ class SelMixTrainer(BaseTrainer):
                 f"the model never predicts {', '.join(names[k] for k in never[:10])} on the validation "
                 "set, and the first-order gain of a class the model never predicts is ~0"
             )
-        head_std = float(self.pooled.head.weight.detach().float().std())
-        if head_std < FRESH_HEAD_STD:
-            reasons.append(f"the classifier head looks freshly initialised (weight std {head_std:.3f})")
+        if self.head_std < FRESH_HEAD_STD:
+            reasons.append(f"the classifier head looks freshly initialised (weight std {self.head_std:.3f})")
         why = "; ".join(reasons) or "the gains are small for every pair of classes"
         logger.warning(
             "SelMix's gains in %s have been negligible for %d refreshes in a row (largest gain %.2e: a first-order "

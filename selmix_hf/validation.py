@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from . import _compat
-from .features import PooledFeatures, logits_of, unwrap
+from .features import PooledFeatures, logits_of
 from .nonfinite import NonFiniteError, first_bad, inputs_finite, row_is_finite
+from .sharding import model_to_call
 
 
 def pick_validation_set(validation_dataset: Any, eval_dataset: Any, purpose: str) -> Any:
@@ -57,7 +58,7 @@ def gathered_validation_pass(
     if id(dataset) not in cache:
         cache[id(dataset)] = _compat.validation_dataloader(trainer, dataset)
     loader = cache[id(dataset)]
-    model = unwrap(trainer.model)
+    model = model_to_call(trainer.model)  # FSDP1's wrapper stays: its forward gathers the parameters
     label_key = getattr(trainer, "label_key", "labels")
     was_training = model.training
     model.eval()

@@ -289,6 +289,15 @@ def test_whole_model_hypergradient_through_fused_attention_names_the_fix(tmp_pat
     head_only.train()
 
 
+def test_a_whole_model_hypergradient_under_sharding_is_refused_with_the_alternative(tmp_path, monkeypatch):
+    from tiny import pretend_fsdp
+
+    pretend_fsdp(monkeypatch)
+    with pytest.raises(ValueError, match=r"hypergradient_params='all' differentiates .*FSDP.*'head' \(the default\)"):
+        autobalance(tmp_path, hypergradient_params="all")
+    assert autobalance(tmp_path).is_fsdp_enabled  # the head-only hypergradient reads the head through the engine
+
+
 def test_engine_upper_objective_multipliers_follow_validation(tmp_path):
     trainer = autobalance(tmp_path, max_steps=10, upper_objective="min_recall", save_strategy="steps", save_steps=10)
     trainer.train()

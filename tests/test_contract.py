@@ -21,7 +21,14 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny import ListDataset, TinyMLPConfig, TinyMLPForClassification, gaussian_problem, two_cpu_ranks  # noqa: E402
+from tiny import (  # noqa: E402
+    ListDataset,
+    TinyMLPConfig,
+    TinyMLPForClassification,
+    fsdp_on_cpu_ranks,
+    gaussian_problem,
+    two_cpu_ranks,
+)
 from transformers import BertConfig, BertModel, TrainerCallback, TrainingArguments  # noqa: E402
 
 from selmix_hf import (  # noqa: E402
@@ -139,7 +146,7 @@ SUBJECTS = [
             "ema_decay": 0.9,
             "lambda_u": 0.1,  # the untrained model's pseudo-labels are one class: keep them from dominating
         },
-        lambda t: {**t.loss_fn.state_dict(), **t.average.weights},
+        lambda t: {**t.loss_fn.state_dict(), **(t.average.weights if t.average is not None else {})},
         ("mu", 2.5),
         trainer_kwargs=lambda: {
             "unlabeled_dataset": gaussian_problem(UNLABELED_COUNTS, seed=3),
@@ -305,14 +312,31 @@ def test_old_pickled_state_is_read_only_without_code(tmp_path):
 
 
 # -- two ranks ------------------------------------------------------------------------------------------
-def two_rank_run(name: str, out_dir: str) -> None:
-    """One rank of a two-process run of a subject (launched by torchrun from the test below)."""
+# FSDP2 settings of the sharded rows: the tiny MLP's linear layers each a unit. FSDP1 through accelerate does not
+# start on CPU (torch rejects the device accelerate passes as device_id); tests/test_sharding.py runs the FSDP1
+# wrapper itself on two ranks (head read, hook, mixing, step, bias edit).
+SHARDING = {
+    "ddp": {},
+    "ddp-as-sharded": {},  # DDP with the sharded rows' settings: what they are compared with
+    "fsdp2": {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True, "min_num_params": 1}},
+}
+SHARDED_SETTINGS = {"fixmatch": {"ema_decay": None}}  # an EMA of sharded weights is refused (tested elsewhere)
+
+
+def two_rank_run(name: str, out_dir: str, engine: str = "ddp") -> None:
+    """One rank of a two-process run of a subject under DDP or FSDP (launched by torchrun from the tests below)."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     subject = next(s for s in SUBJECTS if s.name == name)
-    trainer = build(subject, f"{out_dir}/run", max_steps=4, posthoc_objective="min_recall", posthoc_confidence=0.5)
+    sharded = {**SHARDING[engine], **(SHARDED_SETTINGS.get(name, {}) if engine != "ddp" else {})}
+    if engine.startswith("fsdp"):
+        fsdp_on_cpu_ranks()
+    trainer = build(
+        subject, f"{out_dir}/run", max_steps=4, posthoc_objective="min_recall", posthoc_confidence=0.5, **sharded
+    )
     assert dist.is_initialized() and dist.get_world_size() == 2 and trainer.args.world_size == 2
+    assert trainer.is_fsdp_enabled == engine.startswith("fsdp")
     trainer.train()
     _, logits, labels = trainer.validation_pass()
     pool = getattr(trainer, "unlabeled_dataset", None)
@@ -322,7 +346,7 @@ def two_rank_run(name: str, out_dir: str) -> None:
         {
             "rank": trainer.args.process_index,
             "steps": trainer.state.global_step,
-            "weights": weights(trainer),
+            "weights": whole_weights(trainer, engine),
             "shared": copy.deepcopy(subject.shared_state(trainer)),
             "validation_labels": labels.cpu(),
             "validation_logits": logits.cpu(),
@@ -351,6 +375,56 @@ def test_two_ranks_agree_and_count_each_validation_sample_once(subject, tmp_path
         torch.testing.assert_close(ranks[0]["pool_logits"], ranks[1]["pool_logits"])
     assert_same(ranks[0]["posthoc"], ranks[1]["posthoc"], "post-hoc rule", rtol=0, atol=0)
     assert all("21 validation samples" in r["posthoc_stage"] for r in ranks)  # each sample once in the fit
+
+
+SHARDED_SUBJECTS = [s for s in SUBJECTS if s.name != "selmix-by-precision"]  # by_precision: the pool path again
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tmp_path_factory):
+    """Each subject's two-rank DDP run with the sharded rows' settings, run once per module."""
+    runs: dict[str, list[dict]] = {}
+
+    def run(name: str) -> list[dict]:
+        if name not in runs:
+            folder = tmp_path_factory.mktemp(f"ddp-{name}")
+            result = two_cpu_ranks(__file__, name, str(folder), "ddp-as-sharded")
+            assert result.returncode == 0, result.stderr[-4000:]
+            runs[name] = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]
+        return runs[name]
+
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("subject", SHARDED_SUBJECTS, ids=[s.name for s in SHARDED_SUBJECTS])
+def test_fsdp2_on_two_ranks_trains_as_ddp_does(subject, ddp_reference, tmp_path):
+    """Sharded weights, the head read through the engine for refreshes and hypergradients, the offsets folded into a
+    sharded bias: the run's weights, method state and post-hoc rule match DDP's."""
+    result = two_cpu_ranks(__file__, subject.name, str(tmp_path), "fsdp2")
+    assert result.returncode == 0, result.stderr[-4000:]
+    sharded = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    reference = ddp_reference(subject.name)
+    tolerance = dict(rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(sharded, reference):
+        assert ours["steps"] == theirs["steps"] == 4
+        assert_same(ours["weights"], theirs["weights"], "weights", **tolerance)
+        assert_same(ours["shared"], theirs["shared"], "method state", **tolerance)
+        assert_same(ours["posthoc"], theirs["posthoc"], "post-hoc rule", **tolerance)
+        torch.testing.assert_close(ours["validation_logits"], theirs["validation_logits"], **tolerance)
+        assert torch.equal(ours["validation_labels"], theirs["validation_labels"])
+
+
+def whole_weights(trainer: Any, engine: str) -> dict[str, torch.Tensor]:
+    """The model's weights by their unwrapped names, gathered whole under FSDP (a collective)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if engine == "fsdp2":
+        for module in trainer.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()  # after a forward the root holds its parameters gathered, as plain tensors
+    full = {n: p.full_tensor() if engine == "fsdp2" else p for n, p in trainer.model.named_parameters()}
+    return {n: p.detach().clone() for n, p in full.items()}
 
 
 def two_rank_nan_run(name: str, out_dir: str) -> None:
@@ -742,4 +816,4 @@ def test_posthoc_objectives_default_to_what_training_optimised(tmp_path):
 
 
 if __name__ == "__main__":
-    (two_rank_nan_run if sys.argv[3:] == ["nan"] else two_rank_run)(sys.argv[1], sys.argv[2])
+    (two_rank_nan_run if sys.argv[3:] == ["nan"] else two_rank_run)(*sys.argv[1:])

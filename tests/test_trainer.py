@@ -14,6 +14,7 @@ from tiny import (
     class_signal_dataset,
     gaussian_problem,
     per_class_recall,
+    pretend_fsdp,
 )
 from transformers import HfArgumentParser, TrainerCallback
 
@@ -612,12 +613,11 @@ def test_sampler_epochs_are_whole_optimiser_steps(tmp_path):
     assert len(trainer.get_train_dataloader()) % 4 == 0
 
 
-def test_sharded_heads_are_refused_with_the_alternative(tmp_path):
+def test_sharded_parameters_are_accepted_now_that_the_head_is_read_through_the_engine(tmp_path, monkeypatch):
+    """Under FSDP or ZeRO-3 SelMix reads the head through selmix_hf.sharding (tests/test_sharding.py): no refusal."""
+    pretend_fsdp(monkeypatch)
     trainer = mlp_run(tmp_path, "fsdp", max_steps=1)
-    trainer._require_whole_head()  # DDP / single process: fine
-    trainer.is_fsdp_enabled = True
-    with pytest.raises(ValueError, match="use DDP"):
-        trainer._require_whole_head()
+    assert trainer.is_fsdp_enabled
 
 
 def test_resume_is_exact_when_dataloader_workers_draw_pairs_ahead(tmp_path):
@@ -662,3 +662,32 @@ def test_a_nan_names_the_dataset_index_of_the_micro_batch_it_came_from(tmp_path)
 def test_objective_options_may_give_the_head_tail_split_themselves(tmp_path):
     args = config(tmp_path, objective="min_head_tail_recall", objective_options={"class_counts": [40, 30, 20, 10]})
     assert args.objective_options == {"class_counts": [40, 30, 20, 10]}
+
+
+def test_a_thousand_classes_refresh_train_and_get_a_readable_card_in_seconds(tmp_path):
+    """K = 1,000 (ImageNet's): the K x K gains and pair distribution, the pair sampler and the summarised card."""
+    classes = 1000
+    counts = [int(max(1, 120 * 0.995**k)) for k in range(classes)]  # 120 ... 1: many, medium and few-shot classes
+    names = [f"class_{k}" for k in range(classes)]
+    torch.manual_seed(0)
+    trainer = SelMixTrainer(
+        model=TinyMLPForClassification(
+            TinyMLPConfig(num_labels=classes, hidden_dim=16, id2label=dict(enumerate(names)))
+        ),
+        args=config(
+            tmp_path, max_steps=3, gain_refresh_steps=2, per_device_train_batch_size=16, per_device_eval_batch_size=500
+        ),
+        train_dataset=gaussian_problem(counts, seed=1),
+        eval_dataset=gaussian_problem([1] * classes, seed=2),
+        compute_metrics=make_compute_metrics(classes, class_counts=counts, class_names=names, per_class=True),
+    )
+    trainer.train()
+    assert trainer.gains.shape == trainer.distribution.shape == (classes, classes)
+    assert torch.isfinite(trainer.gains).all() and float(trainer.distribution.sum()) == pytest.approx(1.0)
+    assert int(trainer.last_confusion_counts.sum()) == classes  # each validation sample once
+    report = trainer.evaluate()
+    results = {k[len("eval_") :]: v for k, v in report.items()}
+    card = trainer.create_model_card(results=results).text
+    table_rows = [line for line in card.splitlines() if line.startswith("| class_")]
+    assert len(table_rows) == 25  # the worst classes, not a thousand rows
+    assert "1000 classes: recall quartiles" in card and "| few-shot |" in card

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -223,6 +224,10 @@ class TinyMLPForClassification(PreTrainedModel):
         self.classifier = nn.Linear(config.hidden_dim, config.num_labels)
         self.post_init()
 
+    def get_input_embeddings(self) -> None:
+        """No embedding table (FSDP2's accelerate preparation asks for one to shard on its own)."""
+        return None
+
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
         logits = self.classifier(self.body(features))
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
@@ -267,3 +272,37 @@ def attention_names(model: torch.nn.Module, targets: list[str]) -> list[str]:
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     renamed = {"q_proj": "query", "v_proj": "value"}
     return [t if t in names else renamed.get(t, t) for t in targets]
+
+
+def pretend_fsdp(monkeypatch: Any) -> None:
+    """Trainers built in this test see an FSDP accelerator (their start-up checks read ``is_fsdp_enabled``)."""
+    from transformers import Trainer
+
+    original = Trainer.create_accelerator_and_postprocess
+
+    def create(self: Trainer) -> None:
+        original(self)
+        self.is_fsdp_enabled = True
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", create)
+
+
+def fsdp_on_cpu_ranks() -> None:
+    """Let this process's trainers shard with FSDP on CPU gloo ranks (accelerate enables FSDP on GPU runs only).
+
+    The accelerator state is told MULTI_GPU just before it picks its engine, so that it takes the FSDP branch; the
+    device (cpu) and backend (gloo) are already fixed by then. For launched test processes only.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+    from transformers import Trainer
+
+    original = Trainer.create_accelerator_and_postprocess
+
+    def create(self: Trainer) -> None:
+        _ = self.args.device  # builds the process state: MULTI_CPU over gloo
+        if PartialState._shared_state.get("distributed_type") == DistributedType.MULTI_CPU:
+            PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+        original(self)
+
+    Trainer.create_accelerator_and_postprocess = create

@@ -404,15 +404,16 @@ def predict_with_rule(model_or_config: Any, logits: torch.Tensor) -> torch.Tenso
     return logits.argmax(dim=-1) if rule is None else rule.predict(logits)
 
 
-def fold_offsets(model: torch.nn.Module, offsets: torch.Tensor) -> None:
-    """Add per-class offsets to the classifier head's bias, so the saved model predicts argmax(logits + offsets)."""
+def fold_offsets(model: torch.nn.Module, offsets: torch.Tensor, *, root: torch.nn.Module | None = None) -> None:
+    """Add per-class offsets to the classifier head's bias, so the saved model predicts argmax(logits + offsets).
+
+    ``root`` is the model as the sharding engine wrapped it (FSDP), when it is; every rank must call then.
+    """
     from ..features import find_head, num_labels_of
+    from ..sharding import add_to_head_bias
 
     _, head = find_head(model, num_labels_of(model))
-    if head.bias is None:
-        raise ValueError("the classifier head has no bias to fold the offsets into; apply DecisionRule.predict instead")
-    with torch.no_grad():
-        head.bias.add_(torch.as_tensor(offsets, dtype=head.bias.dtype, device=head.bias.device))
+    add_to_head_bias(head, root if root is not None else model, offsets)
 
 
 __all__ = [
