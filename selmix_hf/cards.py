@@ -92,13 +92,36 @@ def _per_class(
         return {"full": True, "rows": rows}
     worst = np.argsort(recall, kind="stable")[: limit // 2]
     quartiles = ", ".join(f"{q:.3f}" for q in np.quantile(recall, [0.25, 0.5, 0.75]))
+    previous = np.array([before[key] for key in keys]) if before and all(key in before for key in keys) else None
     return {
         "full": False,
         "rows": [rows[k] for k in worst],
         "num_classes": len(names),
         "quartiles": quartiles,
         "zero": int((recall == 0).sum()),
+        "groups": _frequency_groups(counts, recall, previous),
     }
+
+
+def _frequency_groups(counts: Sequence[int] | None, recall: np.ndarray, before: np.ndarray | None) -> list[dict]:
+    """Per many / medium / few-shot group: its classes, their training samples, mean and lowest recall."""
+    if counts is None:
+        return []
+    groups = []
+    for name, members in shot_groups(counts).items():
+        if members:
+            sizes = [int(counts[k]) for k in members]
+            groups.append(
+                {
+                    "name": f"{name}-shot",
+                    "classes": len(members),
+                    "samples": f"{min(sizes)}-{max(sizes)}" if min(sizes) != max(sizes) else str(sizes[0]),
+                    "mean": _fmt(recall[members].mean()),
+                    "before": "" if before is None else _fmt(before[members].mean()),
+                    "lowest": _fmt(recall[members].min()),
+                }
+            )
+    return groups
 
 
 def _data_profile(names: list[str], counts: Sequence[int] | None, dataset_name: str | None) -> dict | None:

@@ -10,6 +10,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 MAX_TICK_LABELS = 60  # beyond this many classes the axes are not labelled class by class
+MAX_BARS = 100  # beyond this many classes per-class bars are unreadable: recall against frequency rank instead
 
 
 def _pyplot():
@@ -28,8 +29,12 @@ def per_class_recall_figure(
     after: Sequence[float],
     before: Sequence[float] | None = None,
     labels: tuple[str, str] = ("before", "after"),
+    counts: Sequence[int] | None = None,
 ) -> Any:
-    """Bars of each class's recall, before and after side by side, classes in the given order."""
+    """Bars of each class's recall, before and after side by side, classes in the given order; beyond MAX_BARS
+    classes (and given the training counts) recall against frequency rank instead."""
+    if len(names) > MAX_BARS and counts is not None:
+        return recall_by_frequency_figure(counts, after, before, labels)
     plt = _pyplot()
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(min(24, max(6, 0.3 * len(names))), 4))
@@ -44,6 +49,41 @@ def per_class_recall_figure(
     ax.set_ylabel("recall")
     ax.set_ylim(0, 1)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def recall_by_frequency_figure(
+    counts: Sequence[int],
+    after: Sequence[float],
+    before: Sequence[float] | None = None,
+    labels: tuple[str, str] = ("before", "after"),
+) -> Any:
+    """Many classes: each class's recall as a dot at its training-frequency rank, a running mean over neighbouring
+    ranks as a line, before and after, with the many / medium / few-shot groups shaded."""
+    from .metrics import shot_groups
+
+    plt = _pyplot()
+    order = np.argsort(-np.asarray(counts), kind="stable")  # most frequent first
+    window = max(5, len(order) // 40)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for name, (values, colour) in {labels[0]: (before, "tab:blue"), labels[1]: (after, "tab:orange")}.items():
+        if values is None:
+            continue
+        ranked = np.asarray(values, dtype=np.float64)[order]
+        ax.scatter(np.arange(len(ranked)), ranked, s=4, alpha=0.35, color=colour, linewidths=0)
+        smooth = np.convolve(ranked, np.ones(window) / window, mode="valid")
+        ax.plot(np.arange(len(smooth)) + (window - 1) / 2, smooth, color=colour, label=f"{name} (mean of {window})")
+    start = 0
+    for (group, members), shade in zip(shot_groups(counts).items(), ("0.95", "0.88", "0.95")):
+        if members:
+            ax.axvspan(start - 0.5, start + len(members) - 0.5, color=shade, zorder=0)
+            ax.text(start + len(members) / 2, 1.02, f"{group}-shot ({len(members)})", ha="center", fontsize=8)
+            start += len(members)
+    ax.set_xlabel("class, by training samples (most first)")
+    ax.set_ylabel("recall")
+    ax.set_ylim(0, 1.08)
+    ax.legend(loc="lower left", fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 
@@ -143,7 +183,7 @@ def save_run_figures(
     keys = [f"recall_{str(n).replace(' ', '_')}" for n in names]
     if after is not None and all(k in after for k in keys):
         previous = [before[k] for k in keys] if before is not None and all(k in before for k in keys) else None
-        fig = per_class_recall_figure(names, [after[k] for k in keys], previous, labels)
+        fig = per_class_recall_figure(names, [after[k] for k in keys], previous, labels, trainer.class_counts)
         written.append(
             save_figure(fig, os.path.join(output_dir, "per_class_recall.png"), writer, "per_class_recall", step)
         )
@@ -163,6 +203,7 @@ def save_run_figures(
 __all__ = [
     "heatmap_figure",
     "per_class_recall_figure",
+    "recall_by_frequency_figure",
     "save_figure",
     "save_run_figures",
     "log_refresh_heatmaps",

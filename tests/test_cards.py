@@ -115,6 +115,26 @@ def test_many_classes_get_a_summary_not_a_table(no_network):
     recalls = [after[f"recall_class_{k}"] for k in range(120)]
     assert f"{np.quantile(recalls, 0.5):.3f}" in text
     assert 'pipeline("image-classification"' in text
+    groups = [line for line in text.splitlines() if line.startswith(("| many-shot", "| medium-shot", "| few-shot"))]
+    assert len(groups) == 3  # the 5..500 counts span all three
+    many = [k for k in range(120) if counts[k] > 100]
+    expected = f"| many-shot | {len(many)} | {min(counts[k] for k in many)}-{max(counts[k] for k in many)} |"
+    assert groups[0].startswith(expected)
+    assert groups[0].endswith(f" {np.mean([recalls[k] for k in many]):.3f} | {min(recalls[k] for k in many):.3f} |")
+
+
+def test_many_classes_are_plotted_against_frequency_rank_not_as_bars():
+    from selmix_hf.plots import MAX_BARS, per_class_recall_figure
+
+    after, names, counts = report(MAX_BARS + 20)
+    recall = [after[f"recall_{n.replace(' ', '_')}"] for n in names]
+    fig = per_class_recall_figure(names, recall, [r / 2 for r in recall], counts=counts)
+    ax = fig.axes[0]
+    assert not ax.patches or all(p.get_width() > 1 for p in ax.patches)  # shaded groups only, no per-class bars
+    assert [c.get_offsets().shape[0] for c in ax.collections] == [len(names), len(names)]  # a dot per class, twice
+    assert {t.get_text().split(" ")[0] for t in ax.texts} == {"many-shot", "medium-shot", "few-shot"}
+    few = per_class_recall_figure(names[:10], recall[:10], counts=counts[:10])
+    assert len(few.axes[0].patches) == 10  # few classes: one bar each
 
 
 def test_card_cites_every_known_key_once_in_order_of_first_appearance(no_network):
