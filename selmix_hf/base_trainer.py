@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from collections.abc import Sized
 from typing import Any, ClassVar
@@ -55,8 +56,14 @@ class PeriodicRefresh(TrainerCallback):
         self._run(control)
 
     def _run(self, control: Any) -> None:
+        started, self.trainer.validation_seconds = time.perf_counter(), 0.0
         logs = self.trainer.refresh()
-        if logs:
+        if logs:  # what a refresh costs, to weigh against the steps between two of them
+            logs = {
+                **logs,
+                "refresh/seconds": time.perf_counter() - started,
+                "refresh/validation_seconds": self.trainer.validation_seconds,
+            }
             should_log = control.should_log
             self.trainer.log(logs)
             control.should_log = self.trainer.control.should_log = should_log
@@ -121,7 +128,7 @@ class BaseTrainer(ModelCardMixin, Trainer):
         self.head = head if self.reads_head_weights else None
         if peft:
             self._require_trainable_peft_head(head_name, head)
-            keep_frozen_norm_statistics(model)
+        frozen_norms = frozen_norm_layers(model) if peft else []
         if args.label_smoothing_factor and not self.supports_label_smoothing:
             raise ValueError(
                 f"label_smoothing_factor={args.label_smoothing_factor} is not applied by {name}: its loss defines its "
@@ -137,6 +144,8 @@ class BaseTrainer(ModelCardMixin, Trainer):
         self.validation_counts: list[int] | None = None
         self.run_id = uuid.uuid4().hex  # names this run's stage in the model's config (no local path is published)
         self.resumed_from_checkpoint = False
+        self.validation_seconds = 0.0  # wall time of the validation passes of the current refresh
+        self._frozen_norms = frozen_norms  # PEFT: BatchNorm layers that keep their statistics while training
         self.posthoc_rule: DecisionRule | None = None  # the last rule fit_posthoc fitted (kept or declined)
         self.decision_rule: DecisionRule | None = None  # a gain-matrix rule evaluation and prediction apply
         self.posthoc_metrics: dict[str, float] | None = None  # eval_dataset metrics of the model with its rule
@@ -213,8 +222,13 @@ class BaseTrainer(ModelCardMixin, Trainer):
         """Act on the refresh just made, e.g. ``control.should_training_stop = True``; nothing by default."""
 
     def validation_pass(self, pooled: Any = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """(features, logits, labels) of the validation set, gathered over ranks, checked for NaN / inf."""
-        return gathered_validation_pass(self, self.validation_dataset, pooled, purpose=f"{self._name} refresh")
+        """(features, logits, labels) of the validation set, gathered over ranks, checked for NaN / inf; its wall time
+        is added to ``validation_seconds`` (logged with the refresh)."""
+        started = time.perf_counter()
+        try:
+            return gathered_validation_pass(self, self.validation_dataset, pooled, purpose=f"{self._name} refresh")
+        finally:
+            self.validation_seconds += time.perf_counter() - started
 
     # -- losses and NaN safety ------------------------------------------------------------------------
     def split_labels(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
@@ -319,7 +333,12 @@ class BaseTrainer(ModelCardMixin, Trainer):
             self.run_id = state.get("run_id", self.run_id)
             self.load_method_state(state["method"], same_rank)
         self.remember_base_model()
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        hooks = [m.register_forward_pre_hook(_use_running_statistics) for m in self._frozen_norms]  # training only
+        try:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
         if self.best_checkpoint_step() is not None:  # what is saved and described must be the best checkpoint's
             _compat.restore_best_weights(self.model, self.state.best_model_checkpoint)
             state, same_rank = self._read_state(self.state.best_model_checkpoint)
@@ -497,22 +516,18 @@ def _use_running_statistics(module: torch.nn.Module, args: tuple) -> None:
     module.train(False)
 
 
-def keep_frozen_norm_statistics(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """BatchNorm layers a PEFT adapter does not train keep their running statistics: an adapter saves only what it
-    trains, so statistics updated by training would be lost at reload and the reloaded model would predict
-    differently. Returns the layers so held."""
+def frozen_norm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The BatchNorm layers a PEFT adapter does not train: during training they keep their running statistics (an
+    adapter saves only what it trains, so statistics updated by training would be lost at reload and the reloaded
+    model would predict differently)."""
     held = [
         m
         for m in unwrap(model).modules()
         if _compat.is_batchnorm(m) and not any(p.requires_grad for p in m.parameters())
     ]
-    for module in held:
-        if not getattr(module, "_selmix_frozen_statistics", False):
-            module.register_forward_pre_hook(_use_running_statistics)
-            module._selmix_frozen_statistics = True
     if held:
-        logger.info("PEFT model: %d frozen BatchNorm layers keep their running statistics", len(held))
+        logger.info("PEFT model: %d frozen BatchNorm layers keep their running statistics in training", len(held))
     return held
 
 
-__all__ = ["BaseTrainer", "PeriodicRefresh", "keep_frozen_norm_statistics"]
+__all__ = ["BaseTrainer", "PeriodicRefresh", "frozen_norm_layers"]

@@ -100,8 +100,10 @@ def model_to_call(model: nn.Module) -> nn.Module:
 def add_to_head_bias(head: nn.Module, model: nn.Module | None, values: torch.Tensor) -> None:
     """Add ``values`` (K,) to the head's bias, through the engine when it is sharded; every rank passes the same values.
 
-    DeepSpeed ZeRO-3: ``GatheredParameters(modifier_rank=0)`` re-partitions rank 0's edit. FSDP1: ``summon_full_params``
-    with ``writeback=True``. FSDP2: the values laid out as the bias DTensor (each rank keeps its own slice) and added.
+    DeepSpeed ZeRO-3: ``GatheredParameters(modifier_rank=0)`` re-partitions rank 0's edit into the module's weights,
+    which evaluation and the saved model use; DeepSpeed's fp32 master copy is not edited, so a later optimiser step
+    would undo it (the post-hoc rule, the one caller, comes after training). FSDP1: ``summon_full_params`` with
+    ``writeback=True``. FSDP2: the values laid out as the bias DTensor (each rank keeps its own slice) and added.
     """
     if head.bias is None:
         raise ValueError("the classifier head has no bias to fold the offsets into; apply DecisionRule.predict instead")

@@ -91,6 +91,13 @@ def test_a_lora_model_trains_saves_and_reloads_in_every_trainer(arch, subject, t
     with open(os.path.join(out, "README.md")) as fh:
         card = fh.read()
     assert "library_name: peft" in card and "PEFT adapter" in card
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if norms:  # held at their loaded statistics while training only: afterwards the model is the user's again
+        statistics = [m.running_mean.clone() for m in norms]
+        model.train()
+        with torch.no_grad():
+            model(**model_inputs(kind, 4, seed=3))
+        assert any(not torch.equal(s, m.running_mean) for s, m in zip(statistics, norms))
 
 
 def peft_copy(wrapper) -> torch.nn.Module:
