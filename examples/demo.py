@@ -61,8 +61,9 @@ SHOWN = [
 ]
 
 
-def text_task(seed: int, max_length: int):
-    splits = wordnet_lt(seed=seed)
+def text_task(seed: int, max_length: int, splits=None):
+    """WordNet-LT (or the given text splits) tokenized for MiniLM-L6, and the model with a head for its classes."""
+    splits = wordnet_lt(seed=seed) if splits is None else splits
     names = splits["train"].features["label"].names
     tokenizer, model = load_minilm_classifier(len(names), dict(enumerate(names)))
 

@@ -1,4 +1,5 @@
-"""Real long-tailed benchmarks that need no Hub: WordNet noun supersenses (text) and Fashion-MNIST-LT (images).
+"""Real long-tailed benchmarks that need no Hub: WordNet noun supersenses and WordNet hypernym classes (text),
+and Fashion-MNIST-LT (images).
 
 Both read files that Debian packages install (`wordnet-base`, `dataset-fashion-mnist`); a missing file is an
 error that gives the install command.
@@ -15,6 +16,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from .data import balanced_split, long_tailed_splits, make_long_tailed
 
 WORDNET_NOUNS = "/usr/share/wordnet/data.noun"
+WORDNET_ROOT = "00001740"  # entity.n.01, the one root of the WordNet 3.0 noun hierarchy
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
 # lexicographer files 03..28 of WordNet 3.0 (lexnames(5WN)): the 26 noun supersenses
@@ -97,6 +99,121 @@ def wordnet_lt(
     """WordNet-LT: balanced validation / test held out per class, the rest capped at max_per_class for training."""
     return long_tailed_splits(
         load_wordnet_supersenses(path),
+        validation_per_class=validation_per_class,
+        test_per_class=test_per_class,
+        max_train_per_class=max_per_class,
+        seed=seed,
+    )
+
+
+def _read_noun_synsets(path: str) -> dict[str, tuple[str, str | None, str]]:
+    """offset -> (first lemma, first hypernym offset or None, gloss) of every noun synset with a gloss.
+
+    The first hypernym is the first pointer of the line whose symbol is ``@`` (hypernym) or ``@i`` (instance
+    hypernym) and whose target is a noun: data.noun lists a synset's pointers in a fixed order, so the choice is
+    deterministic. Line format (wndb(5WN)):
+    ``offset lex_filenum ss_type w_cnt [word lex_id]... p_cnt [symbol offset pos source_target]... | gloss``.
+    """
+    _require(path, "wordnet-base")
+    synsets = {}
+    with open(path, encoding="latin-1") as fh:
+        for line in fh:
+            if line.startswith("  "):  # licence header
+                continue
+            head, _, gloss = line.partition(" | ")
+            fields = head.split()
+            words = int(fields[3], 16)
+            pointers = int(fields[4 + 2 * words])
+            start = 5 + 2 * words
+            hypernyms = [
+                fields[start + 4 * i + 1]
+                for i in range(pointers)
+                if fields[start + 4 * i] in ("@", "@i") and fields[start + 4 * i + 2] == "n"
+            ]
+            if gloss.strip():
+                synsets[fields[0]] = (fields[4], hypernyms[0] if hypernyms else None, gloss.strip())
+    return synsets
+
+
+def load_wordnet_hypernym_classes(depth: int = 4, min_glosses: int = 35, path: str = WORDNET_NOUNS) -> Dataset:
+    """Every noun synset's gloss (text) labelled by its hypernym ancestor ``depth`` steps below entity.n.01.
+
+    Each synset's path to the root follows its first hypernym pointer at every step (``@``, or ``@i`` for an
+    instance such as a city or a person; synsets with several hypernyms, e.g. dog.n.01 -> canine.n.02 and
+    domestic_animal.n.01, take the first one data.noun lists). The class of a synset is the synset at ``depth`` on
+    that path (entity.n.01 has depth 0), so a synset at exactly ``depth`` is a member of its own class (its gloss
+    defines the class); synsets shallower than ``depth`` are dropped. A gloss that several synsets share (WordNet
+    3.0 has 605 extra copies, e.g. "a family of bacteria") is kept once, for its first synset in data.noun, so that
+    no text is in two splits; then the classes with fewer than ``min_glosses`` glosses are dropped. Classes are
+    ordered by offset and named by the ancestor's first lemma, with ``.<offset>`` appended to every lemma that two
+    kept classes share (food.00021265, food.07555863).
+
+    The defaults (depth 4, at least 35 glosses: 10 validation + 20 test + 5 train) keep 128 classes, 75,880
+    glosses, from living_thing (19,479) down to 35 glosses per class: the natural long tail of WordNet.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1 (depth 0 is the root alone), got {depth}")
+    synsets = _read_noun_synsets(path)
+    depths = _depths(synsets, path)
+    ancestor: dict[str, str | None] = {}  # synset -> its ancestor at `depth` (None: shallower than depth)
+    for offset in synsets:
+        node: str = offset
+        for _ in range(depths[offset] - depth):
+            node = synsets[node][1]  # type: ignore[assignment]
+        ancestor[offset] = node if depths[offset] >= depth else None
+    members: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for offset, top in ancestor.items():  # data.noun's order
+        gloss = synsets[offset][2]
+        if top is not None and gloss not in seen:
+            members.setdefault(top, []).append(offset)
+            seen.add(gloss)
+    kept = sorted(top for top, items in members.items() if len(items) >= min_glosses)
+    if not kept:
+        raise ValueError(f"no class at depth {depth} has {min_glosses} glosses")
+    lemmas = [synsets[top][0] for top in kept]
+    names = [f"{lemma}.{top}" if lemmas.count(lemma) > 1 else lemma for lemma, top in zip(lemmas, kept)]
+    index = {top: k for k, top in enumerate(kept)}
+    texts, labels = [], []
+    for top in kept:
+        for offset in members[top]:
+            texts.append(synsets[offset][2])
+            labels.append(index[top])
+    features = Features(text=Value("string"), label=ClassLabel(names=names))
+    return Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+
+def _depths(synsets: dict[str, tuple[str, str | None, str]], path: str) -> dict[str, int]:
+    """Steps from each synset to entity.n.01 along its first hypernyms."""
+    depths = {WORDNET_ROOT: 0}
+    for offset in synsets:
+        chain = []
+        node: str | None = offset
+        while node not in depths:
+            if node is None or node not in synsets or len(chain) > len(synsets):
+                raise ValueError(f"{path}: the first-hypernym path of {offset} does not reach entity.n.01")
+            chain.append(node)
+            node = synsets[node][1]
+        for i, item in enumerate(reversed(chain), start=1):
+            depths[item] = depths[node] + i
+    return depths
+
+
+def wordnet_many_lt(
+    *,
+    validation_per_class: int = 10,
+    test_per_class: int = 20,
+    max_per_class: int = 1280,
+    seed: int = 0,
+    depth: int = 4,
+    min_glosses: int = 35,
+    path: str = WORDNET_NOUNS,
+) -> DatasetDict:
+    """WordNet-many-LT: :func:`load_wordnet_hypernym_classes`, balanced validation / test held out per class, the
+    rest capped at max_per_class for training. The defaults give 128 classes with 1,280 ... 5 training glosses
+    (imbalance 256, ImageNet-LT's extremes), 1,280 validation and 2,560 test glosses."""
+    return long_tailed_splits(
+        load_wordnet_hypernym_classes(depth, min_glosses, path),
         validation_per_class=validation_per_class,
         test_per_class=test_per_class,
         max_train_per_class=max_per_class,

@@ -9,7 +9,13 @@ import torch
 
 from selmix_hf import SelMixConfig, SelMixTrainer, classification_report
 from selmix_hf.data import long_tailed_splits
-from selmix_hf.local_datasets import NOUN_SUPERSENSES, fashion_mnist_lt, load_wordnet_supersenses
+from selmix_hf.local_datasets import (
+    NOUN_SUPERSENSES,
+    fashion_mnist_lt,
+    load_wordnet_hypernym_classes,
+    load_wordnet_supersenses,
+    wordnet_many_lt,
+)
 from selmix_hf.pretrained import efficientnet_lite0_state_dict, load_minilm_classifier
 
 pytestmark = pytest.mark.slow
@@ -22,6 +28,47 @@ def test_wordnet_supersenses_are_read_as_published():
     assert counts[NOUN_SUPERSENSES.index("artifact")] == 11587
     assert counts[NOUN_SUPERSENSES.index("person")] == 11087
     assert counts[NOUN_SUPERSENSES.index("motive")] == 42 and counts[NOUN_SUPERSENSES.index("Tops")] == 51
+
+
+def test_wordnet_hypernym_classes_are_the_ancestors_at_depth_4():
+    data = load_wordnet_hypernym_classes()  # depth 4 below entity.n.01, classes with >= 35 glosses
+    names = data.features["label"].names
+    counts = np.bincount(data["label"], minlength=len(names))
+    assert len(names) == 128 and len(data) == 75880 and len(set(names)) == len(names)
+    assert counts.min() == 35 and counts[names.index("living_thing")] == 19479
+    assert {"food.00021265", "food.07555863"} <= set(names) and "food" not in names  # shared lemmas: offsets
+    texts = data["text"]
+
+    def label_of(gloss_start: str) -> str:
+        found = [i for i, text in enumerate(texts) if text.startswith(gloss_start)]
+        assert len(found) == 1, gloss_start
+        return names[data[found[0]]["label"]]
+
+    # dog.n.01 -> canine -> carnivore -> ... -> organism -> living_thing (depth 4) -> whole -> object -> ... -> entity
+    assert label_of("a member of the genus Canis (probably descended from the common wolf)") == "living_thing"
+    assert label_of("a living (or once living) entity") == "living_thing"  # living_thing.n.01 is its own class
+    # instances follow their instance hypernym (@i): Einstein -> physicist -> ... -> living_thing; the tail classes
+    assert label_of("physicist born in Germany who formulated the special theory of relativity") == "living_thing"
+    assert label_of("a peninsula in southwestern Europe") == "peninsula"  # Iberian_Peninsula
+    assert label_of("a large inlet of the North Atlantic between Virginia and Maryland") == "bay"  # Chesapeake_Bay
+    assert label_of("the capital and largest city of France") == "region.08630985"  # Paris -> ... -> region
+    assert not any(t.startswith("a tangible and visible entity; an entity that can cast a shadow") for t in texts)
+
+
+def test_wordnet_many_lt_splits():
+    splits = wordnet_many_lt(seed=0)
+    k = splits["train"].features["label"].num_classes
+    train = np.bincount(splits["train"]["label"], minlength=k)
+    assert k == 128 and len(splits["train"]) == 31186
+    assert train.max() == 1280 and train.min() == 5  # imbalance 256: ImageNet-LT's extremes
+    assert np.bincount(splits["validation"]["label"], minlength=k).tolist() == [10] * k
+    assert np.bincount(splits["test"]["label"], minlength=k).tolist() == [20] * k
+    held_out = set(splits["validation"]["text"]) | set(splits["test"]["text"])
+    assert not held_out & set(splits["train"]["text"])  # each gloss once: no text in two splits
+    again = wordnet_many_lt(seed=0)
+    assert again["validation"]["text"] == splits["validation"]["text"]
+    assert again["train"]["text"] == splits["train"]["text"]
+    assert wordnet_many_lt(seed=1)["validation"]["text"] != splits["validation"]["text"]
 
 
 def test_fashion_mnist_lt_profile():
