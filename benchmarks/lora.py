@@ -124,13 +124,20 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--report", action="store_true", help="only print the table from the finished cells")
     parser.add_argument("--cell", nargs=2, metavar=("SEED", "VARIANT"), help=argparse.SUPPRESS)  # a child process
+    parser.add_argument("--stage1", type=int, help=argparse.SUPPRESS)  # a child process: the seed's stage 1
     args = parser.parse_args()
+    if args.stage1 is not None:
+        splits, _, model, _ = quality.load_task(DATASET, args.stage1)
+        quality.stage1_model(DATASET, args.stage1, splits, model, True)
+        return
     if args.cell:
         cell = run_cell(int(args.cell[0]), args.cell[1])
         quality.write_json(cell_path(cell["seed"], cell["variant"]), cell)
         return
     if not args.report:
         for seed in args.seeds:
+            # the stage-1 model first, in its own process: trained inside a cell it would raise the cell's peak
+            subprocess.run([sys.executable, __file__, "--stage1", str(seed)], check=True)
             for variant in args.variants:
                 if not os.path.exists(cell_path(seed, variant)):
                     subprocess.run([sys.executable, __file__, "--cell", str(seed), variant], check=True)
