@@ -816,4 +816,7 @@ def test_posthoc_objectives_default_to_what_training_optimised(tmp_path):
 
 
 if __name__ == "__main__":
-    (two_rank_nan_run if sys.argv[3:] == ["nan"] else two_rank_run)(*sys.argv[1:])
+    if sys.argv[3:] == ["nan"]:
+        two_rank_nan_run(sys.argv[1], sys.argv[2])
+    else:  # an optional third argument: the engine (ddp, ddp-as-sharded, fsdp2)
+        two_rank_run(*sys.argv[1:])
