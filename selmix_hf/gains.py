@@ -1,6 +1,8 @@
 """Gain matrix G_ij (first-order change of the objective from an (i, j) feature mixup) and the pair distribution.
 
-The formulas are written out in docs/engine.md, "The mathematics": M7 to M11.
+The formulas are written out in docs/engine.md, "The mathematics": M7 to M11. The rows i, j are the classes, or,
+for a group objective, the (class, group) cells (docs/engine.md, M12): then the prototypes are the cells' mean
+features, the confusion matrix has one row per cell, and a mixup keeps the class of its first cell.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def logit_gradient(objective: Objective, confusion: torch.Tensor, class_prior: t
 
 
 class _Head(NamedTuple):
-    """The checked inputs both estimators share: head, prior, mean mixing weight and prototype logits."""
+    """The checked inputs both estimators share: head, row prior, mean mixing weight, prototype logits and the
+    class of each row (the identity for classes, the cell's class for (class, group) cells)."""
 
     prototypes: torch.Tensor
     weight: torch.Tensor
@@ -54,6 +57,7 @@ class _Head(NamedTuple):
     prior: torch.Tensor
     lam_bar: float
     logits: torch.Tensor
+    row_classes: torch.Tensor
 
 
 def _checked_head(
@@ -67,13 +71,16 @@ def _checked_head(
     """Validate the arguments common to both estimators and bring them to the dtype and device of the prototypes."""
     if not 0.0 <= mix_lambda_min <= 1.0:
         raise ValueError(f"mix_lambda_min must lie in [0, 1], got {mix_lambda_min}")
-    num_classes = objective.num_classes
+    num_classes, num_rows = objective.num_classes, objective.num_rows
     _check_features(prototypes, "prototypes")
     dtype, device = prototypes.dtype, prototypes.device
-    if prototypes.shape[0] != num_classes:
-        raise ValueError(f"prototypes has {prototypes.shape[0]} rows, the objective has {num_classes} classes")
-    if tuple(weight.shape) != tuple(prototypes.shape):
-        raise ValueError(f"head weight has shape {tuple(weight.shape)}, expected {tuple(prototypes.shape)} (K x d)")
+    if prototypes.shape[0] != num_rows:
+        rows = "(class, group) cells" if objective.needs_groups else "classes"
+        raise ValueError(f"prototypes has {prototypes.shape[0]} rows, the objective has {num_rows} {rows}")
+    if tuple(weight.shape) != (num_classes, prototypes.shape[1]):
+        raise ValueError(
+            f"head weight has shape {tuple(weight.shape)}, expected {(num_classes, prototypes.shape[1])} (K x d)"
+        )
     weight = weight.detach().to(dtype=dtype, device=device)
     _check_features(weight, "weight")
     if bias is None:
@@ -82,10 +89,16 @@ def _checked_head(
         raise ValueError(f"head bias has shape {tuple(bias.shape)}, expected ({num_classes},)")
     bias = bias.detach().to(dtype=dtype, device=device)
     prior = objective.class_prior if class_prior is None else torch.as_tensor(class_prior, dtype=torch.float64)
-    prior = check_prior(prior.detach().cpu().to(torch.float64), num_classes).to(dtype=dtype, device=device)
+    prior = check_prior(prior.detach().cpu().to(torch.float64), num_classes)
+    if objective.needs_groups:  # the cell prior, which the objective built from its class prior
+        if not torch.allclose(prior, objective.class_prior):
+            raise ValueError("class_prior differs from the group objective's; set the prior in one place")
+        prior = objective.row_prior
     prototypes = prototypes.detach()
     logits = torch.addmm(bias, prototypes, weight.T)  # A_q = W z_q + b
-    return _Head(prototypes, weight, bias, prior, (mix_lambda_min + 1.0) / 2.0, logits)
+    row_classes = objective.row_classes.to(device)
+    lam_bar = (mix_lambda_min + 1.0) / 2.0
+    return _Head(prototypes, weight, bias, prior.to(dtype=dtype, device=device), lam_bar, logits, row_classes)
 
 
 def selmix_gain_matrix(
@@ -107,12 +120,17 @@ def selmix_gain_matrix(
     head = _checked_head(objective, prototypes, weight, bias, mix_lambda_min, class_prior)
     if confusion is None:
         raise ValueError("estimator='selmix' needs the normalised validation confusion matrix")
-    num_classes = objective.num_classes
-    confusion = _checked_confusion(confusion, num_classes).to(head.prototypes)
+    num_rows = objective.num_rows
+    confusion = _checked_confusion(confusion, num_rows, objective.num_classes).to(head.prototypes)
     # H = S D with S = Z Z^T, the prototype Gram; as Z (Z^T D) it costs O(K^2 d) instead of O(K^3)
     value = head.prototypes @ (head.prototypes.T @ logit_gradient(objective, confusion, head.prior))
-    gains = torch.diagonal(value).unsqueeze(1).expand(-1, num_classes).clone()
+    gains = _own_class(value, head.row_classes).unsqueeze(1).expand(-1, num_rows).clone()
     return gains - _mixed_expectation(head.logits, value, head.lam_bar)
+
+
+def _own_class(value: torch.Tensor, row_classes: torch.Tensor) -> torch.Tensor:
+    """value[r, k(r)]: each row's entry at its own class (the diagonal when the rows are the classes)."""
+    return value[torch.arange(value.shape[0], device=value.device), row_classes]
 
 
 def exact_gain_matrix(
@@ -136,7 +154,9 @@ def exact_gain_matrix(
     if features is None or labels is None:
         raise ValueError("estimator='exact' needs the per-sample validation features=(N x d) and labels=(N,)")
     value = _exact_sensitivity(objective, features, labels, head.prototypes, head.weight, head.bias, head.prior)  # Q
-    gains = head.lam_bar * torch.diagonal(value).unsqueeze(1) + (1.0 - head.lam_bar) * value.T
+    # a mixup of rows (a, b) keeps a's class: lam Q[a, k(a)] + (1 - lam) Q[b, k(a)]
+    own = _own_class(value, head.row_classes).unsqueeze(1)
+    gains = head.lam_bar * own + (1.0 - head.lam_bar) * value[:, head.row_classes].T
     return gains - _mixed_expectation(head.logits, value, head.lam_bar)
 
 
@@ -177,7 +197,7 @@ def _mixed_expectation(logits: torch.Tensor, value: torch.Tensor, lam_bar: float
     """
     num_classes = logits.shape[0]
     shifted, c_t, c_value_t = _factors(logits, value, lam_bar)
-    out = torch.empty_like(value)
+    out = value.new_empty(num_classes, num_classes)
     rows = max(1, min(num_classes, _CHUNK_ELEMENTS // num_classes))
     for start in range(0, num_classes, rows):
         sl = slice(start, start + rows)
@@ -231,8 +251,11 @@ def _exact_sensitivity(
     bias: torch.Tensor,
     prior: torch.Tensor,
 ) -> torch.Tensor:
-    """Q = Zbar_proto Zbar^T Gamma, Gamma_n = dpsi/dA_n on the per-sample soft confusion (bias included)."""
-    num_classes = objective.num_classes
+    """Q = Zbar_proto Zbar^T Gamma, Gamma_n = dpsi/dA_n on the per-sample soft confusion (bias included).
+
+    ``labels`` are the samples' rows: their classes, or their (class, group) cells for a group objective.
+    """
+    num_classes, num_rows = objective.num_classes, objective.num_rows
     dtype, device = prototypes.dtype, prototypes.device
     _check_features(features, "features")
     if features.shape[1] != prototypes.shape[1]:
@@ -241,14 +264,14 @@ def _exact_sensitivity(
     labels = labels.reshape(-1).to(device=device)
     if labels.numel() != features.shape[0]:
         raise ValueError(f"{features.shape[0]} feature rows but {labels.numel()} labels")
-    check_labels(labels, num_classes)
+    check_labels(labels, num_rows, "cells of the samples" if objective.needs_groups else "labels")
     labels = labels.long()
-    counts = torch.bincount(labels, minlength=num_classes)
+    counts = torch.bincount(labels, minlength=num_rows)
     _check_all_present(counts)
     sample_scale = (prior / counts.to(dtype))[labels]  # pi_k / N_k for each sample
     rows = max(1, _CHUNK_ELEMENTS // max(num_classes, features.shape[1]))
 
-    soft_confusion = torch.zeros(num_classes, num_classes, dtype=dtype, device=device)
+    soft_confusion = torch.zeros(num_rows, num_classes, dtype=dtype, device=device)
     for start in range(0, features.shape[0], rows):
         sl = slice(start, start + rows)
         probs = torch.softmax(torch.addmm(bias, features[sl], weight.T), dim=1)
@@ -276,11 +299,15 @@ def gain_matrix_reference(
     mix_lambda_min: float = 0.6,
     class_prior: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The published formula evaluated literally through the K^4 tensor LCR[i, j, q, l]: for checks, small K only."""
+    """The published formula evaluated literally through the K^4 tensor LCR[i, j, q, l]: for checks, small K only.
+
+    With (class, group) cells, i, j and q range over the cells and l over the classes; the kept class of (i, j) is
+    i's (M12).
+    """
     num_classes = objective.num_classes
     dtype = prototypes.dtype
     prior = objective.class_prior if class_prior is None else torch.as_tensor(class_prior)
-    prior = prior.to(dtype)
+    prior = (objective.row_prior if objective.needs_groups else prior).to(dtype)
     bias = torch.zeros(num_classes, dtype=dtype) if bias is None else bias.to(dtype)
     lam_bar = (mix_lambda_min + 1.0) / 2.0
     d_matrix = logit_gradient(objective, confusion.to(dtype), prior)
@@ -289,8 +316,8 @@ def gain_matrix_reference(
     p = torch.softmax(lam_bar * logits[:, None, :] + (1.0 - lam_bar) * logits[None, :, :], dim=-1)  # p_ij,l
     gram = prototypes @ prototypes.T  # z_i . z_q
     mixed_dot = torch.einsum("ijd,qd->ijq", mixed, prototypes)  # z~_ij . z_q
-    eye = torch.eye(num_classes, dtype=dtype)
-    lcr = eye[:, None, None, :] * gram[:, None, :, None] - p[:, :, None, :] * mixed_dot[:, :, :, None]
+    own = torch.nn.functional.one_hot(objective.row_classes, num_classes).to(dtype)  # 1[l = k(i)]
+    lcr = own[:, None, None, :] * gram[:, None, :, None] - p[:, :, None, :] * mixed_dot[:, :, :, None]
     return torch.einsum("ijql,ql->ij", lcr, d_matrix)
 
 
@@ -323,9 +350,9 @@ def _check_features(tensor: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} contain NaN or inf")
 
 
-def _checked_confusion(confusion: torch.Tensor, num_classes: int) -> torch.Tensor:
-    if tuple(confusion.shape) != (num_classes, num_classes):
-        raise ValueError(f"confusion has shape {tuple(confusion.shape)}, expected ({num_classes}, {num_classes})")
+def _checked_confusion(confusion: torch.Tensor, num_rows: int, num_classes: int) -> torch.Tensor:
+    if tuple(confusion.shape) != (num_rows, num_classes):
+        raise ValueError(f"confusion has shape {tuple(confusion.shape)}, expected ({num_rows}, {num_classes})")
     if not torch.isfinite(confusion).all():
         raise ValueError("confusion matrix contains NaN or inf")
     if (confusion < 0).any():

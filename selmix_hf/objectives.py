@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import metrics
+from . import groups, metrics
 from .metrics import HeadTailSplit
 from .options import check_options
 
@@ -28,6 +28,8 @@ class Objective:
     name: ClassVar[str] = "objective"
     # True when the objective splits the classes into head and tail, so it needs the training class counts
     needs_class_counts: ClassVar[bool] = False
+    # True when the objective ranges over (class, group) cells, so it needs the data's group column
+    needs_groups: ClassVar[bool] = False
     # psi(C) = sum_ij G_ij C_ij with a fixed G: the plug-in rule for it is exact (selmix_hf.posthoc)
     is_linear: ClassVar[bool] = False
     # the keys of metrics.classification_report this objective optimises (the model card marks them)
@@ -43,6 +45,10 @@ class Objective:
             else torch.as_tensor(class_prior, dtype=torch.float64)
         )
         self.class_prior = metrics.check_prior(prior.detach().cpu().to(torch.float64), num_classes)
+        # the rows of the confusion matrix this objective reads: the classes, or (class, group) cells for the
+        # group objectives (`_CellObjective`); each row's class and its share of the prior
+        self.row_classes = torch.arange(num_classes)
+        self.row_prior = self.class_prior
 
     # -- what subclasses define -------------------------------------------------------------
     def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
@@ -106,23 +112,33 @@ class Objective:
                 )
             setattr(self, key, tensor.to(torch.float64).clone())
 
+    @property
+    def num_rows(self) -> int:
+        """Rows of the confusion matrix this objective reads (K, or the number of (class, group) cells)."""
+        return len(self.row_classes)
+
     def _check_confusion(self, confusion: torch.Tensor) -> None:
-        expected = (self.num_classes, self.num_classes)
+        expected = (self.num_rows, self.num_classes)
         if tuple(confusion.shape) != expected:
-            raise ValueError(f"{self.name}: confusion matrix has shape {tuple(confusion.shape)}, expected {expected}")
+            rows = "cells" if self.needs_groups else "classes"
+            raise ValueError(
+                f"{self.name}: confusion matrix has shape {tuple(confusion.shape)}, expected {expected} "
+                f"({rows} x classes)"
+            )
         if not torch.isfinite(confusion).all():
             raise ValueError(f"{self.name}: confusion matrix contains NaN or inf")
 
     def _prior(self, like: torch.Tensor) -> torch.Tensor:
         return self.class_prior.to(dtype=like.dtype, device=like.device)
 
+    def _row_recall(self, confusion: torch.Tensor) -> torch.Tensor:
+        """C[r, k(r)] / pi_r: each row's recall of its own class through the fixed row prior."""
+        rows = torch.arange(self.num_rows, device=confusion.device)
+        prior = self.row_prior.to(dtype=confusion.dtype, device=confusion.device)
+        return confusion[rows, self.row_classes.to(confusion.device)] / prior
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_classes={self.num_classes})"
-
-
-def _diag_recall(confusion: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """C_ii / pi_i: recall through the fixed prior (equals C_ii / R_i on a normalised C)."""
-    return torch.diagonal(confusion) / prior
 
 
 class MeanRecall(Objective):
@@ -133,7 +149,7 @@ class MeanRecall(Objective):
     optimised_metrics = ("mean_recall",)
 
     def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
-        return _diag_recall(confusion, self._prior(confusion)).mean()
+        return self._row_recall(confusion).mean()
 
     def value(self, confusion: torch.Tensor) -> float:
         return metrics.mean_recall(confusion)
@@ -200,7 +216,7 @@ class MinRecall(Objective):
 
     def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
         weights = self._class_weights().to(confusion)
-        return (weights * _diag_recall(confusion, self._prior(confusion))).sum()
+        return (weights * self._row_recall(confusion)).sum()
 
     def value(self, confusion: torch.Tensor) -> float:
         return metrics.min_recall(confusion)
@@ -437,6 +453,175 @@ class HMeanMinHeadTailCoverage(_HeadTailCoverageConstrained):
     optimised_metrics = ("h_mean",)  # classification_report has no head/tail coverage key
 
 
+class _CellMixin:
+    """The (class, group) cells of a group objective: ``cell_classes`` (the class of each cell) and ``cell_prior``
+    (each cell's share of its class's prior; by default the class prior split evenly). Without cells the objective
+    has one group, and equals its class-only counterpart exactly."""
+
+    needs_groups = True
+
+    def _set_cells(self, cell_classes: Any, cell_prior: Any) -> None:
+        num_classes, class_prior = self.num_classes, self.class_prior  # type: ignore[attr-defined]
+        if cell_classes is None:
+            if cell_prior is not None:
+                raise ValueError("cell_prior was given without cell_classes (the class of each cell)")
+            return
+        classes = torch.as_tensor(cell_classes).long().reshape(-1)
+        metrics.check_labels(classes, num_classes, "cell_classes")
+        missing = sorted(set(range(num_classes)) - set(classes.tolist()))
+        if missing:
+            raise ValueError(f"classes {missing[:20]} have no cell; every class needs at least one (its recall)")
+        per_class = torch.bincount(classes, minlength=num_classes).to(torch.float64)
+        if cell_prior is None:
+            prior = class_prior[classes] / per_class[classes]
+        else:
+            prior = torch.as_tensor(cell_prior, dtype=torch.float64).reshape(-1)
+            if prior.shape != classes.shape or not torch.isfinite(prior).all() or (prior <= 0).any():
+                raise ValueError(f"cell_prior must hold {classes.numel()} positive finite entries, one per cell")
+            sums = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, classes, prior)
+            if not torch.allclose(sums, class_prior, atol=1e-6):
+                raise ValueError("the cell prior of each class must sum to that class's prior (CellLayout.prior)")
+        self.row_classes, self.row_prior = classes, prior
+
+
+class WorstGroupAccuracy(_CellMixin, MinRecall):
+    """Worst accuracy over the (class, group) cells through its min-max surrogate sum_c lam_c recall_c, with
+    lam <- normalise(lam^beta exp(-omega recall)) as min recall has over classes."""
+
+    name = "worst_group_accuracy"
+    optimised_metrics = ("worst_group_accuracy",)
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        cell_classes: Any = None,
+        cell_prior: Any = None,
+        omega: float = 50.0,
+        beta: float = 0.0,
+        class_prior: Any = None,
+    ) -> None:
+        super().__init__(num_classes, omega=omega, beta=beta, class_prior=class_prior)
+        self._set_cells(cell_classes, cell_prior)
+        self.lam = torch.full((self.num_rows,), 1.0 / self.num_rows, dtype=torch.float64)
+
+    def value(self, confusion: torch.Tensor) -> float:
+        return float(self._minimised(confusion).min())
+
+    def _minimised(self, confusion: torch.Tensor) -> torch.Tensor:
+        """The accuracy of each cell."""
+        return groups.row_recalls(confusion.detach().cpu().to(torch.float64), self.row_classes)
+
+
+class GroupBalancedAccuracy(_CellMixin, MeanRecall):
+    """Mean accuracy over the (class, group) cells, each cell weighing the same."""
+
+    name = "group_balanced_accuracy"
+    is_linear = False  # linear in the cell confusion, not in the class confusion the post-hoc rules see
+    optimised_metrics = ("group_balanced_accuracy",)
+
+    def __init__(
+        self, num_classes: int, *, cell_classes: Any = None, cell_prior: Any = None, class_prior: Any = None
+    ) -> None:
+        super().__init__(num_classes, class_prior=class_prior)
+        self._set_cells(cell_classes, cell_prior)
+
+    def value(self, confusion: torch.Tensor) -> float:
+        return float(groups.row_recalls(confusion.detach().cpu().to(torch.float64), self.row_classes).mean())
+
+
+class _EqualOpportunityConstrained(_CellMixin, Objective):
+    """psi = (psi_base(class C) + sum_c mu_c (recall_c - recall_k(c))) / (max mu + 1): a class objective under
+    equal opportunity, every cell's true-positive rate at most ``max_gap`` below its class's (only the cells of
+    ``positive_class`` when named); mu_c as for the coverage constraints (docs/engine.md, M4)."""
+
+    base_class: ClassVar[type[Objective]]
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        cell_classes: Any = None,
+        cell_prior: Any = None,
+        max_gap: float = 0.05,
+        positive_class: int | None = None,
+        tau: float = 0.01,
+        mu_max: float = 100.0,
+        class_prior: Any = None,
+    ) -> None:
+        super().__init__(num_classes, class_prior=class_prior)
+        if not 0.0 <= max_gap < 1.0:
+            raise ValueError(f"max_gap (the allowed shortfall of a group's recall) must lie in [0, 1), got {max_gap}")
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        if positive_class is not None and not 0 <= positive_class < num_classes:
+            raise ValueError(f"positive_class={positive_class} is not a class index in [0, {num_classes})")
+        self.max_gap, self.tau, self.mu_max, self.positive_class = (
+            float(max_gap),
+            float(tau),
+            float(mu_max),
+            positive_class,
+        )
+        self._set_cells(cell_classes, cell_prior)
+        self.base = self.base_class(num_classes, class_prior=self.class_prior)
+        constrained = torch.ones(self.num_rows, dtype=torch.bool)
+        if positive_class is not None:
+            constrained = self.row_classes == positive_class
+        self.constrained = constrained.to(torch.float64)
+        self.mu = torch.zeros(self.num_rows, dtype=torch.float64)
+
+    def _class_confusion(self, confusion: torch.Tensor) -> torch.Tensor:
+        return groups.aggregate_cells(confusion, self.row_classes, self.num_classes)
+
+    def _shortfalls(self, confusion: torch.Tensor) -> torch.Tensor:
+        """recall_c - recall_k(c) per cell, both through the fixed priors (differentiable)."""
+        class_recall = torch.diagonal(self._class_confusion(confusion)) / self._prior(confusion)
+        return self._row_recall(confusion) - class_recall[self.row_classes.to(confusion.device)]
+
+    def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
+        weights = (self.mu * self.constrained).to(confusion)
+        penalty = (weights * self._shortfalls(confusion)).sum()
+        return (self.base.surrogate(self._class_confusion(confusion)) + penalty) / (float(self.mu.max()) + 1.0)
+
+    def value(self, confusion: torch.Tensor) -> float:
+        return self.base.value(self._class_confusion(confusion))
+
+    def report(self, confusion: torch.Tensor) -> dict[str, float]:
+        recalls = groups.row_recalls(confusion.detach().cpu().to(torch.float64), self.row_classes)
+        gaps = groups.spreads(recalls, self.row_classes, self.num_classes)
+        gap = float(gaps.max() if self.positive_class is None else gaps[self.positive_class])
+        return {self.name: self.value(confusion), "equal_opportunity_gap": gap}
+
+    def constraint_violation(self, confusion: torch.Tensor) -> float:
+        shortfall = -self.max_gap - self._shortfalls(confusion.detach().cpu().to(torch.float64))
+        return float((shortfall.clamp_min(0.0) * self.constrained).max())
+
+    def update(self, confusion: torch.Tensor) -> None:
+        self._check_confusion(confusion)
+        gaps = self._shortfalls(confusion.detach().cpu().to(torch.float64))
+        target = torch.full_like(gaps, -self.max_gap)
+        self.mu = coverage_multiplier(gaps, target, self.mu_max, self.tau) * self.constrained
+
+    def multipliers(self) -> dict[str, torch.Tensor]:
+        return {"mu": self.mu}
+
+
+class MeanRecallEqualOpportunity(_EqualOpportunityConstrained):
+    """Mean recall under equal opportunity over groups."""
+
+    name = "mean_recall_equal_opportunity"
+    base_class = MeanRecall
+    optimised_metrics = ("mean_recall", "equal_opportunity_gap")
+
+
+class AccuracyEqualOpportunity(_EqualOpportunityConstrained):
+    """Accuracy (under the class prior) under equal opportunity over groups."""
+
+    name = "accuracy_equal_opportunity"
+    base_class = Accuracy
+    optimised_metrics = ("accuracy", "equal_opportunity_gap")
+
+
 class CustomObjective(Objective):
     """Any differentiable torch function of the normalised confusion matrix, to be maximised."""
 
@@ -479,6 +664,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
         MeanRecallMinHeadTailCoverage,
         HMeanMinHeadTailCoverage,
         Accuracy,
+        WorstGroupAccuracy,
+        GroupBalancedAccuracy,
+        MeanRecallEqualOpportunity,
+        AccuracyEqualOpportunity,
     )
 }
 

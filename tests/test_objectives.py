@@ -7,9 +7,13 @@ import torch
 
 from selmix_hf import metrics
 from selmix_hf.cards import objective_metrics
+from selmix_hf.groups import group_report
 from selmix_hf.objectives import OBJECTIVES, CustomObjective, get_objective, objective_for_training, optimised_metrics
 
 K = 5
+# the objectives over classes; the group objectives (over (class, group) cells) are tested in test_groups.py, and
+# here only where one group makes them their class counterparts
+CLASS_OBJECTIVES = sorted(name for name, cls in OBJECTIVES.items() if not cls.needs_groups)
 COUNTS = [500, 300, 120, 40, 8]  # training counts: class 4 is the tail (ceil(0.1 * 5) = 1 class)
 HEAD, TAIL = [0, 1, 2, 3], [4]
 
@@ -86,10 +90,12 @@ def test_registry_holds_the_published_objectives_and_accuracy():
         "mean_recall_min_head_tail_coverage",
         "h_mean_min_head_tail_coverage",
     }
-    assert set(OBJECTIVES) == published | {"accuracy"}
+    groups = {"worst_group_accuracy", "group_balanced_accuracy", "mean_recall_equal_opportunity"}
+    assert set(OBJECTIVES) == published | groups | {"accuracy", "accuracy_equal_opportunity"}
+    assert {name for name, cls in OBJECTIVES.items() if cls.needs_groups} == groups | {"accuracy_equal_opportunity"}
 
 
-@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+@pytest.mark.parametrize("name", CLASS_OBJECTIVES)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_autograd_gradient_matches_closed_form(name, seed):
     obj = get_objective(name, K, **options(name))
@@ -119,6 +125,11 @@ HAND_VALUES = {
     "h_mean_min_coverage": 3 / (1 / 0.8 + 1 / 0.75 + 1 / 0.5),
     "mean_recall_min_head_tail_coverage": (0.8 + 0.75 + 0.5) / 3,
     "h_mean_min_head_tail_coverage": 3 / (1 / 0.8 + 1 / 0.75 + 1 / 0.5),
+    # one group: each class is one cell
+    "worst_group_accuracy": 0.5,
+    "group_balanced_accuracy": (0.8 + 0.75 + 0.5) / 3,
+    "mean_recall_equal_opportunity": (0.8 + 0.75 + 0.5) / 3,
+    "accuracy_equal_opportunity": (0.8 + 0.75 + 0.5) / 3,
 }
 
 
@@ -132,6 +143,8 @@ def test_reported_value_on_hand_computed_confusion(name):
         assert report["min_coverage"] == pytest.approx(min(COVERAGE), abs=1e-12)
     if name.endswith("_head_tail_coverage"):
         assert report["min_head_tail_coverage"] == pytest.approx(COVERAGE[2], abs=1e-12)
+    if name.endswith("_equal_opportunity"):
+        assert report["equal_opportunity_gap"] == 0.0  # one group: no gap
 
 
 def test_min_recall_multipliers_move_toward_the_worst_class():
@@ -272,6 +285,7 @@ def test_objective_for_training_keeps_an_explicit_split():
 
 def test_optimised_metrics_are_keys_of_the_classification_report():
     report = metrics.classification_report(HAND_LABELS, HAND_PREDS, 3, class_counts=HAND_COUNTS)
+    report.update(group_report(HAND_LABELS, HAND_PREDS, [0] * len(HAND_LABELS), 3))  # the group objectives' keys
     for name, cls in OBJECTIVES.items():
         assert cls.optimised_metrics, name
         assert set(cls.optimised_metrics) <= set(report), name
