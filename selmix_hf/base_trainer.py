@@ -24,7 +24,7 @@ from . import _compat
 from .cards import ModelCardMixin
 from .checkpoint_state import load_state, save_state, state_exists
 from .config import MethodConfig
-from .data import LABEL_COLUMNS, dataset_labels
+from .data import LABEL_COLUMNS, dataset_groups, dataset_labels
 from .features import find_head, logits_of, num_labels_of, unwrap
 from .metrics import check_labels, classification_report
 from .nonfinite import NonFiniteError, bad_input_rows, check_state_finite, describe_rows
@@ -136,12 +136,15 @@ class BaseTrainer(ModelCardMixin, Trainer):
             )
         super().__init__(model=model, args=args, **kwargs)
         _compat.disable_loss_kwargs(self)
+        self.group_column: str | None = args.group_column
         self.label_key = self._label_key()
         self.train_labels: np.ndarray | None = None  # read by count_classes when the counts come from them
         self.class_counts = self.count_classes()
+        self.train_groups = self._groups_of(self.train_dataset, "training") if self.group_column else None
         self._validation_argument = validation_dataset
         self.validation_dataset: Any = None
         self.validation_counts: list[int] | None = None
+        self.validation_groups: np.ndarray | None = None
         self.run_id = uuid.uuid4().hex  # names this run's stage in the model's config (no local path is published)
         self.resumed_from_checkpoint = False
         self.validation_seconds = 0.0  # wall time of the validation passes of the current refresh
@@ -170,7 +173,10 @@ class BaseTrainer(ModelCardMixin, Trainer):
                 f"{type(self).__name__} trains a classifier on one label column; label_names={names} "
                 "names several. Pass label_names=['<your label column>'] or leave it unset"
             )
-        self.label_names = names  # a forward without a labels argument left it empty: the column must be kept
+        # a forward without a labels argument left label_names empty: the column must be kept. The group column
+        # rides along as a second label: kept by remove_unused_columns, and the eval loop hands compute_metrics
+        # label_ids = (labels, groups)
+        self.label_names = names + ([self.group_column] if self.group_column else [])
         return names[0]
 
     def _label_columns(self) -> tuple[str, ...]:
@@ -181,6 +187,25 @@ class BaseTrainer(ModelCardMixin, Trainer):
         labels = dataset_labels(dataset, self._label_columns())
         check_labels(torch.as_tensor(labels), self.num_labels, f"{what} labels")
         return labels
+
+    def _groups_of(self, dataset: Any, what: str) -> np.ndarray:
+        """The checked integer group ids of a map-style dataset (``group_column``)."""
+        refuse_streams(dataset, f"{type(self).__name__} reads the group of every sample (group_column)")
+        return dataset_groups(dataset, self.group_column, what)
+
+    def num_groups(self) -> int:
+        """G: one more than the largest group id of the training set and, once chosen, the validation set."""
+        seen = [self.train_groups] + ([self.validation_groups] if self.validation_groups is not None else [])
+        return int(max(int(g.max()) if g.size else 0 for g in seen)) + 1
+
+    def group_counts(self) -> list[list[int]]:
+        """Training samples per (class, group) cell, classes x groups."""
+        if self.train_groups is None or self.train_labels is None:
+            raise ValueError(f"{type(self).__name__} has no group column: set group_column in the config")
+        num_groups = self.num_groups()
+        cells = self.train_labels * num_groups + self.train_groups
+        counts = np.bincount(cells, minlength=self.num_labels * num_groups)
+        return counts.reshape(self.num_labels, num_groups).tolist()
 
     def count_classes(self) -> list[int]:
         """Training samples per class, from the training labels (kept in ``train_labels``)."""
@@ -195,6 +220,8 @@ class BaseTrainer(ModelCardMixin, Trainer):
         self.validation_dataset = pick_validation_set(self._validation_argument, self.eval_dataset, purpose)
         labels = self._labels_of(self.validation_dataset, "validation")
         self.validation_counts = counts_with_every_class(labels, self.num_labels, "validation")
+        if self.group_column:
+            self.validation_groups = self._groups_of(self.validation_dataset, "validation")
         return self.validation_dataset
 
     def require_whole_parameters(self, why: str, alternative: str) -> None:
@@ -221,25 +248,43 @@ class BaseTrainer(ModelCardMixin, Trainer):
     def after_refresh(self, control: Any) -> None:
         """Act on the refresh just made, e.g. ``control.should_training_stop = True``; nothing by default."""
 
-    def validation_pass(self, pooled: Any = None) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """(features, logits, labels) of the validation set, gathered over ranks, checked for NaN / inf; its wall time
-        is added to ``validation_seconds`` (logged with the refresh)."""
+    def validation_pass(self, pooled: Any = None, *, with_groups: bool = False) -> tuple[torch.Tensor | None, ...]:
+        """(features, logits, labels) of the validation set, gathered over ranks, checked for NaN / inf (with
+        ``with_groups``, the group ids fourth); its wall time is added to ``validation_seconds`` (logged with the
+        refresh). The validation set is chosen on first use."""
+        if self.validation_dataset is None:
+            self.use_validation_set("a validation pass")
         started = time.perf_counter()
         try:
-            return gathered_validation_pass(self, self.validation_dataset, pooled, purpose=f"{self._name} refresh")
+            return gathered_validation_pass(
+                self, self.validation_dataset, pooled, purpose=f"{self._name} refresh", with_groups=with_groups
+            )
         finally:
             self.validation_seconds += time.perf_counter() - started
 
     # -- losses and NaN safety ------------------------------------------------------------------------
-    def split_labels(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
-        """(model inputs, labels) of a batch, the labels under the trainer's label key."""
+    def split_batch(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor | None]:
+        """(model inputs, labels, group ids or None) of a batch: the label key and the group column taken out."""
         inputs = dict(inputs)
         if self.label_key not in inputs:
             raise KeyError(
                 f"the batch has no {self.label_key!r} entry (its keys: {sorted(inputs)}); the label column "
                 f"must be one of {list(self._label_columns())} or named by label_names"
             )
-        return inputs, inputs.pop(self.label_key)
+        labels = inputs.pop(self.label_key)
+        if not self.group_column:
+            return inputs, labels, None
+        if self.group_column not in inputs:
+            raise KeyError(
+                f"the batch has no {self.group_column!r} entry (group_column; its keys: {sorted(inputs)}): a custom "
+                "data collator must pass the group column through"
+            )
+        return inputs, labels, inputs.pop(self.group_column)
+
+    def split_labels(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
+        """(model inputs, labels) of a batch, the labels under the trainer's label key (the group column dropped)."""
+        inputs, labels, _ = self.split_batch(inputs)
+        return inputs, labels
 
     def evaluation_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool) -> Any:
         """Evaluation / prediction: the plain model's cross-entropy, outputs as a dict when the model gave a tensor."""

@@ -73,6 +73,13 @@ CITATIONS: dict[str, str] = {
   booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
   year      = {2021}
 }""",
+    "group_dro": """@inproceedings{sagawa2020groupdro,
+  title     = {Distributionally Robust Neural Networks for Group Shifts: On the Importance of Regularization for
+               Worst-Case Generalization},
+  author    = {Sagawa, Shiori and Koh, Pang Wei and Hashimoto, Tatsunori B. and Liang, Percy},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2020}
+}""",
 }
 
 __all__ = ["CITATIONS"]

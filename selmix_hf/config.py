@@ -93,6 +93,13 @@ class MethodConfig:
             "validation set."
         },
     )
+    group_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset column of each sample's integer group id (0 .. G-1): evaluation then reports the group "
+            "metrics, and group objectives and group losses range over the (class, group) cells (docs/groups.md)."
+        },
+    )
 
     # fields a card does not show (long or derived values); everything else the config adds is a card setting
     card_excluded: ClassVar[tuple[str, ...]] = ()
@@ -151,6 +158,28 @@ class MethodConfig:
             return
         name, options = self.posthoc_target()
         check_objective_options(name, {k: v for k, v in options.items() if k != "tail_fraction"})
+
+    def check_group_settings(self) -> None:
+        """An objective or loss over (class, group) cells needs group_column; the post-hoc rules act on classes."""
+        from .losses import LOSSES
+
+        trained, _ = self.trained_objective()
+        needs = [f"objective {trained!r}"] if trained in OBJECTIVES and OBJECTIVES[trained].needs_groups else []
+        loss = getattr(self, "loss_type", None)
+        if loss in LOSSES and LOSSES[loss].needs_groups:
+            needs.append(f"loss_type {loss!r}")
+        if needs and not self.group_column:
+            raise ValueError(
+                f"{' and '.join(needs)} ranges over (class, group) cells, so it needs each sample's group: set "
+                "group_column='<the dataset column of integer group ids>' in the config"
+            )
+        if self.posthoc is not None:
+            name, _ = self.posthoc_target()
+            if name in OBJECTIVES and OBJECTIVES[name].needs_groups:
+                raise ValueError(
+                    f"posthoc={self.posthoc!r} fits a rule on the class confusion matrix, which the group objective "
+                    f"{name!r} does not read; set posthoc=None, or posthoc_objective=<a class objective>"
+                )
 
     def check_field_types(self) -> None:
         """Each field this config adds holds a value of its declared type; else an error naming field and type."""
@@ -355,6 +384,7 @@ class SelMixConfig(MethodConfig, TrainingArguments):
                 "and skipping batches on top of that would skip them twice"
             )
         self.check_posthoc()
+        self.check_group_settings()
         super().__post_init__()
 
     def trained_objective(self) -> tuple[str | None, dict[str, Any]]:
@@ -471,6 +501,7 @@ class LongTailConfig(MethodConfig, TrainingArguments):
                 "includes logit adjustment as a special case: set one of them"
             )
         self.check_posthoc()
+        self.check_group_settings()
         super().__post_init__()
 
     def trained_objective(self) -> tuple[str | None, dict[str, Any]]:

@@ -148,6 +148,37 @@ def long_tailed_splits(
 LABEL_COLUMNS = ("labels", "label", "label_ids")
 
 
+def dataset_groups(dataset, group_column: str, what: str = "training") -> np.ndarray:
+    """The integer group id of every sample: a `datasets.Dataset` column (read bypassing any transform), or the
+    ``group_column`` key of each example of a torch dataset."""
+    if isinstance(dataset, Dataset):
+        if group_column not in dataset.column_names:
+            raise ValueError(
+                f"the {what} set has no group column {group_column!r} (group_column in the config); its columns are "
+                f"{dataset.column_names}"
+            )
+        groups = np.asarray(dataset.with_format("numpy", columns=[group_column])[group_column])
+    else:
+        groups = []
+        for i in range(len(dataset)):
+            example = dataset[i]
+            if not isinstance(example, dict) or group_column not in example:
+                raise ValueError(f"example {i} of the {what} set has no {group_column!r} key (group_column)")
+            groups.append(np.asarray(example[group_column]).item())
+        groups = np.asarray(groups)
+    if groups.size and not np.issubdtype(groups.dtype, np.integer):
+        raise ValueError(
+            f"group column {group_column!r} of the {what} set must hold integer group ids 0 .. G-1, got dtype "
+            f"{groups.dtype}; encode it first, e.g. dataset.class_encode_column({group_column!r})"
+        )
+    if groups.size and groups.min() < 0:
+        raise ValueError(
+            f"group column {group_column!r} of the {what} set holds negative ids "
+            f"{sorted(set(groups[groups < 0].tolist()))[:10]}; number the groups 0 .. G-1"
+        )
+    return groups.astype(np.int64)
+
+
 def dataset_labels(dataset, label_names: Sequence[str] = LABEL_COLUMNS) -> np.ndarray:
     """The integer labels of a `datasets.Dataset` (read from the column, bypassing any transform) or a torch dataset.
 

@@ -99,7 +99,11 @@ class CellLayout:
         return class_prior_t[classes] * counts / per_class[classes]
 
     def describe(self, cell: int) -> str:
-        return f"(class {self.classes[cell]}, group {self.groups[cell]})"
+        return self.describe_pair(self.classes[cell], self.groups[cell])
+
+    @staticmethod
+    def describe_pair(label: int, group: int) -> str:
+        return f"(class {label}, group {group})"
 
     def to_dict(self) -> dict[str, Any]:
         return {

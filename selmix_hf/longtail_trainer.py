@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 from .base_trainer import BaseTrainer
 from .config import LongTailConfig
 from .features import logits_of
-from .losses import build_loss, counts_tensor
+from .losses import LOSSES, build_loss, counts_tensor
 from .metrics import confusion_counts, normalized_confusion
 from .objectives import multiplier_logs
 
@@ -57,14 +57,18 @@ class LongTailTrainer(BaseTrainer):
                     f"drw_start_epoch is set but loss {type(self.loss_fn).__name__} has no re-weighting stage"
                 )
             self.add_callback(_DeferredReweighting(self.loss_fn, args.drw_start_epoch))
+        if getattr(self.loss_fn, "steps_with_optimizer", False):  # e.g. GroupDRO's weights, moved once per step
+            self.add_callback(_EndOfStep(self))
         self._posthoc = None
         if args.posthoc_tau is not None:
             counts = counts_tensor(self.class_counts, "post-hoc logit adjustment")
             self._posthoc = (args.posthoc_tau * torch.log(counts / counts.sum())).float().to(args.device)
 
     def build_loss(self) -> nn.Module:
-        """The training loss named by the config, built from the class counts."""
-        return build_loss(self.args.loss_type, self.class_counts, **self.args.loss_options)
+        """The training loss named by the config, built from the class counts (and the (class, group) cell counts
+        for a group loss)."""
+        groups = self.group_counts() if LOSSES[self.args.loss_type].needs_groups else None
+        return build_loss(self.args.loss_type, self.class_counts, group_counts=groups, **self.args.loss_options)
 
     def count_classes(self) -> list[int]:
         """Training samples per class: ``class_counts`` of the config, else counted in the training labels."""
@@ -82,10 +86,15 @@ class LongTailTrainer(BaseTrainer):
         """Training: the long-tailed loss. Evaluation: plain CE (post-hoc adjustment happens in prediction_step)."""
         if not model.training:
             return self.evaluation_loss(model, inputs, return_outputs)
-        inputs, labels = self.split_labels(inputs)
+        inputs, labels, groups = self.split_batch(inputs)
         outputs = model(**inputs)
         logits = logits_of(outputs)
-        loss = self.loss_fn(logits, labels)
+        if getattr(self.loss_fn, "needs_groups", False):
+            if groups is None:
+                raise ValueError(f"loss {self.loss_name} weighs (class, group) cells: set group_column in the config")
+            loss = self.loss_fn(logits, labels, groups)
+        else:
+            loss = self.loss_fn(logits, labels)
         self.check_finite_loss(loss, inputs, logits)
         return (loss, outputs) if return_outputs else loss
 
@@ -99,7 +108,8 @@ class LongTailTrainer(BaseTrainer):
         first = logits[0] if isinstance(logits, tuple) else logits
         adjusted = first - self._posthoc.to(first)
         if labels is not None:
-            loss = F.cross_entropy(adjusted.float(), labels).detach()
+            targets = labels[0] if isinstance(labels, (tuple, list)) else labels  # (labels, groups) with group_column
+            loss = F.cross_entropy(adjusted.float(), targets).detach()
         return loss, (adjusted, *logits[1:]) if isinstance(logits, tuple) else adjusted, labels
 
     def refresh(self) -> dict[str, float]:
@@ -139,6 +149,20 @@ class LongTailTrainer(BaseTrainer):
     def load_method_state(self, state: dict[str, Any], same_rank: bool) -> None:
         """Restore the loss's state."""
         self.loss_fn.load_state_dict(state["loss"])
+
+
+class _EndOfStep(TrainerCallback):
+    """Tells a loss with state over whole optimiser steps that one ended, with a sum over the ranks."""
+
+    def __init__(self, trainer: LongTailTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        trainer = self.trainer
+        if args.world_size > 1:
+            trainer.loss_fn.end_step(lambda t: trainer.accelerator.reduce(t, reduction="sum"))
+        else:
+            trainer.loss_fn.end_step()
 
 
 class _DeferredReweighting(TrainerCallback):

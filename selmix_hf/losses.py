@@ -77,6 +77,10 @@ class LongTailLoss(nn.Module):
     needs_validation: ClassVar[bool] = False
     # True when the loss has set_reweighting(enabled), the deferred re-weighting (DRW) stage a trainer switches on
     has_deferred_reweighting: ClassVar[bool] = False
+    # True when the loss is over (class, group) cells: built with group_counts, called as loss(logits, labels, groups)
+    needs_groups: ClassVar[bool] = False
+    # True when the trainer must call end_step(reduce) after every optimiser step (online state over whole steps)
+    steps_with_optimizer: ClassVar[bool] = False
 
     @classmethod
     def objective_of(cls, options: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
@@ -370,6 +374,116 @@ class CostSensitiveLoss(LongTailLoss):
         self.objective.load_state_dict(state["objective"])
 
 
+def cell_counts_tensor(group_counts: Any, what: str) -> torch.Tensor:
+    """Training samples per (class, group) cell as a K x G float64 tensor; cells may be empty, classes may not."""
+    counts = torch.as_tensor(group_counts, dtype=torch.float64)
+    if counts.ndim != 2 or not torch.isfinite(counts).all() or (counts < 0).any():
+        raise ValueError(f"{what} needs group_counts: a classes x groups table of non-negative training counts")
+    if (counts.sum(dim=1) == 0).any():
+        missing = torch.nonzero(counts.sum(dim=1) == 0).flatten().tolist()
+        raise ValueError(f"classes {missing[:20]} have no training sample in any group ({what})")
+    return counts
+
+
+class _GroupLoss(LongTailLoss):
+    """Cross-entropy weighted per (class, group) cell; cell c = label * G + group."""
+
+    needs_groups = True
+
+    def __init__(self, group_counts: Any) -> None:
+        super().__init__()
+        counts = cell_counts_tensor(group_counts, type(self).__name__)
+        self.num_groups = counts.shape[1]
+        self.register_buffer("frequency", (counts / counts.sum()).flatten())  # p_c, the training share of each cell
+
+    def cells(self, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= self.num_groups):
+            bad = groups[(groups < 0) | (groups >= self.num_groups)]
+            raise ValueError(f"group ids {sorted(set(bad.tolist()))[:10]} fall outside [0, {self.num_groups})")
+        return labels.long() * self.num_groups + groups.long()
+
+    def _check_seen(self, cells: torch.Tensor) -> None:
+        unseen = cells[self.frequency[cells] == 0]
+        if unseen.numel():
+            cell = int(unseen[0])
+            raise ValueError(
+                f"a batch holds a sample of cell (class {cell // self.num_groups}, group {cell % self.num_groups}), "
+                "which group_counts gives no training sample; count the groups on the training set you train on"
+            )
+
+
+class GroupWeightedCrossEntropy(_GroupLoss):
+    """Cross-entropy with each sample weighted by the inverse training frequency of its (class, group) cell, scaled
+    so the weights average 1 over the training set: every cell weighs the same (group re-weighting)."""
+
+    def __init__(self, group_counts: Any) -> None:
+        super().__init__(group_counts)
+        present = self.frequency > 0
+        weight = torch.zeros_like(self.frequency)
+        weight[present] = 1.0 / (int(present.sum()) * self.frequency[present])
+        self.register_buffer("cell_weight", weight)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        cells = self.cells(labels, groups)
+        self._check_seen(cells)
+        per_sample = F.cross_entropy(_upcast(logits), labels, reduction="none")
+        return (self.cell_weight.to(per_sample)[cells] * per_sample).mean()
+
+
+class GroupDRO(_GroupLoss):
+    """Group DRO (Sagawa et al., ICLR 2020): minimise sum_c q_c L_c, the cell losses L_c weighted by online weights
+    q that exponentiated-gradient ascent moves toward the worst cells, q_c <- q_c exp(step_size (L_c + C / sqrt(n_c))).
+
+    A step's loss is the batch mean of q_c / p_c times each sample's cross-entropy (p_c: the cell's training share),
+    an unbiased estimate of sum_c q_c L_c that splits exactly over micro-batches and ranks; q moves after each
+    optimiser step from that step's cell losses summed over all its micro-batches and ranks (``end_step``).
+    """
+
+    citation = "group_dro"
+    steps_with_optimizer = True
+
+    def __init__(self, group_counts: Any, step_size: float = 0.01, adjustment: float = 0.0) -> None:
+        super().__init__(group_counts)
+        if step_size <= 0:
+            raise ValueError(f"step_size (GroupDRO's q learning rate) must be positive, got {step_size}")
+        if adjustment < 0:
+            raise ValueError(f"adjustment (GroupDRO's C of C / sqrt(n_c)) must be >= 0, got {adjustment}")
+        self.step_size = float(step_size)
+        present = self.frequency > 0
+        counts = torch.as_tensor(group_counts, dtype=torch.float64).flatten()
+        self.register_buffer("group_weight", present.double() / int(present.sum()))  # q, uniform over the cells
+        self.register_buffer("adjust", float(adjustment) / counts.clamp_min(1.0).sqrt())
+        self.register_buffer("loss_sums", torch.zeros_like(self.frequency))
+        self.register_buffer("loss_counts", torch.zeros_like(self.frequency))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+        cells = self.cells(labels, groups)
+        self._check_seen(cells)
+        per_sample = F.cross_entropy(_upcast(logits), labels, reduction="none")
+        with torch.no_grad():
+            self.loss_sums.index_add_(0, cells, per_sample.detach().to(self.loss_sums))
+            self.loss_counts.index_add_(0, cells, torch.ones_like(self.loss_counts[cells]))
+        weight = (self.group_weight / self.frequency.clamp_min(torch.finfo(torch.float64).tiny))[cells]
+        return (weight.to(per_sample) * per_sample).mean()
+
+    @torch.no_grad()
+    def end_step(self, reduce: Any = None) -> None:
+        """Move q by this step's cell losses (``reduce`` sums a tensor over ranks), then start the next step's sums."""
+        sums, counts = self.loss_sums.clone(), self.loss_counts.clone()
+        if reduce is not None:
+            sums, counts = reduce(sums), reduce(counts)
+        seen = counts > 0
+        step_losses = torch.where(seen, sums / counts.clamp_min(1.0) + self.adjust, torch.zeros_like(sums))
+        weight = self.group_weight * torch.exp(self.step_size * step_losses)
+        self.group_weight.copy_(weight / weight.sum())
+        self.loss_sums.zero_()
+        self.loss_counts.zero_()
+
+    def cell_losses_of_step(self) -> torch.Tensor:
+        """This process's mean loss per cell so far in the current step (NaN for cells not seen)."""
+        return self.loss_sums / self.loss_counts
+
+
 LOSSES: dict[str, type[LongTailLoss]] = {
     "ce": CrossEntropy,
     "weighted_ce": WeightedCrossEntropy,
@@ -380,6 +494,8 @@ LOSSES: dict[str, type[LongTailLoss]] = {
     "vs": VSLoss,
     "parametric": ParametricCrossEntropy,
     "cost_sensitive": CostSensitiveLoss,
+    "group_weighted_ce": GroupWeightedCrossEntropy,
+    "group_dro": GroupDRO,
 }
 
 
@@ -389,16 +505,26 @@ def check_loss_options(loss_type: str, options: dict[str, Any]) -> None:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types are: {', '.join(LOSSES)}")
     objective = options.get("objective", "min_recall") if loss_type == "cost_sensitive" else None
     also = OBJECTIVES.get(objective) if isinstance(objective, str) else None
-    check_options(LOSSES[loss_type], options, f"loss_type {loss_type!r}", skip=("class_counts",), also=also)
+    check_options(
+        LOSSES[loss_type], options, f"loss_type {loss_type!r}", skip=("class_counts", "group_counts"), also=also
+    )
 
 
-def build_loss(loss_type: str, class_counts: Counts, **options: Any) -> nn.Module:
-    """A loss by name; unknown names and options are errors that list the valid ones."""
+def build_loss(loss_type: str, class_counts: Counts, *, group_counts: Any = None, **options: Any) -> nn.Module:
+    """A loss by name; unknown names and options are errors that list the valid ones. Group losses take the
+    training ``group_counts`` (classes x groups)."""
     check_loss_options(loss_type, options)
     cls = LOSSES[loss_type]
     params = inspect.signature(cls.__init__).parameters
     if "class_counts" in params:
         options["class_counts"] = class_counts
+    if "group_counts" in params:
+        if group_counts is None:
+            raise ValueError(
+                f"loss_type {loss_type!r} weighs (class, group) cells, so it needs the group of every training "
+                "sample: set group_column='<your group column>' in the config"
+            )
+        options["group_counts"] = group_counts
     return cls(**options)
 
 
@@ -408,6 +534,8 @@ __all__ = [
     "CostSensitiveLoss",
     "CrossEntropy",
     "FocalLoss",
+    "GroupDRO",
+    "GroupWeightedCrossEntropy",
     "LDAMLoss",
     "LogitAdjustedLoss",
     "LongTailLoss",

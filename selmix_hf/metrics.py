@@ -280,16 +280,24 @@ def make_compute_metrics(
     split: HeadTailSplit | None = None,
     class_names: Sequence[str] | None = None,
     per_class: bool = False,
+    positive_class: int | None = None,
 ) -> Callable[[Any], dict[str, float]]:
-    """A ``compute_metrics`` for ``transformers.Trainer``: logits in, scalar metrics out."""
+    """A ``compute_metrics`` for ``transformers.Trainer``: logits in, scalar metrics out. When the eval set has the
+    trainer's ``group_column``, label_ids is (labels, group ids) and the group metrics are added
+    (`selmix_hf.groups.group_report`; ``positive_class`` names the class of the equal-opportunity gap)."""
 
     def compute_metrics(eval_prediction: Any) -> dict[str, float]:
+        from .groups import group_report
+
         logits = eval_prediction.predictions
         if isinstance(logits, tuple):  # models that also return hidden states
             logits = logits[0]
         predictions = np.asarray(logits).argmax(axis=-1)
-        return classification_report(
-            np.asarray(eval_prediction.label_ids),
+        labels, groups = eval_prediction.label_ids, None
+        if isinstance(labels, (tuple, list)):  # (labels, group ids): the eval set has the group column
+            labels, groups = labels
+        report = classification_report(
+            np.asarray(labels),
             predictions,
             num_classes,
             class_counts=class_counts,
@@ -299,6 +307,17 @@ def make_compute_metrics(
             class_names=class_names,
             per_class=per_class,
         )
+        if groups is not None:
+            group_metrics = group_report(
+                np.asarray(labels),
+                predictions,
+                np.asarray(groups),
+                num_classes,
+                class_prior=class_prior,
+                positive_class=positive_class,
+            )
+            report.update(group_metrics)
+        return report
 
     return compute_metrics
 

@@ -68,7 +68,7 @@ class PairBatchSampler:
         pool_anchors: bool = False,
     ) -> None:
         labels_t = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
-        check_labels(labels_t, num_classes, "training labels")
+        check_labels(labels_t[labels_t != -1], num_classes, "training labels")  # -1: never drawn
         if pairs_per_batch < 1:
             raise ValueError(f"pairs_per_batch must be >= 1, got {pairs_per_batch}")
         fraction = self._fractions(pool_fraction, num_classes)

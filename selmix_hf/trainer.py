@@ -6,6 +6,8 @@ distribution -> pair batches -> one forward over both halves, the head's input m
 cross-entropy on the first half's labels -> every `gain_refresh_steps` steps, back to the validation pass.
 Semi-supervised (``unlabeled_dataset=``): each refresh also pseudo-labels the unlabelled pool, and the partners
 are drawn from it by pseudo-class; the pool's own labels, if any, are never read.
+For a group objective (``group_column``), the rows of the confusion matrix, the prototypes, the gains and the pairs
+are the (class, group) cells of the validation set instead of the classes; a pair keeps its first cell's class.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from .base_trainer import BaseTrainer
 from .config import SelMixConfig
 from .features import PooledFeatures, logits_of, unwrap
 from .gains import class_prototypes, equal_norm_prototypes, gain_matrix, sampling_distribution
+from .groups import CellLayout, cell_confusion_counts, normalized_cell_confusion
 from .metrics import confusion_counts, normalized_confusion
-from .objectives import CONFUSION_CLIP, Objective, multiplier_logs, objective_for_training, vector_logs
+from .objectives import CONFUSION_CLIP, OBJECTIVES, Objective, multiplier_logs, objective_for_training, vector_logs
 from .plots import log_refresh_heatmaps
 from .sampling import PairBatchSampler, rank_seed
 from .sharding import whole_head
@@ -92,6 +95,10 @@ class SelMixTrainer(BaseTrainer):
                 unlabeled_dataset, self.train_dataset, self._label_columns(), _compat.model_input_columns(self)
             )
         )
+        # the (class, group) cells the pairs are drawn between, for a group objective; None: the classes
+        self.cells = self._cell_layout() if _needs_groups(objective, args.objective) else None
+        self.train_rows = self.train_labels if self.cells is None else self._training_cells()
+        self.num_rows = self.num_labels if self.cells is None else self.cells.num_cells
         self.pseudo_labels: torch.Tensor | None = None  # of the pool at the last refresh (-1: not drawn)
         self.pool_precision: torch.Tensor | None = None  # partners='by_precision': per pseudo-class, estimated
         self._pool_sample: PoolSample | None = None  # with unlabeled_refresh_size: the part of the pool labelled
@@ -105,10 +112,17 @@ class SelMixTrainer(BaseTrainer):
                 args.tail_fraction,
                 class_prior=args.class_prior,
                 **args.objective_options,
+                **self._cell_options(),
             )
         )
         if self.objective.num_classes != self.num_labels:
             raise ValueError(f"the objective has {self.objective.num_classes} classes, the model {self.num_labels}")
+        if self.objective.num_rows != self.num_rows:
+            raise ValueError(
+                f"the objective reads {self.objective.num_rows} rows of the confusion matrix, but the validation set "
+                f"has {self.num_rows} {'(class, group) cells' if self.cells else 'classes'}; build a group objective "
+                "by name (objective=<name>, group_column=<column>) so that its cells are the validation set's"
+            )
         self.class_prior = self._resolve_prior()
 
         self.pooled = PooledFeatures(self.head)
@@ -128,6 +142,39 @@ class SelMixTrainer(BaseTrainer):
         self._current_indices: torch.Tensor | None = None  # read only for an error message: no sync per step
         self.schedule_refresh(args.gain_refresh_steps)
 
+    def _cell_layout(self) -> CellLayout:
+        """The (class, group) cells of the validation set, which a group objective's pairs are drawn between."""
+        if self.unlabeled_dataset is not None:
+            raise ValueError(
+                "a group objective draws both members of a pair by (class, group) cell, and an unlabelled pool has no "
+                "groups: drop unlabeled_dataset, or optimise a class objective"
+            )
+        labels = self._labels_of(self.validation_dataset, "validation")
+        return CellLayout.from_labels(labels, self.validation_groups, self.num_labels, self.num_groups())
+
+    def _cell_options(self) -> dict[str, Any]:
+        """The cells and their prior for a group objective built by name (nothing for a class objective)."""
+        if self.cells is None:
+            return {}
+        prior = self.args.class_prior
+        return {"cell_classes": list(self.cells.classes), "cell_prior": self.cells.prior(prior).tolist()}
+
+    def _training_cells(self) -> torch.Tensor:
+        """The cell of each training sample; cells the validation set lacks have no gain and are never drawn (-1)."""
+        rows = self.cells.cell_of(self.train_labels, self.train_groups)
+        missing = rows.numpy() < 0
+        pairs = zip(self.train_labels[missing].tolist(), self.train_groups[missing].tolist())
+        unseen = sorted({self.cells.describe_pair(k, g) for k, g in pairs})
+        if unseen:
+            logger.warning(
+                "SelMix: %d (class, group) cells of the training set have no validation sample, so no gain: their "
+                "samples are never drawn into pairs (%s%s). Add validation samples of those cells to mix them.",
+                len(unseen),
+                ", ".join(unseen[:10]),
+                " ..." if len(unseen) > 10 else "",
+            )
+        return rows
+
     def _resolve_prior(self) -> torch.Tensor:
         """One class prior for the confusion matrix and the gains: the config's, else the objective's."""
         if self.args.class_prior is None:
@@ -145,8 +192,8 @@ class SelMixTrainer(BaseTrainer):
         if pool is not None:
             dataset = torch.utils.data.ConcatDataset([dataset, pool])
         self.sampler = PairBatchSampler(
-            self.train_labels,
-            self.num_labels,
+            self.train_rows,
+            self.num_rows,
             self.args.per_device_train_batch_size,
             seed=self.args.seed,
             rank=self.args.process_index,
@@ -180,10 +227,18 @@ class SelMixTrainer(BaseTrainer):
 
     def refresh(self) -> dict[str, float]:
         """Validation pass -> confusion + prototypes -> multipliers -> gain matrix -> new sampling distribution."""
-        features, logits, labels = self.validation_pass(self.pooled)
-        self.last_confusion_counts = confusion_counts(labels.cpu(), logits.argmax(dim=1).cpu(), self.num_labels)
-        confusion = normalized_confusion(self.last_confusion_counts, self.class_prior)
-        raw_prototypes = class_prototypes(features, labels, self.num_labels)
+        if self.cells is None:
+            features, logits, labels = self.validation_pass(self.pooled)
+            rows = labels
+            self.last_confusion_counts = confusion_counts(labels.cpu(), logits.argmax(dim=1).cpu(), self.num_labels)
+            confusion = normalized_confusion(self.last_confusion_counts, self.class_prior)
+        else:  # rows are (class, group) cells
+            features, logits, labels, groups = self.validation_pass(self.pooled, with_groups=True)
+            rows = self.cells.cell_of(labels.cpu(), groups.cpu()).to(labels.device)
+            predictions = logits.argmax(dim=1).cpu()
+            self.last_confusion_counts = cell_confusion_counts(labels.cpu(), predictions, groups.cpu(), self.cells)
+            confusion = normalized_cell_confusion(self.last_confusion_counts, self.cells, self.class_prior)
+        raw_prototypes = class_prototypes(features, rows, self.num_rows)
         prototypes = equal_norm_prototypes(raw_prototypes) if self.args.equal_norm_prototypes else raw_prototypes
         self.objective.update(confusion)
         with whole_head(self.pooled.head, self.model_wrapped) as (weight, bias):  # gathered if sharded
@@ -199,13 +254,13 @@ class SelMixTrainer(BaseTrainer):
             estimator=self.args.gain_estimator,
             class_prior=self.class_prior,
             features=features,
-            labels=labels,
+            labels=rows,
         )
         if self.args.world_size > 1:  # every rank must act on the very same matrix
             gains = broadcast(gains.to(self.args.device).contiguous(), from_process=0)
         self.gains = gains.cpu()
         if self.args.pair_distribution == "uniform":
-            self.distribution = torch.full((self.num_labels, self.num_labels), 1.0 / self.num_labels**2)
+            self.distribution = torch.full((self.num_rows, self.num_rows), 1.0 / self.num_rows**2)
         else:
             self.distribution = sampling_distribution(
                 self.gains, self.args.sampling_temperature, self.args.sampling_epsilon, self.args.scale_free_temperature
@@ -355,7 +410,7 @@ class SelMixTrainer(BaseTrainer):
     def after_refresh(self, control: Any) -> None:
         """G and P to TensorBoard; a warning when the gains cannot move the objective; the published early stop."""
         if "tensorboard" in self.args.report_to:
-            log_refresh_heatmaps(self, self.class_names())
+            log_refresh_heatmaps(self, self.row_names())
         self._warn_if_gains_negligible()
         if self.args.early_stop_on_gain_plateau and self.gain_plateaued():
             logger.info("SelMix: max gain has plateaued over %d refreshes; stopping", self.args.plateau_window)
@@ -408,6 +463,13 @@ class SelMixTrainer(BaseTrainer):
         id2label = getattr(getattr(unwrap(self.model), "config", None), "id2label", None) or {}
         return [str(id2label.get(k, k)) for k in range(self.num_labels)]
 
+    def row_names(self) -> list[str]:
+        """The names of the pairs' rows: the class names, or ``class/g<group>`` for (class, group) cells."""
+        names = self.class_names()
+        if self.cells is None:
+            return names
+        return [f"{names[k]}/g{g}" for k, g in zip(self.cells.classes, self.cells.groups)]
+
     def gain_plateaued(self) -> bool:
         """Published early stop: over the last `plateau_window` refreshes, |mean - last| < tolerance |mean| of max G."""
         window = self.args.plateau_window
@@ -435,7 +497,10 @@ class SelMixTrainer(BaseTrainer):
 
     def stage_description(self) -> str:
         """What SelMix did, with the validation objective at the first and last refresh."""
-        text = "mixup of pooled embeddings between class pairs drawn by their estimated gain in the objective"
+        units = "class pairs" if self.cells is None else f"pairs of the {self.cells.num_cells} (class, group) cells"
+        text = f"mixup of pooled embeddings between {units} drawn by their estimated gain in the objective"
+        if self.cells is not None:
+            text += " (each mixup keeps its first cell's class)"
         if self.objective_history:
             text += (
                 f"; validation {self.objective.name} {self.objective_history[0]:.3f} at the first refresh, "
@@ -511,6 +576,13 @@ class SelMixTrainer(BaseTrainer):
             self._mix_generator.set_state(state["mix_generator"])
             self._sampler_state = state["sampler"]
             self._batches_used = 0 if state["sampler"] is None else int(state["sampler"]["batches_drawn"])
+
+
+def _needs_groups(objective: Objective | None, name: str) -> bool:
+    """Whether the objective (the given instance, else the named one) ranges over (class, group) cells."""
+    if objective is not None:
+        return objective.needs_groups and objective.num_rows != objective.num_classes
+    return name in OBJECTIVES and OBJECTIVES[name].needs_groups
 
 
 class IndexedDataset(torch.utils.data.Dataset):

@@ -46,8 +46,10 @@ def gathered_validation_pass(
     *,
     purpose: str = "validation pass",
     labelled: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(pooled features or None, logits, labels) of a whole dataset in eval mode, gathered across processes.
+    with_groups: bool = False,
+) -> tuple[torch.Tensor | None, ...]:
+    """(pooled features or None, logits, labels) of a whole dataset in eval mode, gathered across processes; with
+    ``with_groups``, the samples' group ids (``trainer.group_column``) as a fourth tensor.
 
     `gather_for_metrics` inside the loop drops the duplicates that pad the last round, so every rank ends with
     the same tensors and every sample counted once, in dataset order. A NaN or inf in a sample's inputs, features
@@ -60,15 +62,19 @@ def gathered_validation_pass(
     loader = cache[id(dataset)]
     model = model_to_call(trainer.model)  # FSDP1's wrapper stays: its forward gathers the parameters
     label_key = getattr(trainer, "label_key", "labels")
+    group_key = getattr(trainer, "group_column", None)
     was_training = model.training
     model.eval()
-    features, logits, labels, finite_inputs, input_names = [], [], [], [], set()
+    features, logits, labels, finite_inputs, groups, input_names = [], [], [], [], [], set()
     capture = pooled.capture() if pooled is not None else nullcontext()
     try:
         with torch.no_grad(), capture:
             for batch in loader:
                 batch = _compat.prepare_inputs(trainer, batch)
                 batch_labels = batch.pop(label_key)
+                batch_groups = batch.pop(group_key) if group_key and group_key in batch else None
+                if with_groups and batch_groups is None:
+                    raise KeyError(f"the {purpose} batch has no {group_key!r} entry (group_column)")
                 input_names.update(k for k, v in batch.items() if torch.is_tensor(v) and v.dtype.is_floating_point)
                 inputs_ok = inputs_finite(batch, len(batch_labels)).to(batch_labels.device)
                 with trainer.compute_loss_context_manager():
@@ -76,10 +82,9 @@ def gathered_validation_pass(
                 batch_features = (
                     pooled.captured.float() if pooled is not None else batch_logits.new_zeros(len(batch_labels), 0)
                 )
-                gathered = trainer.accelerator.gather_for_metrics(
-                    (batch_features, batch_logits.float(), batch_labels, inputs_ok)
-                )
-                for store, tensor in zip((features, logits, labels, finite_inputs), gathered):
+                rows = (batch_features, batch_logits.float(), batch_labels, inputs_ok)
+                gathered = trainer.accelerator.gather_for_metrics(rows + ((batch_groups,) if with_groups else ()))
+                for store, tensor in zip((features, logits, labels, finite_inputs, groups), gathered):
                     store.append(tensor)
     finally:
         model.train(was_training)
@@ -99,7 +104,8 @@ def gathered_validation_pass(
                 f"{f', and {count - 1} more samples' if count > 1 else ''}) during {where}: fix or drop that sample "
                 f"of the {name} set. Nothing was saved after the last checkpoint."
             )
-    return (features_t if pooled is not None else None), logits_t, labels_t
+    out = (features_t if pooled is not None else None), logits_t, labels_t
+    return (*out, torch.cat(groups).long()) if with_groups else out
 
 
 __all__ = ["counts_with_every_class", "gathered_validation_pass", "pick_validation_set"]

@@ -73,6 +73,7 @@ class Subject:
     wrongly_typed: tuple[str, Any]  # a field of its own config and a value of the wrong type
     unused_settings: set[str] = field(default_factory=set)  # config fields that do nothing in this row's run
     trainer_kwargs: Callable[[], dict[str, Any]] = dict  # extra arguments of the trainer (fresh for every build)
+    reads_validation: bool = True  # the trainer passes over the validation set while it trains
 
 
 SUBJECTS = [
@@ -84,6 +85,15 @@ SUBJECTS = [
         lambda t: {"gains": t.gains, "distribution": t.distribution, **t.objective.multipliers()},
         ("gain_refresh_steps", "2"),
         unused_settings=set(SelMixConfig.SEMI_SUPERVISED_FIELDS),  # no unlabelled pool in this row
+    ),
+    Subject(  # a group objective: pairs drawn between the (class, group) cells of the validation set
+        "selmix-groups",
+        SelMixTrainer,
+        SelMixConfig,
+        {"gain_refresh_steps": 2, "objective": "worst_group_accuracy", "group_column": "group"},
+        lambda t: {"gains": t.gains, "distribution": t.distribution, **t.objective.multipliers()},
+        ("gain_refresh_steps", "2"),
+        unused_settings=set(SelMixConfig.SEMI_SUPERVISED_FIELDS),
     ),
     Subject(  # semi-supervised: partners from a pool (whose own labels are dropped), anchors from its confident part
         "selmix-unlabeled",
@@ -134,6 +144,16 @@ SUBJECTS = [
         lambda t: dict(t.loss_fn.state_dict()),
         ("validation_refresh_steps", 2.5),
     ),
+    Subject(  # GroupDRO over (class, group) cells: online group weights moved once per optimiser step
+        "longtail-group-dro",
+        LongTailTrainer,
+        LongTailConfig,
+        {"loss_type": "group_dro", "loss_options": {"step_size": 0.5}, "group_column": "group"},
+        lambda t: {"group_weight": t.loss_fn.group_weight},
+        ("validation_refresh_steps", "2"),
+        unused_settings={"validation_refresh_steps"},
+        reads_validation=False,
+    ),
     Subject(  # FixMatch-LA over the same pool; cost-sensitive so that it also refreshes from validation data
         "fixmatch",
         FixMatchTrainer,
@@ -164,6 +184,26 @@ SUBJECTS = [
     ),
 ]
 ids = [s.name for s in SUBJECTS]
+
+
+class WithGroups(torch.utils.data.Dataset):
+    """A view of a dataset whose examples also carry a group id, alternating 0, 1 by index (both groups in every
+    class), for the rows whose config sets group_column; mutations of the wrapped dataset show through."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.dataset[i], "group": i % 2}
+
+
+def with_groups(subject: Subject, dataset: Any) -> Any:
+    """The dataset as the subject reads it: with a group column when the subject's config names one."""
+    column = subject.settings.get("group_column")
+    return WithGroups(dataset) if column and hasattr(dataset, "__len__") else dataset  # a stream stays one
 
 
 def build(
@@ -205,8 +245,10 @@ def build(
         callbacks=callbacks,
         compute_metrics=compute_metrics,
         data_collator=data_collator,
-        train_dataset=train if train is not None else gaussian_problem(TRAIN_COUNTS, seed=1),
-        eval_dataset=validation if validation is not None else gaussian_problem(VALIDATION_COUNTS, seed=2),
+        train_dataset=with_groups(subject, train if train is not None else gaussian_problem(TRAIN_COUNTS, seed=1)),
+        eval_dataset=with_groups(
+            subject, validation if validation is not None else gaussian_problem(VALIDATION_COUNTS, seed=2)
+        ),
     )
 
 
@@ -513,6 +555,8 @@ def test_nan_in_training_inputs_stops_before_any_checkpoint_is_overwritten(subje
 
 @pytest.mark.parametrize("subject", SUBJECTS, ids=ids)
 def test_nan_in_a_validation_input_is_named(subject, tmp_path):
+    if not subject.reads_validation:
+        pytest.skip(f"{subject.name} reads no validation data while it trains")
     validation = Poisoned(gaussian_problem(VALIDATION_COUNTS, seed=2).examples, index=7)
     trainer = build(subject, str(tmp_path / "run"), validation=validation)
     with pytest.raises(NonFiniteError, match=r"inputs \(features\) of validation sample 7 .*step 0"):
@@ -549,8 +593,9 @@ def test_bad_configuration_is_a_clear_error(subject, tmp_path):
         build(subject, str(tmp_path / "headless"), model=headless)
     with pytest.raises(ValueError, match="one label column"):
         build(subject, str(tmp_path / "labels"), label_names=["labels", "other"])
-    with pytest.raises(ValueError, match=r"classes \[3\] have no sample in the validation set"):
-        build(subject, str(tmp_path / "missing"), validation=gaussian_problem([5, 5, 5, 0], seed=2))
+    if subject.reads_validation:
+        with pytest.raises(ValueError, match=r"classes \[3\] have no sample in the validation set"):
+            build(subject, str(tmp_path / "missing"), validation=gaussian_problem([5, 5, 5, 0], seed=2))
 
 
 class Stream(torch.utils.data.IterableDataset):
@@ -690,7 +735,10 @@ def test_best_model_loading_and_its_card_describe_the_saved_weights(subject, tmp
     last_eval = [e for e in trainer.state.log_history if "eval_min_recall" in e][-1]
     assert f"| Mean recall | {best_eval['eval_mean_recall']:.3f} |" in card
     assert f"`steps` = {best_step};" in card
-    assert "`validation` split" in card and "not a held-out estimate" in card and "held-out split" not in card
+    if subject.reads_validation:  # the eval set is the set the trainer estimated on: the card says so
+        assert "`validation` split" in card and "not a held-out estimate" in card and "held-out split" not in card
+    else:
+        assert "`evaluation` split" in card and "not a held-out estimate" not in card
     assert "5-6 samples per class, 21 in all" in card
     assert "path/to/this/model" not in card
     stages = json.load(open(os.path.join(out, "config.json")))["selmix_hf_stages"]

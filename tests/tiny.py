@@ -247,6 +247,20 @@ def gaussian_problem(
     return ListDataset(examples)
 
 
+def grouped_gaussian_problem(cell_counts: list[list[int]], seed: int, dim: int = 8, shift: float = 1.5) -> ListDataset:
+    """Gaussian classes (means of `gaussian_problem`) whose samples also carry a group id that shifts the features
+    (a spurious direction per group): cell_counts[k][g] samples of class k in group g."""
+    means = torch.randn(len(cell_counts), dim, generator=torch.Generator().manual_seed(0))
+    directions = torch.randn(len(cell_counts[0]), dim, generator=torch.Generator().manual_seed(99))
+    gen = torch.Generator().manual_seed(seed)
+    examples = []
+    for label, row in enumerate(cell_counts):
+        for group, count in enumerate(row):
+            for x in means[label] + shift * directions[group] + torch.randn(count, dim, generator=gen):
+                examples.append({"features": x, "labels": label, "group": group})
+    return ListDataset(examples)
+
+
 def per_class_recall(model: nn.Module, dataset: ListDataset, num_labels: int) -> np.ndarray:
     """Per-class recall of a model on a dataset of {"features", "labels"}."""
     x = torch.stack([e["features"] for e in dataset.examples])
