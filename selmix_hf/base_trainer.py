@@ -26,6 +26,7 @@ from .checkpoint_state import load_state, save_state, state_exists
 from .config import MethodConfig
 from .data import LABEL_COLUMNS, dataset_groups, dataset_labels
 from .features import find_head, logits_of, num_labels_of, unwrap
+from .groups import CellLayout
 from .metrics import check_labels, classification_report
 from .nonfinite import NonFiniteError, bad_input_rows, check_state_finite, describe_rows
 from .objectives import Objective, objective_for_training
@@ -223,6 +224,14 @@ class BaseTrainer(ModelCardMixin, Trainer):
         if self.group_column:
             self.validation_groups = self._groups_of(self.validation_dataset, "validation")
         return self.validation_dataset
+
+    def validation_cells(self, purpose: str) -> CellLayout:
+        """The (class, group) cells of the validation set (chosen here if not yet), which group objectives range
+        over; G counts the training set's groups too."""
+        if self.validation_dataset is None:
+            self.use_validation_set(purpose)
+        labels = self._labels_of(self.validation_dataset, "validation")
+        return CellLayout.from_labels(labels, self.validation_groups, self.num_labels, self.num_groups())
 
     def require_whole_parameters(self, why: str, alternative: str) -> None:
         """Refuse FSDP and DeepSpeed ZeRO-3, which shard the parameters, for a trainer that ``why`` (a phrase)."""

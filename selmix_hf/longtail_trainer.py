@@ -12,9 +12,10 @@ from transformers import TrainerCallback
 from .base_trainer import BaseTrainer
 from .config import LongTailConfig
 from .features import logits_of
+from .groups import CellLayout, cell_confusion_counts, normalized_cell_confusion
 from .losses import LOSSES, build_loss, counts_tensor
 from .metrics import confusion_counts, normalized_confusion
-from .objectives import multiplier_logs
+from .objectives import OBJECTIVES, multiplier_logs
 
 
 class LongTailTrainer(BaseTrainer):
@@ -46,6 +47,7 @@ class LongTailTrainer(BaseTrainer):
     ) -> None:
         super().__init__(model, args, validation_dataset=validation_dataset, **kwargs)
         self.loss_name = args.loss_type if loss is None else type(loss).__name__
+        self.cells: CellLayout | None = None  # the validation cells a loss for a group objective ranges over
         self.loss_fn = loss if loss is not None else self.build_loss()
         self.loss_fn.to(args.device)
         if getattr(self.loss_fn, "needs_validation", False):  # losses that follow a validation confusion matrix
@@ -67,8 +69,16 @@ class LongTailTrainer(BaseTrainer):
     def build_loss(self) -> nn.Module:
         """The training loss named by the config, built from the class counts (and the (class, group) cell counts
         for a group loss)."""
-        groups = self.group_counts() if LOSSES[self.args.loss_type].needs_groups else None
-        return build_loss(self.args.loss_type, self.class_counts, group_counts=groups, **self.args.loss_options)
+        name, _ = self.args.trained_objective()
+        self.cells = self.validation_cells(f"the {name} objective") if _over_cells(name) else None
+        over_groups = LOSSES[self.args.loss_type].needs_groups or self.cells is not None
+        return build_loss(
+            self.args.loss_type,
+            self.class_counts,
+            group_counts=self.group_counts() if over_groups else None,
+            cells=self.cells,
+            **self.args.loss_options,
+        )
 
     def count_classes(self) -> list[int]:
         """Training samples per class: ``class_counts`` of the config, else counted in the training labels."""
@@ -114,10 +124,16 @@ class LongTailTrainer(BaseTrainer):
 
     def refresh(self) -> dict[str, float]:
         """Validation pass -> confusion matrix -> the cost-sensitive loss's multipliers and gain matrix."""
-        _, logits, labels = self.validation_pass()
-        counts = confusion_counts(labels.cpu(), logits.argmax(dim=1).cpu(), self.num_labels)
         objective = self.loss_fn.objective
-        confusion = normalized_confusion(counts, objective.class_prior)
+        if self.cells is None:
+            _, logits, labels = self.validation_pass()
+            counts = confusion_counts(labels.cpu(), logits.argmax(dim=1).cpu(), self.num_labels)
+            confusion = normalized_confusion(counts, objective.class_prior)
+        else:  # a group objective: a row per (class, group) cell
+            _, logits, labels, groups = self.validation_pass(with_groups=True)
+            predictions = logits.argmax(dim=1).cpu()
+            counts = cell_confusion_counts(labels.cpu(), predictions, groups.cpu(), self.cells)
+            confusion = normalized_cell_confusion(counts, self.cells, objective.class_prior)
         self.loss_fn.update(confusion)
         logs = {f"longtail/{key}": value for key, value in objective.report(confusion).items()}
         return {**logs, **multiplier_logs(objective, "longtail")}
@@ -149,6 +165,11 @@ class LongTailTrainer(BaseTrainer):
     def load_method_state(self, state: dict[str, Any], same_rank: bool) -> None:
         """Restore the loss's state."""
         self.loss_fn.load_state_dict(state["loss"])
+
+
+def _over_cells(objective: str | None) -> bool:
+    """Whether the named objective ranges over (class, group) cells."""
+    return objective in OBJECTIVES and OBJECTIVES[objective].needs_groups
 
 
 class _EndOfStep(TrainerCallback):

@@ -322,12 +322,22 @@ class CostSensitiveLoss(LongTailLoss):
     Mg = Gm Dg^-1: loss = -sum_j Mg_yj log softmax_j(f + tau log pi_train - log diag(Dg)). For min recall this is
     CE(f + tau log pi - log lam, y) with lam <- lam exp(-eta recall) normalised (eta = 0.1), the default options.
     Call ``update(confusion)`` with each new validation confusion matrix; before the first it is logit adjustment.
+
+    Over (class, group) cells (a group objective, ``cells`` and ``group_counts`` given; docs/engine.md, M13), Gm has
+    a row per cell: a sample of cell c weighs class j by Gm_cj / d_j, where d_j = sum_c rho_c Gm_cj is the gain of
+    class j averaged over its cells at their training shares rho_c; the logits are adjusted by -log d. With one group
+    this is the class loss exactly. A sample whose cell the validation set lacks has no gain row: plain adjusted CE.
     """
 
     citation = "cost_sensitive"
     needs_validation = True
 
-    DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {"min_recall": {"omega": 0.1, "beta": 1.0}}
+    DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
+        "min_recall": {"omega": 0.1, "beta": 1.0},
+        # exponentiated-gradient multipliers over cells; at min recall's omega = 0.1 they barely move in a fine-tuning
+        # run's few dozen refreshes (docs/groups.md: 0.58 against 0.84 - 0.92 worst-group accuracy at omega = 1)
+        "worst_group_accuracy": {"omega": 1.0, "beta": 1.0},
+    }
 
     @classmethod
     def objective_of(cls, options: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
@@ -341,31 +351,72 @@ class CostSensitiveLoss(LongTailLoss):
         class_counts: Counts,
         objective: Objective | str = "min_recall",
         tau: float = 1.0,
+        *,
+        cells: Any = None,
+        group_counts: Any = None,
         **objective_options: Any,
     ) -> None:
         super().__init__()
         counts = counts_tensor(class_counts, "the cost-sensitive loss")
+        num_classes = counts.numel()
         if isinstance(objective, str):
             options = {**self.DEFAULT_OPTIONS.get(objective, {}), **objective_options}
-            objective = objective_for_training(objective, counts.numel(), counts.long().tolist(), **options)
+            if cells is not None:
+                options.update(cell_classes=list(cells.classes), cell_prior=cells.prior(options.get("class_prior")))
+            objective = objective_for_training(objective, num_classes, counts.long().tolist(), **options)
         self.objective = objective
         self.tau = float(tau)
+        self.needs_groups = cells is not None  # called as loss(logits, labels, groups)
         self.register_buffer("log_prior", torch.log(counts / counts.sum()).float())
-        self.register_buffer("mixing", torch.eye(counts.numel()))  # Mg
-        self.register_buffer("log_diagonal", torch.zeros(counts.numel()))  # log diag(Dg)
+        rows = num_classes if cells is None else cells.num_cells
+        self.register_buffer("mixing", torch.eye(num_classes)[objective.row_classes].clone())  # Mg, a row per row
+        self.register_buffer("log_diagonal", torch.zeros(num_classes))  # log d
+        if cells is None:
+            return
+        if group_counts is None:
+            raise ValueError("a cost-sensitive loss over (class, group) cells needs the training group_counts")
+        if objective.num_rows != rows:
+            raise ValueError(f"the objective has {objective.num_rows} rows, the validation set {rows} cells")
+        table = cell_counts_tensor(group_counts, "the cost-sensitive loss")
+        self.num_groups = table.shape[1]
+        if self.num_groups < cells.num_groups:
+            raise ValueError(f"group_counts has {self.num_groups} groups, the validation set {cells.num_groups}")
+        trained = table[list(cells.classes), list(cells.groups)]  # training samples of each validation cell
+        per_class = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, objective.row_classes, trained)
+        self.register_buffer("cell_share", (trained / per_class[objective.row_classes].clamp_min(1.0)).float())
+        lookup = torch.full((num_classes * self.num_groups,), -1, dtype=torch.long)
+        lookup[torch.tensor(cells.classes) * self.num_groups + torch.tensor(cells.groups)] = torch.arange(rows)
+        self.register_buffer("cell_lookup", lookup)  # class * G + group -> row (-1: no validation cell)
 
     @torch.no_grad()
     def update(self, confusion: torch.Tensor) -> None:
-        """New multipliers and gain matrix from a normalised validation confusion matrix."""
+        """New multipliers and gain matrix from a normalised validation confusion matrix (a row per cell when the
+        loss is over (class, group) cells)."""
         self.objective.update(confusion)
         gain = self.objective.gradient(confusion.double())
-        diagonal = torch.diagonal(gain).clamp_min(1e-12)
+        rows = torch.arange(gain.shape[0])
+        if self.needs_groups:  # d_j: class j's gain over its cells, at their training shares
+            own = gain[rows, self.objective.row_classes] * self.cell_share.double().cpu()
+            diagonal = torch.zeros(gain.shape[1], dtype=gain.dtype).index_add_(0, self.objective.row_classes, own)
+        else:
+            diagonal = torch.diagonal(gain)
+        diagonal = diagonal.clamp_min(1e-12)
         self.mixing.copy_((gain / diagonal.unsqueeze(0)).float())
         self.log_diagonal.copy_(torch.log(diagonal).float())
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
         log_p = F.log_softmax(_upcast(logits) + self.tau * self.log_prior - self.log_diagonal, dim=1)
-        return -(self.mixing[labels] * log_p).sum(dim=1).mean()
+        if not self.needs_groups:
+            return -(self.mixing[labels] * log_p).sum(dim=1).mean()
+        if groups is None:
+            raise ValueError("this cost-sensitive loss is over (class, group) cells: call it with the group ids")
+        cells = self.cell_lookup[labels.long() * self.num_groups + groups.long()]
+        weights = torch.where(
+            (cells >= 0).unsqueeze(1),
+            self.mixing[cells.clamp_min(0)],
+            F.one_hot(labels.long(), log_p.shape[1]).to(self.mixing),
+        )
+        return -(weights * log_p).sum(dim=1).mean()
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"objective": self.objective.state_dict()}
@@ -506,19 +557,28 @@ def check_loss_options(loss_type: str, options: dict[str, Any]) -> None:
     objective = options.get("objective", "min_recall") if loss_type == "cost_sensitive" else None
     also = OBJECTIVES.get(objective) if isinstance(objective, str) else None
     check_options(
-        LOSSES[loss_type], options, f"loss_type {loss_type!r}", skip=("class_counts", "group_counts"), also=also
+        LOSSES[loss_type],
+        options,
+        f"loss_type {loss_type!r}",
+        skip=("class_counts", "group_counts", "cells"),
+        also=also,
     )
 
 
-def build_loss(loss_type: str, class_counts: Counts, *, group_counts: Any = None, **options: Any) -> nn.Module:
+def build_loss(
+    loss_type: str, class_counts: Counts, *, group_counts: Any = None, cells: Any = None, **options: Any
+) -> nn.Module:
     """A loss by name; unknown names and options are errors that list the valid ones. Group losses take the
-    training ``group_counts`` (classes x groups)."""
+    training ``group_counts`` (classes x groups); the cost-sensitive loss of a group objective also the validation
+    set's (class, group) ``cells``."""
     check_loss_options(loss_type, options)
     cls = LOSSES[loss_type]
     params = inspect.signature(cls.__init__).parameters
     if "class_counts" in params:
         options["class_counts"] = class_counts
-    if "group_counts" in params:
+    if cells is not None:
+        options.update(cells=cells, group_counts=group_counts)
+    elif "group_counts" in params and cls.needs_groups:
         if group_counts is None:
             raise ValueError(
                 f"loss_type {loss_type!r} weighs (class, group) cells, so it needs the group of every training "

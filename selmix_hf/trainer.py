@@ -149,8 +149,7 @@ class SelMixTrainer(BaseTrainer):
                 "a group objective draws both members of a pair by (class, group) cell, and an unlabelled pool has no "
                 "groups: drop unlabeled_dataset, or optimise a class objective"
             )
-        labels = self._labels_of(self.validation_dataset, "validation")
-        return CellLayout.from_labels(labels, self.validation_groups, self.num_labels, self.num_groups())
+        return self.validation_cells("SelMixTrainer")
 
     def _cell_options(self) -> dict[str, Any]:
         """The cells and their prior for a group objective built by name (nothing for a class objective)."""

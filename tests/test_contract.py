@@ -154,6 +154,19 @@ SUBJECTS = [
         unused_settings={"validation_refresh_steps"},
         reads_validation=False,
     ),
+    Subject(  # the cost-sensitive loss of a group objective: a gain row per (class, group) cell of validation
+        "longtail-cost-sensitive-groups",
+        LongTailTrainer,
+        LongTailConfig,
+        {
+            "loss_type": "cost_sensitive",
+            "loss_options": {"objective": "worst_group_accuracy"},
+            "validation_refresh_steps": 2,
+            "group_column": "group",
+        },
+        lambda t: dict(t.loss_fn.state_dict()),
+        ("validation_refresh_steps", 2.5),
+    ),
     Subject(  # FixMatch-LA over the same pool; cost-sensitive so that it also refreshes from validation data
         "fixmatch",
         FixMatchTrainer,

@@ -443,6 +443,81 @@ def test_selmix_over_cells_lifts_worst_group_accuracy_where_class_selmix_cannot(
         trainer.train()
         after[objective] = worst_group(trainer.model, test)
         if objective == "worst_group_accuracy":
-            assert trainer.gains.shape == (4, 4) and trainer.row_names() == ["LABEL_0/g0", "LABEL_0/g1", "LABEL_1/g0", "LABEL_1/g1"]
+            assert trainer.gains.shape == (4, 4) and trainer.row_names() == [
+                "LABEL_0/g0",
+                "LABEL_0/g1",
+                "LABEL_1/g0",
+                "LABEL_1/g1",
+            ]
     assert after["worst_group_accuracy"] > start + 0.25, (start, after)
     assert after["worst_group_accuracy"] > after["mean_recall"] + 0.25, (start, after)
+
+
+def test_cost_sensitive_loss_over_one_group_cells_is_the_class_loss():
+    counts = [30, 20, 10]
+    cells = CellLayout.one_group(3, [5, 5, 5])
+    grouped = build_loss(  # min recall's default multiplier settings, which worst-group accuracy's differ from
+        "cost_sensitive",
+        counts,
+        cells=cells,
+        group_counts=[[c] for c in counts],
+        objective="worst_group_accuracy",
+        omega=0.1,
+        beta=1.0,
+    )
+    plain = build_loss("cost_sensitive", counts, objective="min_recall")
+    gen = torch.Generator().manual_seed(0)
+    confusion = torch.softmax(torch.randn(3, 3, generator=gen, dtype=F64) + torch.eye(3), 1) / 3
+    for loss in (grouped, plain):
+        loss.update(confusion)
+    logits, labels = torch.randn(6, 3, generator=gen), torch.tensor([0, 1, 2, 2, 1, 0])
+    torch.testing.assert_close(grouped(logits, labels, torch.zeros(6, dtype=torch.long)), plain(logits, labels))
+
+
+def test_cost_sensitive_cells_weigh_a_cell_against_its_class_average():
+    """Worst-group gains are diagonal per cell (lam_c / pi_c at the cell's class): a sample weighs its own class by
+    its cell's gain over the class's training-share-weighted gain, and the logits move by -log of the latter."""
+    cells = CellLayout(2, 2, (0, 0, 1, 1), (0, 1, 0, 1), (5, 5, 5, 5))
+    loss = build_loss(
+        "cost_sensitive", [10, 10], cells=cells, group_counts=[[8, 2], [2, 8]], objective="worst_group_accuracy"
+    )
+    confusion = torch.tensor([[0.2, 0.05], [0.1, 0.15], [0.05, 0.2], [0.03, 0.22]], dtype=F64) / 2
+    loss.update(confusion)
+    gain = loss.objective.gradient(confusion)  # lam_c / pi_c at (c, class of c)
+    own = gain[[0, 1, 2, 3], [0, 0, 1, 1]]
+    d = torch.stack([0.8 * own[0] + 0.2 * own[1], 0.2 * own[2] + 0.8 * own[3]])
+    torch.testing.assert_close(loss.log_diagonal, torch.log(d).float())
+    logits, labels, groups = torch.randn(4, 2), torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    log_p = torch.log_softmax(logits + torch.log(torch.tensor([0.5, 0.5])) - torch.log(d).float(), 1)
+    weights = (own / d[[0, 0, 1, 1]]).float()
+    torch.testing.assert_close(loss(logits, labels, groups), -(weights * log_p[range(4), labels]).mean())
+
+
+def test_cost_sensitive_worst_group_lifts_worst_group_accuracy_over_ce():
+    train, validation, test = spurious_splits(0)
+    runs = {}
+    for loss_type, options in (("ce", {}), ("cost_sensitive", {"objective": "worst_group_accuracy"})):
+        torch.manual_seed(0)
+        args = LongTailConfig(
+            output_dir="unused",
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            logging_strategy="no",
+            per_device_train_batch_size=32,
+            max_steps=150,
+            optim="sgd",
+            learning_rate=0.1,
+            lr_scheduler_type="constant",
+            loss_type=loss_type,
+            loss_options=options,
+            validation_refresh_steps=10,
+            group_column="group",
+            seed=0,
+        )
+        model = TinyMLPForClassification(TinyMLPConfig(num_labels=2))
+        trainer = LongTailTrainer(model=model, args=args, train_dataset=train, eval_dataset=validation)
+        trainer.train()
+        runs[loss_type] = worst_group(trainer.model, test)
+    assert runs["cost_sensitive"] > runs["ce"] + 0.15, runs
