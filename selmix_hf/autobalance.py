@@ -22,11 +22,12 @@ from . import _compat
 from .base_trainer import BaseTrainer
 from .config import HYPERGRADIENTS, AutoBalanceConfig
 from .features import PooledFeatures, logits_of
+from .groups import cell_confusion_counts, normalized_cell_confusion
 from .longtail_trainer import LongTailTrainer
 from .losses import ParametricCrossEntropy, build_loss, class_balanced_weights
 from .metrics import confusion_counts, normalized_confusion
 from .nonfinite import NonFiniteError, bad_input_rows, first_bad, row_is_finite
-from .objectives import objective_for_training
+from .objectives import OBJECTIVES, objective_for_training, vector_logs
 from .sampling import rank_seed
 from .sharding import model_to_call, whole_head
 
@@ -106,8 +107,18 @@ class AutoBalanceTrainer(LongTailTrainer):
         self.upper_weights = class_balanced_weights(self.validation_counts).to(args.device)
         self.upper_objective = None
         if args.upper_objective != "balanced_ce":
+            over_cells = OBJECTIVES[args.upper_objective].needs_groups
+            self.cells = self.validation_cells("AutoBalance") if over_cells else None
+            cell_options = (
+                {}
+                if self.cells is None
+                else {
+                    "cell_classes": list(self.cells.classes),
+                    "cell_prior": self.cells.prior(args.upper_objective_options.get("class_prior")).tolist(),
+                }
+            )
             self.upper_objective = objective_for_training(
-                args.upper_objective, self.num_labels, self.class_counts, **args.upper_objective_options
+                args.upper_objective, self.num_labels, self.class_counts, **args.upper_objective_options, **cell_options
             )
         self.pooled = PooledFeatures(self.head)
         self.hyperparameters = self.loss_fn.hyperparameters()
@@ -121,7 +132,10 @@ class AutoBalanceTrainer(LongTailTrainer):
 
     def build_loss(self) -> nn.Module:
         """The searched `ParametricCrossEntropy`, with the loss-family settings of the config."""
-        return build_loss("parametric", self.class_counts, **self.args.parametric_loss_options())
+        options = self.args.parametric_loss_options()
+        if self.group_column and self.args.per_group_loss:  # the group-sensitive loss: a row per sample group
+            options["sample_groups"] = self.num_groups()
+        return build_loss("parametric", self.class_counts, **options)
 
     # -- one upper-level step ---------------------------------------------------------------------
     def refresh(self) -> dict[str, float]:
@@ -139,15 +153,14 @@ class AutoBalanceTrainer(LongTailTrainer):
         head_only = self.args.hypergradient_params == "head"
         try:
             if head_only or self.upper_objective is not None:
-                features, logits, labels = self.validation_pass(self.pooled)
+                features, logits, labels, groups = self._validation_pass()
                 if self.upper_objective is not None:  # its multipliers follow the hard validation confusion matrix
-                    counts = confusion_counts(labels.cpu(), logits.argmax(dim=1).cpu(), self.num_labels)
-                    self.upper_objective.update(normalized_confusion(counts, self.upper_objective.class_prior))
+                    self.upper_objective.update(self._hard_confusion(logits, labels, groups))
             error, train_features, val_batches = None, [], []
             try:  # a NaN in one rank's hyper-batches must stop every rank, not leave them in the all-reduce below
                 train_batches = [self._next_batch("train") for _ in range(self.args.hyper_batches)]
                 if head_only:
-                    train_features = [(self._features(model, b), b[self.label_key]) for b in train_batches]
+                    train_features = [(self._features(model, b), *self._targets(b)) for b in train_batches]
                 else:
                     val_batches = [self._next_batch("validation") for _ in range(self.args.hyper_batches)]
             except NonFiniteError as err:
@@ -161,17 +174,19 @@ class AutoBalanceTrainer(LongTailTrainer):
             def train_loss() -> torch.Tensor:
                 """The lower-level (training) loss over the hyper-batches, with the graph to the weights."""
                 if head_only:
-                    return sum(self.loss_fn(head(f), y) for f, y in train_features) / len(train_features)
-                losses = [self.loss_fn(self._logits(model, b), b[self.label_key]) for b in train_batches]
+                    return sum(self._lower_loss(head(f), y, g) for f, y, g in train_features) / len(train_features)
+                losses = [self._lower_loss(self._logits(model, b), *self._targets(b)) for b in train_batches]
                 return sum(losses) / len(losses)
 
             def val_loss() -> torch.Tensor:
                 """The upper-level (validation) objective as a loss."""
                 if head_only:
-                    return self._upper_loss(head(features.float()), labels)
+                    return self._upper_loss(head(features.float()), labels, groups)
+                targets = [self._targets(b) for b in val_batches]
                 return self._upper_loss(
                     torch.cat([self._logits(model, b) for b in val_batches]),
-                    torch.cat([b[self.label_key] for b in val_batches]),
+                    torch.cat([y for y, _ in targets]),
+                    None if not self.group_column else torch.cat([g for _, g in targets]),
                 )
 
             for p in self.hyperparameters:
@@ -207,8 +222,16 @@ class AutoBalanceTrainer(LongTailTrainer):
         return self.learned_parameters()
 
     def learned_parameters(self) -> dict[str, float]:
-        """Per-class Delta, l (and w) as log entries (group values when tied)."""
-        logs = {}
+        """Per-class Delta, l (and w) as log entries (group values when tied; max / min of a per-group table)."""
+        logs: dict[str, float] = {}
+        if self.loss_fn.needs_groups:
+            for name, values in (
+                ("delta", self.loss_fn.class_delta()),
+                ("offset", self.loss_fn.class_offset()),
+                ("weight", self.loss_fn.class_weight()),
+            ):
+                logs.update(vector_logs(f"autobalance/{name}", values.detach().cpu()))
+            return logs
         groups = self.loss_fn.groups.tolist()
         shown = sorted(set(groups)) if len(set(groups)) <= 16 else []
         for name, values in (
@@ -235,7 +258,7 @@ class AutoBalanceTrainer(LongTailTrainer):
 
     def _logits(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Logits of a batch with the graph kept (the whole-model hypergradient differentiates through them)."""
-        inputs = {k: v for k, v in batch.items() if k not in (self.label_key, "_index")}
+        inputs = {k: v for k, v in batch.items() if k not in (self.label_key, self.group_column, "_index")}
         with self.compute_loss_context_manager():
             return logits_of(model(**inputs)).float()
 
@@ -245,7 +268,7 @@ class AutoBalanceTrainer(LongTailTrainer):
         The forwards run in micro-batches of per_device_train_batch_size, so a hyper-batch of a run with gradient
         accumulation needs no more memory than a training step.
         """
-        inputs = {k: v for k, v in batch.items() if k not in (self.label_key, "_index")}
+        inputs = {k: v for k, v in batch.items() if k not in (self.label_key, self.group_column, "_index")}
         rows = len(batch[self.label_key])
         size = self.args.per_device_train_batch_size
         chunks = []
@@ -267,17 +290,48 @@ class AutoBalanceTrainer(LongTailTrainer):
             )
         return features
 
-    def _upper_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Class-balanced CE on validation (published), or minus an engine objective of the soft confusion matrix."""
+    def _validation_pass(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(features, logits, labels, group ids or None) of the gathered validation pass."""
+        if not self.group_column:
+            return (*self.validation_pass(self.pooled), None)
+        return self.validation_pass(self.pooled, with_groups=True)
+
+    def _targets(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A batch's labels and group ids (None without a group column)."""
+        return batch[self.label_key], batch[self.group_column] if self.group_column else None
+
+    def _lower_loss(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+        """The parametric training loss, with each sample's group when it has a row per group."""
+        return self.loss_fn(logits, labels, groups) if self.loss_fn.needs_groups else self.loss_fn(logits, labels)
+
+    def _rows(self, labels: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+        """The upper objective's confusion row of each validation sample: its class, or its (class, group) cell."""
+        if self.cells is None:
+            return labels
+        return self.cells.cell_of(labels.cpu(), groups.cpu()).to(labels.device)
+
+    def _hard_confusion(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+        """The normalised validation confusion matrix the upper objective's multipliers follow."""
+        predictions = logits.argmax(dim=1).cpu()
+        if self.cells is None:
+            counts = confusion_counts(labels.cpu(), predictions, self.num_labels)
+            return normalized_confusion(counts, self.upper_objective.class_prior)
+        counts = cell_confusion_counts(labels.cpu(), predictions, groups.cpu(), self.cells)
+        return normalized_cell_confusion(counts, self.cells, self.upper_objective.class_prior)
+
+    def _upper_loss(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None) -> torch.Tensor:
+        """Class-balanced CE on validation (published), or minus an engine objective of the soft confusion matrix
+        (a row per (class, group) cell for a group objective)."""
         logits = logits.float()
         if self.upper_objective is None:
             per_sample = F.cross_entropy(logits, labels, reduction="none")
             return (self.upper_weights[labels] * per_sample).mean()
         probs = torch.softmax(logits, dim=1)
-        sums = torch.zeros(self.num_labels, self.num_labels, dtype=probs.dtype, device=probs.device)
-        sums = sums.index_add(0, labels, probs)
-        counts = torch.bincount(labels, minlength=self.num_labels).clamp_min(1).to(probs)
-        prior = self.upper_objective.class_prior.to(probs)
+        rows, num_rows = self._rows(labels, groups), self.upper_objective.num_rows
+        sums = torch.zeros(num_rows, self.num_labels, dtype=probs.dtype, device=probs.device)
+        sums = sums.index_add(0, rows, probs)
+        counts = torch.bincount(rows, minlength=num_rows).clamp_min(1).to(probs)
+        prior = self.upper_objective.row_prior.to(probs)
         soft_confusion = (sums / counts.unsqueeze(1) * prior.unsqueeze(1)).clamp_min(1e-7)
         return -self.upper_objective.surrogate(soft_confusion)
 
@@ -384,7 +438,7 @@ def load_parametric_loss(path: str) -> ParametricCrossEntropy:
     with open(path) as fh:
         values = json.load(fh)
     _check_loss_values(values, path)
-    loss = ParametricCrossEntropy.from_values(
+    loss = ParametricCrossEntropy.from_values(  # G x K tables for a group-sensitive loss
         torch.tensor(values["delta"]), torch.tensor(values["offset"]), torch.tensor(values["weight"])
     )
     for p in loss.parameters():
@@ -397,7 +451,7 @@ def _check_loss_values(values: dict[str, list[float]], what: str) -> None:
     for key in ("delta", "offset", "weight"):
         if key not in values:
             raise ValueError(f"{what} has no {key!r} entry; expected the JSON written by save_parametric_loss")
-        if not all(math.isfinite(float(v)) for v in values[key]):
+        if not all(math.isfinite(float(v)) for v in torch.as_tensor(values[key]).flatten().tolist()):
             raise NonFiniteError(f"{what}: {key} holds NaN or inf; this loss cannot be used (re-run the search)")
 
 

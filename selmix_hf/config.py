@@ -536,6 +536,13 @@ class AutoBalanceConfig(LongTailConfig):
     learn_delta: bool = field(
         default=True, metadata={"help": "Learn the multiplicative Delta (else only l, and w if asked)."}
     )
+    per_group_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "With group_column: Delta, l and w per (group, class), AutoBalance's group-sensitive loss; "
+            "False ties them over the groups (the upper objective may still be a group objective)."
+        },
+    )
     hyper_update_steps: int = field(default=20, metadata={"help": "Optimiser steps between hypergradient updates."})
     hypergradient: str = field(
         default="neumann", metadata={"help": "neumann (IFT + Neumann series) or unrolled (one step)."}

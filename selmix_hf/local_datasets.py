@@ -251,3 +251,79 @@ def fashion_mnist_lt(
     validation, rest = balanced_split(load_fashion_mnist("train", root), validation_per_class, seed=seed)
     train = make_long_tailed(rest, imbalance_ratio, n_max=n_max, seed=seed + 1)
     return DatasetDict(train=train, validation=validation, test=load_fashion_mnist("test", root))
+
+
+# ten well-separated RGB tints (0-1), one per Fashion-MNIST class: colour k is class k's majority colour
+TINTS = [
+    (1.0, 0.2, 0.2),
+    (0.2, 1.0, 0.2),
+    (0.2, 0.4, 1.0),
+    (1.0, 1.0, 0.2),
+    (1.0, 0.2, 1.0),
+    (0.2, 1.0, 1.0),
+    (1.0, 0.6, 0.1),
+    (0.6, 0.2, 1.0),
+    (0.6, 0.6, 0.6),
+    (0.5, 1.0, 0.6),
+]
+
+
+def _balanced_per_class(dataset: Dataset, per_class: int, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """per_class indices of every class (shuffled), and the rest."""
+    labels = np.asarray(dataset["label"])
+    chosen: list[int] = []
+    for k in range(int(labels.max()) + 1):
+        members = np.flatnonzero(labels == k)
+        if len(members) < per_class:
+            raise ValueError(f"class {k} has {len(members)} samples, fewer than the {per_class} asked for")
+        chosen.extend(rng.choice(members, per_class, replace=False).tolist())
+    rest = sorted(set(range(len(labels))) - set(chosen))
+    return chosen, rest
+
+
+def _with_colours(dataset: Dataset, colours: np.ndarray) -> Dataset:
+    features = dataset.features.copy()
+    features["group"] = ClassLabel(names=[f"tint{k}" for k in range(len(TINTS))])
+    return dataset.add_column("group", colours.tolist(), feature=features["group"])
+
+
+def colored_fashion_mnist(
+    *,
+    train_per_class: int = 1000,
+    validation_per_class: int = 100,
+    test_per_class: int = 500,
+    agreement: float = 0.9,
+    seed: int = 0,
+    root: str = FASHION_MNIST_ROOT,
+) -> DatasetDict:
+    """Colored Fashion-MNIST, a spurious-attribute benchmark with groups: the ``group`` column is the tint of each
+    grey image (apply `TINTS`, e.g. pixel x tint). Training images of class k get tint k with probability
+    ``agreement`` and one of the other nine otherwise; validation and test cycle through the ten tints within each
+    class, so tint and class are independent and every (class, tint) cell has the same size."""
+    if not 0.0 <= agreement <= 1.0:
+        raise ValueError(f"agreement must lie in [0, 1], got {agreement}")
+    rng = np.random.default_rng(seed)
+    source = load_fashion_mnist("train", root)
+    validation_idx, rest = _balanced_per_class(source, validation_per_class, rng)
+    rest_set = source.select(rest)
+    train_idx, _ = _balanced_per_class(rest_set, train_per_class, rng)
+    train = rest_set.select(sorted(train_idx))
+    labels = np.asarray(train["label"])
+    other = (labels + rng.integers(1, len(TINTS), size=len(labels))) % len(TINTS)  # one of the other nine
+    train = _with_colours(train, np.where(rng.random(len(labels)) < agreement, labels, other))
+
+    def cycled(dataset: Dataset) -> Dataset:
+        labels = np.asarray(dataset["label"])
+        colours = np.zeros(len(labels), dtype=np.int64)
+        for k in np.unique(labels):
+            members = np.flatnonzero(labels == k)
+            colours[members] = np.arange(len(members)) % len(TINTS)
+        return _with_colours(dataset, colours)
+
+    test_source = load_fashion_mnist("test", root)
+    test_idx, _ = _balanced_per_class(test_source, test_per_class, rng)
+    return DatasetDict(
+        train=train,
+        validation=cycled(source.select(sorted(validation_idx))),
+        test=cycled(test_source.select(sorted(test_idx))),
+    )

@@ -241,6 +241,10 @@ class ParametricCrossEntropy(LongTailLoss):
     Delta (multiplicative, through ``delta_activation``), l (additive) and w (per-class weight) are parameters,
     optionally tied over ``num_groups`` groups of frequency-sorted classes. Special cases: CE (Delta = 1, l = 0,
     w = 1), logit adjustment (l = tau log pi), CDT (Delta_k = (n_k / n_max)^gamma) and VS (both).
+
+    With ``sample_groups`` G > 1 (the group-sensitive loss of the AutoBalance paper) each parameter is a G x K table:
+    a sample of group g is scored with row g, -w_gy log softmax(Delta_g * f + l_g)_y; call it as
+    loss(logits, labels, groups).
     """
 
     citation = "autobalance"
@@ -256,8 +260,11 @@ class ParametricCrossEntropy(LongTailLoss):
         learn_delta: bool = True,
         la_tau: float = 1.0,
         cdt_gamma: float = 0.2,
+        sample_groups: int = 1,
     ) -> None:
         super().__init__()
+        if not isinstance(sample_groups, int) or sample_groups < 1:
+            raise ValueError(f"sample_groups must be an integer >= 1, got {sample_groups!r}")
         if init not in PARAMETRIC_INITS:
             raise ValueError(f"unknown init {init!r}; valid: {', '.join(PARAMETRIC_INITS)}")
         if delta_activation not in DELTA_ACTIVATIONS:
@@ -278,17 +285,22 @@ class ParametricCrossEntropy(LongTailLoss):
             la_tau * torch.log(mean_counts / counts.sum()) if init == "la" else torch.zeros(num, dtype=torch.float64)
         )
         inverse = DELTA_ACTIVATIONS[delta_activation][1]
-        self.raw_delta = nn.Parameter(inverse(delta).float(), requires_grad=learn_delta)
-        self.offset = nn.Parameter(offset.float())
-        self.weight = nn.Parameter(torch.ones(num), requires_grad=learn_weights)
+        self.needs_groups = sample_groups > 1  # then called as loss(logits, labels, groups)
+        shape = (sample_groups, num) if self.needs_groups else (num,)
+        self.raw_delta = nn.Parameter(inverse(delta).float().expand(shape).clone(), requires_grad=learn_delta)
+        self.offset = nn.Parameter(offset.float().expand(shape).clone())
+        self.weight = nn.Parameter(torch.ones(shape), requires_grad=learn_weights)
 
     @classmethod
     def from_values(
         cls, delta: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor | None = None
     ) -> ParametricCrossEntropy:
-        """A per-class loss with the given Delta, l and w (identity activation): for fixed losses and checks."""
-        num_classes = len(delta)
-        loss = cls(torch.ones(num_classes), delta_activation="identity")
+        """A per-class loss with the given Delta, l and w (identity activation; G x K tables for a group-sensitive
+        loss): for fixed losses and checks."""
+        delta = torch.as_tensor(delta)
+        num_classes = delta.shape[-1]
+        groups = delta.shape[0] if delta.ndim == 2 else 1
+        loss = cls(torch.ones(num_classes), delta_activation="identity", sample_groups=groups)
         with torch.no_grad():
             loss.raw_delta.copy_(torch.as_tensor(delta, dtype=torch.float32))
             loss.offset.copy_(torch.as_tensor(offset, dtype=torch.float32))
@@ -297,22 +309,37 @@ class ParametricCrossEntropy(LongTailLoss):
         return loss
 
     def class_delta(self) -> torch.Tensor:
-        return DELTA_ACTIVATIONS[self.delta_activation][0](self.raw_delta)[self.groups]
+        """Delta per class (K), or per sample group and class (G x K)."""
+        return DELTA_ACTIVATIONS[self.delta_activation][0](self.raw_delta)[..., self.groups]
 
     def class_offset(self) -> torch.Tensor:
-        return self.offset[self.groups]
+        return self.offset[..., self.groups]
 
     def class_weight(self) -> torch.Tensor:
-        return self.weight[self.groups]
+        return self.weight[..., self.groups]
 
     def hyperparameters(self) -> list[nn.Parameter]:
         """The parameters AutoBalance learns (Delta unless learn_delta=False, w only when learn_weights)."""
         return [p for p in (self.raw_delta, self.offset, self.weight) if p.requires_grad]
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        adjusted = self.class_delta() * _upcast(logits) + self.class_offset()
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+        delta, offset, weight = self.class_delta(), self.class_offset(), self.class_weight()
+        if self.needs_groups:  # each sample scored with its group's row
+            if groups is None:
+                raise ValueError("this parametric loss is per sample group: call it with the group ids")
+            if groups.numel() and (int(groups.min()) < 0 or int(groups.max()) >= delta.shape[0]):
+                raise ValueError(f"group ids must lie in [0, {delta.shape[0]}) for this parametric loss")
+            groups = groups.long()
+            delta, offset, weight = (
+                delta[groups],
+                offset[groups],
+                weight[groups].gather(1, labels.long()[:, None])[:, 0],
+            )
+        else:
+            weight = weight[labels]
+        adjusted = delta * _upcast(logits) + offset
         per_sample = F.cross_entropy(adjusted, labels, reduction="none")
-        return (self.class_weight()[labels] * per_sample).mean()
+        return (weight * per_sample).mean()
 
 
 class CostSensitiveLoss(LongTailLoss):

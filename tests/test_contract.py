@@ -167,6 +167,25 @@ SUBJECTS = [
         lambda t: dict(t.loss_fn.state_dict()),
         ("validation_refresh_steps", 2.5),
     ),
+    Subject(  # AutoBalance's group-sensitive loss (Delta, l per group and class) for worst-group accuracy
+        "autobalance-groups",
+        AutoBalanceTrainer,
+        AutoBalanceConfig,
+        {
+            "hyper_update_steps": 2,
+            "hyper_batches": 2,
+            "neumann_lr": 0.1,
+            "hyper_learning_rate": 0.1,
+            "group_column": "group",
+            "upper_objective": "worst_group_accuracy",
+        },
+        lambda t: {
+            **{f"theta{i}": p for i, p in enumerate(t.hyperparameters)},
+            **t.upper_objective.multipliers(),
+        },
+        ("hyper_update_steps", "two"),
+        unused_settings={"validation_refresh_steps"},
+    ),
     Subject(  # FixMatch-LA over the same pool; cost-sensitive so that it also refreshes from validation data
         "fixmatch",
         FixMatchTrainer,

@@ -256,13 +256,18 @@ def test_every_loss_declares_citation_validation_and_reweighting(loss_type):
     assert isinstance(cls.needs_validation, bool) and isinstance(cls.has_deferred_reweighting, bool)
     assert cls.needs_validation == hasattr(cls, "update")
     assert cls.has_deferred_reweighting == hasattr(cls, "set_reweighting")
-    assert isinstance(build_loss(loss_type, COUNTS), cls)
+    assert cls.steps_with_optimizer == hasattr(cls, "end_step")
+    cells = (
+        [[n - n // 2, n // 2] for n in COUNTS] if cls.needs_groups else None
+    )  # group losses: a classes x groups table
+    assert isinstance(build_loss(loss_type, COUNTS, group_counts=cells), cls)
 
 
 def test_every_cited_key_is_a_citation():
     cited = {name: cls.citation for name, cls in LOSSES.items() if cls.citation is not None}
     assert set(cited.values()) <= set(CITATIONS)
-    assert set(LOSSES) - set(cited) == {"ce"}  # every loss but plain cross-entropy has a paper
+    # every loss but plain cross-entropy and its group re-weighting (classical importance weighting) has a paper
+    assert set(LOSSES) - set(cited) == {"ce", "group_weighted_ce"}
 
 
 def test_the_trainer_facing_flags_are_set_where_the_losses_need_them():
