@@ -47,6 +47,15 @@ METHODS = {
         {"loss_type": "cost_sensitive", "loss_options": {"objective": "worst_group_accuracy"}},
     ),
     "selmix": ("selmix", {"objective": "worst_group_accuracy"}),
+    "autobalance": (
+        "autobalance",
+        {
+            "upper_objective": "worst_group_accuracy",
+            "learn_weights": True,
+            "neumann_lr": 0.1,
+            "hyper_learning_rate": 0.05,
+        },
+    ),
 }
 COLUMNS = ["worst_group_accuracy", "group_balanced_accuracy", "accuracy", "equal_opportunity_gap"]
 
@@ -118,6 +127,8 @@ def stage1_model(seed: int, splits, model, budget: dict, smoke: bool):
 def run_cell(method: str, seed: int, splits, model, budget: dict, out: str) -> dict:
     """Train one stage-2 method with validation model selection, then report the kept model on test."""
     from selmix_hf import (
+        AutoBalanceConfig,
+        AutoBalanceTrainer,
         LongTailConfig,
         LongTailTrainer,
         SelMixConfig,
@@ -139,8 +150,16 @@ def run_cell(method: str, seed: int, splits, model, budget: dict, out: str) -> d
         metric_for_best_model="worst_group_accuracy",
         greater_is_better=True,
     )
-    trainer_cls, config_cls = (SelMixTrainer, SelMixConfig) if kind == "selmix" else (LongTailTrainer, LongTailConfig)
-    refresh = {"gain_refresh_steps": budget["refresh"]} if kind == "selmix" else {}
+    trainer_cls, config_cls = {
+        "selmix": (SelMixTrainer, SelMixConfig),
+        "autobalance": (AutoBalanceTrainer, AutoBalanceConfig),
+        "longtail": (LongTailTrainer, LongTailConfig),
+    }[kind]
+    refresh = {
+        "selmix": {"gain_refresh_steps": budget["refresh"]},
+        "autobalance": {"hyper_update_steps": budget["refresh"]},
+    }
+    refresh = refresh.get(kind, {})
     if settings.get("loss_type") == "cost_sensitive":
         refresh = {"validation_refresh_steps": budget["refresh"]}
     args = config_cls(**common_args(out, seed, budget), **selection, **refresh, **settings)

@@ -1,7 +1,7 @@
 """Gain matrix G_ij (first-order change of the objective from an (i, j) feature mixup) and the pair distribution.
 
 The formulas are written out in docs/engine.md, "The mathematics": M7 to M11. The rows i, j are the classes, or,
-for a group objective, the (class, group) cells (docs/engine.md, M12): then the prototypes are the cells' mean
+for a group objective, the (class, group) cells (docs/engine.md, M13): then the prototypes are the cells' mean
 features, the confusion matrix has one row per cell, and a mixup keeps the class of its first cell.
 """
 
@@ -302,7 +302,7 @@ def gain_matrix_reference(
     """The published formula evaluated literally through the K^4 tensor LCR[i, j, q, l]: for checks, small K only.
 
     With (class, group) cells, i, j and q range over the cells and l over the classes; the kept class of (i, j) is
-    i's (M12).
+    i's (M13).
     """
     num_classes = objective.num_classes
     dtype = prototypes.dtype

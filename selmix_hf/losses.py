@@ -350,7 +350,7 @@ class CostSensitiveLoss(LongTailLoss):
     CE(f + tau log pi - log lam, y) with lam <- lam exp(-eta recall) normalised (eta = 0.1), the default options.
     Call ``update(confusion)`` with each new validation confusion matrix; before the first it is logit adjustment.
 
-    Over (class, group) cells (a group objective, ``cells`` and ``group_counts`` given; docs/engine.md, M13), Gm has
+    Over (class, group) cells (a group objective, ``cells`` and ``group_counts`` given; docs/engine.md, M14), Gm has
     a row per cell: a sample of cell c weighs class j by Gm_cj / d_j, where d_j = sum_c rho_c Gm_cj is the gain of
     class j averaged over its cells at their training shares rho_c; the logits are adjusted by -log d. With one group
     this is the class loss exactly. A sample whose cell the validation set lacks has no gain row: plain adjusted CE.
