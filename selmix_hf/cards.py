@@ -34,8 +34,21 @@ METRIC_LABELS = {
     "medium_shot_recall": "Medium-shot recall",
     "few_shot_recall": "Few-shot recall",
     "accuracy": "Accuracy",
+    # with a group column (docs/groups.md)
+    "worst_group_accuracy": "Worst-group accuracy",
+    "group_balanced_accuracy": "Group-balanced accuracy",
+    "equal_opportunity_gap": "Equal-opportunity gap (lower is better)",
 }
-INDEX_METRICS = ("mean_recall", "min_recall", "h_mean", "g_mean", "min_coverage", "min_head_tail_recall")
+INDEX_METRICS = (
+    "mean_recall",
+    "min_recall",
+    "h_mean",
+    "g_mean",
+    "min_coverage",
+    "min_head_tail_recall",
+    "worst_group_accuracy",
+    "group_balanced_accuracy",
+)
 
 
 def objective_metrics(objective: str | None) -> list[str]:

@@ -18,6 +18,7 @@ from selmix_hf import (  # noqa: E402
     LongTailTrainer,
     SelMixConfig,
     SelMixTrainer,
+    make_compute_metrics,
     metrics,
 )
 from selmix_hf.autobalance import load_parametric_loss, save_parametric_loss  # noqa: E402
@@ -599,3 +600,36 @@ def autobalance_run(seed: int, per_group_loss: bool | None) -> float:
 def test_autobalance_group_sensitive_loss_lifts_worst_group_accuracy_where_a_tied_one_cannot():
     ce, per_group, tied = (autobalance_run(0, mode) for mode in (None, True, False))
     assert per_group > ce + 0.15 and per_group > tied + 0.15, (ce, per_group, tied)
+
+
+def test_the_card_of_a_group_run_reports_the_group_metrics_and_marks_the_optimised_one(tmp_path):
+    train, validation, _ = spurious_splits(0)
+    args = SelMixConfig(
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_strategy="no",
+        max_steps=4,
+        per_device_train_batch_size=8,
+        objective="worst_group_accuracy",
+        group_column="group",
+        gain_refresh_steps=2,
+    )
+    trainer = SelMixTrainer(
+        model=TinyMLPForClassification(TinyMLPConfig(num_labels=2)),
+        args=args,
+        train_dataset=train,
+        eval_dataset=validation,
+        compute_metrics=make_compute_metrics(2),
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.save_model()
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| Worst-group accuracy"))
+    assert f"{metrics['eval_worst_group_accuracy']:.3f}" in row
+    assert "| Group-balanced accuracy |" in card and "| Equal-opportunity gap (lower is better) |" in card
+    assert "worst_group_accuracy" in card and "(class, group) cells" in card  # the objective and how it was trained
