@@ -423,6 +423,8 @@ def two_rank_run(name: str, out_dir: str, engine: str = "ddp") -> None:
             "weights": whole_weights(trainer, engine),
             "shared": copy.deepcopy(subject.shared_state(trainer)),
             "validation_labels": labels.cpu(),
+            # the confusion counts of the last refresh (a row per (class, group) cell for a group objective)
+            "confusion_counts": getattr(trainer, "last_confusion_counts", None),
             "validation_logits": logits.cpu(),
             "pool_logits": pool_logits,
             "posthoc": {"offsets": rule.offsets, **{k: torch.tensor(v) for k, v in rule.estimates.items()}},
@@ -443,6 +445,12 @@ def test_two_ranks_agree_and_count_each_validation_sample_once(subject, tmp_path
     assert_same(ranks[0]["shared"], ranks[1]["shared"], "method state", rtol=0, atol=0)
     for r in ranks:  # the padded duplicates of the last round are dropped: 21 samples, each once
         assert torch.bincount(r["validation_labels"], minlength=K).tolist() == VALIDATION_COUNTS
+        if r["confusion_counts"] is not None:  # each validation sample counted once in the refresh, in its row
+            rows = r["confusion_counts"].sum(1).tolist()
+            assert sum(rows) == sum(VALIDATION_COUNTS)
+            if subject.settings.get("group_column"):  # cells (class, index % 2) of the 21 samples
+                assert rows == [3, 3, 3, 2, 2, 3, 3, 2]
+    assert_same(ranks[0]["confusion_counts"], ranks[1]["confusion_counts"], "confusion counts")
     torch.testing.assert_close(ranks[0]["validation_logits"], ranks[1]["validation_logits"])
     if "unlabeled_dataset" in subject.trainer_kwargs():  # the pool's padded duplicates are dropped too: 33, each once
         assert all(len(r["pool_logits"]) == sum(UNLABELED_COUNTS) for r in ranks)

@@ -633,3 +633,32 @@ def test_the_card_of_a_group_run_reports_the_group_metrics_and_marks_the_optimis
     assert f"{metrics['eval_worst_group_accuracy']:.3f}" in row
     assert "| Group-balanced accuracy |" in card and "| Equal-opportunity gap (lower is better) |" in card
     assert "worst_group_accuracy" in card and "(class, group) cells" in card  # the objective and how it was trained
+
+
+def test_a_training_cell_missing_from_validation_is_named_and_never_drawn(caplog):
+    train = grouped_gaussian_problem([[20, 5], [5, 20]], seed=1)
+    validation = grouped_gaussian_problem([[5, 5], [5, 0]], seed=2)  # no (class 1, group 1) sample
+    args = SelMixConfig(
+        output_dir="unused",
+        report_to=[],
+        use_cpu=True,
+        max_steps=2,
+        per_device_train_batch_size=8,
+        objective="worst_group_accuracy",
+        group_column="group",
+    )
+    with caplog.at_level("WARNING", logger="selmix_hf.trainer"):
+        trainer = SelMixTrainer(
+            model=TinyMLPForClassification(TinyMLPConfig(num_labels=2)),
+            args=args,
+            train_dataset=train,
+            eval_dataset=validation,
+        )
+    assert "(class 1, group 1)" in caplog.text and "never drawn" in caplog.text
+    assert trainer.num_rows == 3 and trainer.objective.num_rows == 3
+    labels = torch.tensor([e["labels"] for e in train.examples])
+    groups = torch.tensor([e["group"] for e in train.examples])
+    assert torch.equal(trainer.train_rows < 0, (labels == 1) & (groups == 1))
+    trainer.train()
+    drawn = trainer.sampler.draw(200)
+    assert not bool((trainer.train_rows[torch.cat(drawn)] < 0).any())
