@@ -662,3 +662,53 @@ def test_a_training_cell_missing_from_validation_is_named_and_never_drawn(caplog
     trainer.train()
     drawn = trainer.sampler.draw(200)
     assert not bool((trainer.train_rows[torch.cat(drawn)] < 0).any())
+
+
+@pytest.mark.parametrize(
+    "trainer_cls, config_cls, grouped, plain",
+    [
+        (SelMixTrainer, SelMixConfig, {"objective": "worst_group_accuracy"}, {"objective": "min_recall"}),
+        (
+            LongTailTrainer,
+            LongTailConfig,
+            {"loss_type": "cost_sensitive", "loss_options": {"objective": "worst_group_accuracy", "omega": 0.1}},
+            {"loss_type": "cost_sensitive", "loss_options": {"objective": "min_recall"}},
+        ),
+        (
+            AutoBalanceTrainer,
+            AutoBalanceConfig,
+            {"upper_objective": "worst_group_accuracy", "hyper_update_steps": 2},
+            {"upper_objective": "min_recall", "hyper_update_steps": 2},
+        ),
+    ],
+    ids=["selmix", "cost-sensitive", "autobalance"],
+)
+def test_a_one_group_run_equals_the_class_objective_run(trainer_cls, config_cls, grouped, plain):
+    """Every sample in group 0: the run for the group objective is the run for its class counterpart, weight for
+    weight (the cells are the classes, the cell prior the class prior)."""
+    train = grouped_gaussian_problem([[30], [12], [6]], seed=1)
+    validation = grouped_gaussian_problem([[6], [5], [5]], seed=2)
+    weights = []
+    for settings in (grouped, plain):
+        torch.manual_seed(0)
+        args = config_cls(
+            output_dir="unused",
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            logging_strategy="no",
+            max_steps=6,
+            per_device_train_batch_size=4,
+            optim="sgd",
+            learning_rate=0.1,
+            group_column="group",
+            **({"gain_refresh_steps": 2} if config_cls is SelMixConfig else {"validation_refresh_steps": 2}),
+            **settings,
+        )
+        model = TinyMLPForClassification(TinyMLPConfig(num_labels=3))
+        trainer = trainer_cls(model=model, args=args, train_dataset=train, eval_dataset=validation)
+        trainer.train()
+        weights.append({n: p.detach().clone() for n, p in trainer.model.named_parameters()})
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-6, atol=1e-7, msg=name)
