@@ -59,7 +59,7 @@ BUDGET = {
     "fashion": dict(task="fashion", stage1_steps=300, stage2_steps=100, batch=32, refresh=25),
     "wordnet-long": dict(task="wordnet", stage1_steps=300, stage2_steps=300, batch=32, refresh=25),
     # 128 classes and 31,186 training glosses: 500 stage-1 steps see half of them (300 would see 31%)
-    "wordnet-many": dict(task="wordnet-many", stage1_steps=500, stage2_steps=100, batch=32, refresh=25),
+    "wordnet-many": dict(task="wordnet-many", stage1_steps=2000, stage2_steps=100, batch=32, refresh=25),
 }
 TEXT_TASKS = ("wordnet", "wordnet-many")
 PROTOCOL_GRIDS = ["wordnet", "fashion", "wordnet-many"]
