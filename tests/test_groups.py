@@ -34,6 +34,14 @@ from selmix_hf.losses import ParametricCrossEntropy, build_loss
 from selmix_hf.objectives import OBJECTIVES, get_objective
 
 F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_path(tmp_path, monkeypatch):
+    """The trainers here write their output_dir ("unused") relative to the working directory: keep it in tmp_path."""
+    monkeypatch.chdir(tmp_path)
+
+
 GROUP_OBJECTIVES = sorted(name for name, cls in OBJECTIVES.items() if cls.needs_groups)
 # each group objective with one group, and the class objective it must then equal
 ONE_GROUP_EQUALS = {
