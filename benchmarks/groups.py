@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -31,9 +30,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from quality import replace_block, write_json  # noqa: E402  (docs/benchmarks.md markers, atomic JSON)
+
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "groups")
 CHECKPOINTS = os.path.join(ROOT, "outputs", "groups")
-DOC = os.path.join(ROOT, "docs", "benchmarks.md")
 MARKERS = ("<!-- groups:begin -->", "<!-- groups:end -->")
 BUDGET = dict(stage1_steps=300, stage2_steps=200, batch=32, eval_every=25, refresh=25, size=32)
 SMOKE = dict(stage1_steps=2, stage2_steps=4, batch=8, eval_every=2, refresh=2, size=32)
@@ -196,13 +197,6 @@ def cell_path(seed: int, method: str) -> str:
     return os.path.join(RESULTS, f"seed{seed}", f"{method}.json")
 
 
-def write_json(path: str, value: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as fh:
-        json.dump(value, fh, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 def run(seeds: list[int], methods: list[str], smoke: bool, contended: str | None) -> None:
     budget = SMOKE if smoke else BUDGET
     for seed in seeds:
@@ -272,15 +266,7 @@ def write_report() -> None:
                 *table(cells, "validation", COLUMNS),
             ]
         )
-    with open(DOC) as fh:
-        doc = fh.read()
-    block = f"{MARKERS[0]}\n{body}\n{MARKERS[1]}"
-    if MARKERS[0] in doc:
-        doc = re.sub(re.escape(MARKERS[0]) + ".*?" + re.escape(MARKERS[1]), lambda _: block, doc, flags=re.S)
-    else:
-        doc += "\n" + block + "\n"
-    with open(DOC, "w") as fh:
-        fh.write(doc)
+    replace_block(MARKERS, body)
 
 
 def main() -> None:
