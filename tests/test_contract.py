@@ -27,6 +27,7 @@ from tiny import (  # noqa: E402
     TinyMLPForClassification,
     fsdp_on_cpu_ranks,
     gaussian_problem,
+    run_rank,
     two_cpu_ranks,
 )
 from transformers import BertConfig, BertModel, TrainerCallback, TrainingArguments  # noqa: E402
@@ -459,10 +460,8 @@ def test_two_ranks_agree_and_count_each_validation_sample_once(subject, tmp_path
     assert all("21 validation samples" in r["posthoc_stage"] for r in ranks)  # each sample once in the fit
 
 
-# by_precision: the pool path again. autobalance-groups: its FSDP2 two-rank run crashed intermittently at exit
-# ("terminate called without an active exception") on 2026-12-02 and is open work (issue 18); the plain autobalance
-# row covers AutoBalance under FSDP2 and the DDP two-rank row covers the group-sensitive loss
-SHARDED_SUBJECTS = [s for s in SUBJECTS if s.name not in ("selmix-by-precision", "autobalance-groups")]
+# by_precision: the pool path again
+SHARDED_SUBJECTS = [s for s in SUBJECTS if s.name != "selmix-by-precision"]
 
 
 @pytest.fixture(scope="module")
@@ -908,6 +907,6 @@ def test_posthoc_objectives_default_to_what_training_optimised(tmp_path):
 
 if __name__ == "__main__":
     if sys.argv[3:] == ["nan"]:
-        two_rank_nan_run(sys.argv[1], sys.argv[2])
+        run_rank(two_rank_nan_run, sys.argv[1], sys.argv[2])
     else:  # an optional third argument: the engine (ddp, ddp-as-sharded, fsdp2)
-        two_rank_run(*sys.argv[1:])
+        run_rank(two_rank_run, *sys.argv[1:])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny import TinyMLPConfig, TinyMLPForClassification, gaussian_problem, two_cpu_ranks  # noqa: E402
+from tiny import TinyMLPConfig, TinyMLPForClassification, gaussian_problem, run_rank, two_cpu_ranks  # noqa: E402
 
 from selmix_hf.config import SelMixConfig  # noqa: E402
 from selmix_hf.trainer import SelMixTrainer  # noqa: E402
@@ -114,4 +114,4 @@ def test_two_processes_share_gains_and_draw_their_own_pairs(tmp_path):
 
 
 if __name__ == "__main__":
-    {"selmix": two_rank_run}[sys.argv[1]](sys.argv[2])
+    run_rank({"selmix": two_rank_run}[sys.argv[1]], sys.argv[2])

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny import two_cpu_ranks  # noqa: E402
+from tiny import run_rank, two_cpu_ranks  # noqa: E402
 
 from selmix_hf.features import PooledFeatures  # noqa: E402
 from selmix_hf.sharding import add_to_head_bias, sharding_engine, whole_head  # noqa: E402
@@ -154,8 +154,7 @@ def _rank_main(engine: str, folder: str) -> None:
     failed = [name for name, ok in checks.items() if not ok]
     with open(os.path.join(folder, f"rank{dist.get_rank()}.txt"), "w") as fh:
         fh.write(f"{engine} failed: {failed}")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    _rank_main(sys.argv[1], sys.argv[2])
+    run_rank(_rank_main, sys.argv[1], sys.argv[2])

@@ -277,8 +277,34 @@ def two_cpu_ranks(script: str, *args: str) -> subprocess.CompletedProcess:
     Fresh processes, not forks: forking a pytest process whose OpenMP pool already ran can deadlock the children.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}  # a crashing rank prints its stacks
     return subprocess.run(command, timeout=600, env=env, capture_output=True, text=True)
+
+
+def run_rank(main: Callable[..., Any], *args: str) -> None:
+    """Run one launched rank's body, then leave without interpreter finalisation: exit 0 on success, 1 on error.
+
+    torch's gloo worker threads can abort a finished rank ("terminate called without an active exception") when
+    they meet Python's finalisation; a rank whose results are written has nothing left to clean up, so after a
+    barrier and ``destroy_process_group`` it exits at once. Errors print their traceback and skip the barrier.
+    """
+    import traceback
+
+    import torch.distributed as dist
+
+    code = 0
+    try:
+        main(*args)
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def attention_names(model: torch.nn.Module, targets: list[str]) -> list[str]:
