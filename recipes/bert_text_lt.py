@@ -29,6 +29,7 @@ from selmix_hf.recipe import (
     SemiSupervisedArguments,
     SplitArguments,
     StageArguments,
+    end_launch,
     hub_splits,
     parse_recipe_arguments,
     run_two_stages,
@@ -192,3 +193,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    end_launch()

@@ -27,6 +27,7 @@ from selmix_hf.recipe import (
     SplitArguments,
     StageArguments,
     display_path,
+    end_launch,
     hub_splits,
     parse_recipe_arguments,
     run_two_stages,
@@ -208,3 +209,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    end_launch()

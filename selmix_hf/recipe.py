@@ -379,6 +379,19 @@ def format_table(before: dict[str, float] | None, after: dict[str, float]) -> st
     return "\n".join(lines)
 
 
+def end_launch() -> None:
+    """Release the process group a launched recipe's ranks share, so each rank exits cleanly.
+
+    Left to interpreter shutdown, torch warns about it, and a gloo (CPU) rank can abort at exit with
+    "terminate called without an active exception" when its worker threads meet Python's finalisation.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_two_stages(
     *,
     model: Any,
