@@ -318,10 +318,45 @@ def coverage_multiplier(coverage: torch.Tensor, target: torch.Tensor, mu_max: fl
     return (mu_max * (1.0 - torch.exp((coverage - target) / tau))).clamp_min(0.0)
 
 
-class _CoverageConstrained(Objective):
-    """psi = (psi_base + sum_l mu_l cov_l) / (max mu + 1): a base objective under per-class coverage >= alpha pi_l."""
+class _Constrained(Objective):
+    """psi = (psi_base(class C) + sum_r mu_r s_r(C)) / (max mu + 1): a base objective plus multiplier-weighted
+    constraint terms s_r, the mu following each constraint's violation (docs/engine.md, M4); the subclasses say what
+    the constrained quantities are."""
 
     base_class: ClassVar[type[Objective]]
+
+    def _set_constraint(self, tau: float, mu_max: float, rows: int) -> None:
+        """Check tau, build the base objective and start every multiplier at zero."""
+        if tau <= 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        self.tau, self.mu_max = float(tau), float(mu_max)
+        self.base = self.base_class(self.num_classes, class_prior=self.class_prior)
+        self.mu = torch.zeros(rows, dtype=torch.float64)
+
+    def _class_confusion(self, confusion: torch.Tensor) -> torch.Tensor:
+        """The class confusion matrix the base objective reads."""
+        return confusion
+
+    def _penalty(self, confusion: torch.Tensor) -> torch.Tensor:
+        """sum_r mu_r s_r(C), differentiable in C."""
+        raise NotImplementedError
+
+    def _normaliser(self) -> float:
+        return float(self.mu.max()) + 1.0
+
+    def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
+        base = self.base.surrogate(self._class_confusion(confusion))
+        return (base + self._penalty(confusion)) / self._normaliser()
+
+    def value(self, confusion: torch.Tensor) -> float:
+        return self.base.value(self._class_confusion(confusion))
+
+    def multipliers(self) -> dict[str, torch.Tensor]:
+        return {"mu": self.mu}
+
+
+class _CoverageConstrained(_Constrained):
+    """A base objective under per-class coverage >= alpha pi_l: s_l = cov_l."""
 
     def __init__(
         self,
@@ -335,24 +370,14 @@ class _CoverageConstrained(Objective):
         super().__init__(num_classes, class_prior=class_prior)
         if not 0.0 < alpha <= 1.0:
             raise ValueError(f"alpha (the coverage target as a fraction of the prior) must lie in (0, 1], got {alpha}")
-        if tau <= 0:
-            raise ValueError(f"tau must be positive, got {tau}")
-        self.alpha, self.tau, self.mu_max = float(alpha), float(tau), float(mu_max)
-        self.base = self.base_class(num_classes, class_prior=self.class_prior)
-        self.mu = torch.zeros(num_classes, dtype=torch.float64)
+        self.alpha = float(alpha)
+        self._set_constraint(tau, mu_max, num_classes)
 
     def _class_mu(self) -> torch.Tensor:
         return self.mu
 
-    def _normaliser(self) -> float:
-        return float(self.mu.max()) + 1.0
-
-    def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
-        penalty = (self._class_mu().to(confusion) * metrics.coverages(confusion)).sum()
-        return (self.base.surrogate(confusion) + penalty) / self._normaliser()
-
-    def value(self, confusion: torch.Tensor) -> float:
-        return self.base.value(confusion)
+    def _penalty(self, confusion: torch.Tensor) -> torch.Tensor:
+        return (self._class_mu().to(confusion) * metrics.coverages(confusion)).sum()
 
     def report(self, confusion: torch.Tensor) -> dict[str, float]:
         return {self.name: self.value(confusion), "min_coverage": metrics.min_coverage(confusion)}
@@ -368,9 +393,6 @@ class _CoverageConstrained(Objective):
     def update(self, confusion: torch.Tensor) -> None:
         self._check_confusion(confusion)
         self.mu = coverage_multiplier(*self._coverage_and_target(confusion), self.mu_max, self.tau)
-
-    def multipliers(self) -> dict[str, torch.Tensor]:
-        return {"mu": self.mu}
 
 
 class MeanRecallMinCoverage(_CoverageConstrained):
@@ -530,12 +552,10 @@ class GroupBalancedAccuracy(_CellMixin, MeanRecall):
         return float(groups.row_recalls(confusion.detach().cpu().to(torch.float64), self.row_classes).mean())
 
 
-class _EqualOpportunityConstrained(_CellMixin, Objective):
-    """psi = (psi_base(class C) + sum_c mu_c (recall_c - recall_k(c))) / (max mu + 1): a class objective under
-    equal opportunity, every cell's true-positive rate at most ``max_gap`` below its class's (only the cells of
-    ``positive_class`` when named); mu_c as for the coverage constraints (docs/engine.md, M4)."""
-
-    base_class: ClassVar[type[Objective]]
+class _EqualOpportunityConstrained(_CellMixin, _Constrained):
+    """A class objective under equal opportunity, every cell's true-positive rate at most ``max_gap`` below its
+    class's (only the cells of ``positive_class`` when named): s_c = recall_c - recall_k(c), mu_c as for the
+    coverage constraints (docs/engine.md, M4)."""
 
     def __init__(
         self,
@@ -552,23 +572,15 @@ class _EqualOpportunityConstrained(_CellMixin, Objective):
         super().__init__(num_classes, class_prior=class_prior)
         if not 0.0 <= max_gap < 1.0:
             raise ValueError(f"max_gap (the allowed shortfall of a group's recall) must lie in [0, 1), got {max_gap}")
-        if tau <= 0:
-            raise ValueError(f"tau must be positive, got {tau}")
         if positive_class is not None and not 0 <= positive_class < num_classes:
             raise ValueError(f"positive_class={positive_class} is not a class index in [0, {num_classes})")
-        self.max_gap, self.tau, self.mu_max, self.positive_class = (
-            float(max_gap),
-            float(tau),
-            float(mu_max),
-            positive_class,
-        )
+        self.max_gap, self.positive_class = float(max_gap), positive_class
         self._set_cells(cell_classes, cell_prior)
-        self.base = self.base_class(num_classes, class_prior=self.class_prior)
+        self._set_constraint(tau, mu_max, self.num_rows)
         constrained = torch.ones(self.num_rows, dtype=torch.bool)
         if positive_class is not None:
             constrained = self.row_classes == positive_class
         self.constrained = constrained.to(torch.float64)
-        self.mu = torch.zeros(self.num_rows, dtype=torch.float64)
 
     def _class_confusion(self, confusion: torch.Tensor) -> torch.Tensor:
         return groups.aggregate_cells(confusion, self.row_classes, self.num_classes)
@@ -578,13 +590,8 @@ class _EqualOpportunityConstrained(_CellMixin, Objective):
         class_recall = torch.diagonal(self._class_confusion(confusion)) / self._prior(confusion)
         return self._row_recall(confusion) - class_recall[self.row_classes.to(confusion.device)]
 
-    def surrogate(self, confusion: torch.Tensor) -> torch.Tensor:
-        weights = (self.mu * self.constrained).to(confusion)
-        penalty = (weights * self._shortfalls(confusion)).sum()
-        return (self.base.surrogate(self._class_confusion(confusion)) + penalty) / (float(self.mu.max()) + 1.0)
-
-    def value(self, confusion: torch.Tensor) -> float:
-        return self.base.value(self._class_confusion(confusion))
+    def _penalty(self, confusion: torch.Tensor) -> torch.Tensor:
+        return ((self.mu * self.constrained).to(confusion) * self._shortfalls(confusion)).sum()
 
     def report(self, confusion: torch.Tensor) -> dict[str, float]:
         recalls = groups.row_recalls(confusion.detach().cpu().to(torch.float64), self.row_classes)
@@ -601,9 +608,6 @@ class _EqualOpportunityConstrained(_CellMixin, Objective):
         gaps = self._shortfalls(confusion.detach().cpu().to(torch.float64))
         target = torch.full_like(gaps, -self.max_gap)
         self.mu = coverage_multiplier(gaps, target, self.mu_max, self.tau) * self.constrained
-
-    def multipliers(self) -> dict[str, torch.Tensor]:
-        return {"mu": self.mu}
 
 
 class MeanRecallEqualOpportunity(_EqualOpportunityConstrained):
