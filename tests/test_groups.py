@@ -42,6 +42,10 @@ def _in_tmp_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+# the settings of every trainer run here: in the working folder (chdir fixture), nothing saved, logged or shown
+QUIET = dict(
+    output_dir="unused", report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, logging_strategy="no"
+)
 GROUP_OBJECTIVES = sorted(name for name, cls in OBJECTIVES.items() if cls.needs_groups)
 # each group objective with one group, and the class objective it must then equal
 ONE_GROUP_EQUALS = {
@@ -345,12 +349,7 @@ def spurious_run(loss_type: str, seed: int, steps: int = 150) -> float:
     train = grouped_gaussian_problem([[190, 10], [10, 190]], seed=seed + 1, shift=2.0)
     test = grouped_gaussian_problem([[50, 50], [50, 50]], seed=seed + 2, shift=2.0)
     args = LongTailConfig(
-        output_dir="unused",
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_strategy="no",
+        **QUIET,
         per_device_train_batch_size=32,
         max_steps=steps,
         optim="sgd",
@@ -393,13 +392,13 @@ def test_group_losses_lift_worst_group_accuracy_over_ce_on_a_spurious_attribute(
 )
 def test_group_settings_without_what_they_need_fail_when_the_config_is_built(settings, message):
     with pytest.raises(ValueError, match=message):
-        LongTailConfig(output_dir="unused", report_to=[], use_cpu=True, **settings)
+        LongTailConfig(**QUIET, **settings)
 
 
 def test_negative_group_ids_in_the_training_set_are_named():
     train = grouped_gaussian_problem([[5, 5], [5, 5]], seed=0)
     train.examples[3]["group"] = -1
-    args = LongTailConfig(output_dir="unused", report_to=[], use_cpu=True, loss_type="ce", group_column="group")
+    args = LongTailConfig(**QUIET, loss_type="ce", group_column="group")
     with pytest.raises(ValueError, match=r"group column 'group' of the training set holds negative ids \[-1\]"):
         LongTailTrainer(model=TinyMLPForClassification(TinyMLPConfig(num_labels=2)), args=args, train_dataset=train)
 
@@ -426,12 +425,7 @@ def test_selmix_over_cells_lifts_worst_group_accuracy_where_class_selmix_cannot(
     seed = 0
     train, validation, test = spurious_splits(seed)
     common = dict(
-        output_dir="unused",
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_strategy="no",
+        **QUIET,
         optim="sgd",
         lr_scheduler_type="constant",
         group_column="group",
@@ -517,12 +511,7 @@ def test_cost_sensitive_worst_group_lifts_worst_group_accuracy_over_ce():
     for loss_type, options in (("ce", {}), ("cost_sensitive", {"objective": "worst_group_accuracy"})):
         torch.manual_seed(0)
         args = LongTailConfig(
-            output_dir="unused",
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            disable_tqdm=True,
-            logging_strategy="no",
+            **QUIET,
             per_device_train_batch_size=32,
             max_steps=150,
             optim="sgd",
@@ -574,12 +563,7 @@ def autobalance_run(seed: int, per_group_loss: bool | None) -> float:
     train, validation, test = spurious_splits(seed)
     torch.manual_seed(seed)
     common = dict(
-        output_dir="unused",
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        logging_strategy="no",
+        **QUIET,
         per_device_train_batch_size=32,
         max_steps=150,
         optim="sgd",
@@ -700,12 +684,7 @@ def test_a_one_group_run_equals_the_class_objective_run(trainer_cls, config_cls,
     for settings in (grouped, plain):
         torch.manual_seed(0)
         args = config_cls(
-            output_dir="unused",
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            disable_tqdm=True,
-            logging_strategy="no",
+            **QUIET,
             max_steps=6,
             per_device_train_batch_size=4,
             optim="sgd",
