@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/groups.py --seeds 0       # one seed
     .venv/bin/python benchmarks/groups.py --report        # only rewrite the tables from finished cells
     .venv/bin/python benchmarks/groups.py --smoke         # a few steps of everything, nothing written
+    .venv/bin/python benchmarks/groups.py --validation-per-class 500   # 50 validation images per cell: own table
 
 Data (`selmix_hf.local_datasets.colored_fashion_mnist`): 1,000 training images per class, tinted with their class's
 colour with probability 0.9 (a spurious attribute), else one of the other nine; validation (100 per class) and test
@@ -36,8 +37,22 @@ from quality import replace_block, write_json  # noqa: E402  (docs/benchmarks.md
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "groups")
 CHECKPOINTS = os.path.join(ROOT, "outputs", "groups")
 MARKERS = ("<!-- groups:begin -->", "<!-- groups:end -->")
-BUDGET = dict(stage1_steps=300, stage2_steps=200, batch=32, eval_every=25, refresh=25, size=32)
-SMOKE = dict(stage1_steps=2, stage2_steps=4, batch=8, eval_every=2, refresh=2, size=32)
+BUDGET = dict(
+    stage1_steps=300, stage2_steps=200, batch=32, eval_every=25, refresh=25, size=32, validation_per_class=100
+)
+SMOKE = {**BUDGET, "stage1_steps": 2, "stage2_steps": 4, "batch": 8, "eval_every": 2, "refresh": 2}
+
+
+def folders(validation_per_class: int) -> tuple[str, str, tuple[str, str]]:
+    """(results, checkpoints, doc markers) of a validation size: the first grid's (100 per class) at the top level,
+    any other in folders and a table of its own, so that grids selected on different validation sets never mix."""
+    if validation_per_class == BUDGET["validation_per_class"]:
+        return RESULTS, CHECKPOINTS, MARKERS
+    tag = f"validation{validation_per_class}"
+    markers = (f"<!-- groups-{tag}:begin -->", f"<!-- groups-{tag}:end -->")
+    return os.path.join(RESULTS, tag), os.path.join(CHECKPOINTS, tag), markers
+
+
 # method -> (trainer, its settings); every one reads the group column; model selection is the same for all
 METHODS = {
     "ce": ("longtail", {"loss_type": "ce"}),
@@ -76,7 +91,7 @@ def load_task(seed: int, budget: dict):
     from selmix_hf.local_datasets import TINTS, colored_fashion_mnist
     from selmix_hf.pretrained import EFFICIENTNET_MEAN, EFFICIENTNET_STD, load_efficientnet_lite0_classifier
 
-    splits = colored_fashion_mnist(seed=seed)
+    splits = colored_fashion_mnist(seed=seed, validation_per_class=budget["validation_per_class"])
     names = splits["train"].features["label"].names
     torch.manual_seed(seed)
     model = load_efficientnet_lite0_classifier(len(names), dict(enumerate(names)))
@@ -118,7 +133,8 @@ def stage1_model(seed: int, splits, model, budget: dict, smoke: bool):
 
     from selmix_hf import LongTailConfig, LongTailTrainer
 
-    path = os.path.join(CHECKPOINTS, "smoke" if smoke else "", f"seed{seed}", "stage1")
+    checkpoints = folders(budget["validation_per_class"])[1]
+    path = os.path.join(checkpoints, "smoke" if smoke else "", f"seed{seed}", "stage1")
     if os.path.exists(os.path.join(path, "config.json")) and not smoke:
         return AutoModelForImageClassification.from_pretrained(path), None
     args = LongTailConfig(
@@ -203,14 +219,15 @@ def run_cell(method: str, seed: int, splits, model, budget: dict, out: str) -> d
     }
 
 
-def cell_path(seed: int, method: str) -> str:
-    return os.path.join(RESULTS, f"seed{seed}", f"{method}.json")
+def cell_path(results: str, seed: int, method: str) -> str:
+    return os.path.join(results, f"seed{seed}", f"{method}.json")
 
 
-def run(seeds: list[int], methods: list[str], smoke: bool, contended: str | None) -> None:
-    budget = SMOKE if smoke else BUDGET
+def run(seeds: list[int], methods: list[str], smoke: bool, contended: str | None, validation_per_class: int) -> None:
+    budget = {**(SMOKE if smoke else BUDGET), "validation_per_class": validation_per_class}
+    results, checkpoints, _ = folders(validation_per_class)
     for seed in seeds:
-        todo = [m for m in methods if smoke or not os.path.exists(cell_path(seed, m))]
+        todo = [m for m in methods if smoke or not os.path.exists(cell_path(results, seed, m))]
         if not todo:
             continue
         splits, _, model = load_task(seed, budget)
@@ -218,25 +235,26 @@ def run(seeds: list[int], methods: list[str], smoke: bool, contended: str | None
             splits = {k: v.select(range(0, len(v), 25)) for k, v in splits.items()}
         stage1, stage1_seconds = stage1_model(seed, splits, model, budget, smoke)
         if stage1_seconds is not None and not smoke:
-            write_json(os.path.join(RESULTS, f"seed{seed}", "_stage1.json"), {"seed": seed, "seconds": stage1_seconds})
+            write_json(os.path.join(results, f"seed{seed}", "_stage1.json"), {"seed": seed, "seconds": stage1_seconds})
         for method in todo:
-            out = os.path.join(CHECKPOINTS, "smoke" if smoke else "", f"seed{seed}", method)
+            out = os.path.join(checkpoints, "smoke" if smoke else "", f"seed{seed}", method)
             cell = run_cell(method, seed, splits, copy.deepcopy(stage1), budget, out)
             shutil.rmtree(out, ignore_errors=True)
             if contended:
                 cell["timing_contended"] = contended
             print(json.dumps({k: cell[k] for k in ("method", "seed", "test", "best_step")}), flush=True)
             if not smoke:
-                write_json(cell_path(seed, method), cell)
+                write_json(cell_path(results, seed, method), cell)
     if not smoke:
-        write_report()
+        write_report(validation_per_class)
 
 
-def load_cells() -> dict[str, list[dict]]:
+def load_cells(results: str) -> dict[str, list[dict]]:
     cells: dict[str, list[dict]] = {}
-    for seed_dir in sorted(os.listdir(RESULTS)) if os.path.isdir(RESULTS) else []:
+    seed_dirs = [d for d in sorted(os.listdir(results)) if d.startswith("seed")] if os.path.isdir(results) else []
+    for seed_dir in seed_dirs:
         for method in (*METHODS, *PROBES):
-            path = os.path.join(RESULTS, seed_dir, f"{method}.json")
+            path = os.path.join(results, seed_dir, f"{method}.json")
             if os.path.exists(path):
                 cells.setdefault(method, []).append(json.load(open(path)))
     return cells
@@ -257,8 +275,9 @@ def table(cells: dict[str, list[dict]], split: str, columns: list[str]) -> list[
     return lines
 
 
-def write_report() -> None:
-    cells = load_cells()
+def write_report(validation_per_class: int) -> None:
+    results, _, markers = folders(validation_per_class)
+    cells = load_cells(results)
     if not cells:
         body = "No cell has finished yet."
     else:
@@ -266,7 +285,8 @@ def write_report() -> None:
         minutes = sum(x["seconds"] for v in cells.values() for x in v) / 60
         body = "\n".join(
             [
-                f"**Colored Fashion-MNIST**, test split, the checkpoint of best validation worst-group accuracy "
+                f"**Colored Fashion-MNIST**, {validation_per_class // 10} validation images per cell; test split, the "
+                f"checkpoint of best validation worst-group accuracy "
                 f"(stage-2 compute {minutes:.0f} min{'; cores shared: ' + '; '.join(contended) if contended else ''})",
                 "",
                 *table(cells, "test", COLUMNS),
@@ -276,7 +296,7 @@ def write_report() -> None:
                 *table(cells, "validation", COLUMNS),
             ]
         )
-    replace_block(MARKERS, body)
+    replace_block(markers, body)
 
 
 def main() -> None:
@@ -286,11 +306,18 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="only rewrite the tables from the finished cells")
     parser.add_argument("--smoke", action="store_true", help="a few steps of every method on a few images")
     parser.add_argument("--contended", help="record that the cores were shared (what with) in each new cell")
+    parser.add_argument(
+        "--validation-per-class",
+        type=int,
+        default=BUDGET["validation_per_class"],
+        help="validation images per class (10 tints: a tenth of it per cell); a size other than 100 has its own "
+        "results folder and table",
+    )
     args = parser.parse_args()
     if args.report:
-        write_report()
+        write_report(args.validation_per_class)
         return
-    run(args.seeds, args.methods, args.smoke, args.contended)
+    run(args.seeds, args.methods, args.smoke, args.contended, args.validation_per_class)
 
 
 if __name__ == "__main__":
