@@ -361,6 +361,18 @@ def test_two_processes_with_accelerate_launch(text_data, tmp_path):
     assert card_yaml(out)["model-index"][0]["results"][0]["metrics"]
 
 
+def test_end_launch_releases_the_process_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    from selmix_hf.recipe import end_launch
+
+    end_launch()  # a plain `python recipes/...` run: nothing to release
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    end_launch()
+    assert not dist.is_initialized()
+
+
 # -- bad input --------------------------------------------------------------------------------------------------
 def test_missing_split_file_is_named(image_data, tmp_path):
     with pytest.raises(FileNotFoundError, match="ImageNet_LT_test_missing.txt"):
