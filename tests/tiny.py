@@ -285,19 +285,18 @@ def run_rank(main: Callable[..., Any], *args: str) -> None:
     """Run one launched rank's body, then leave without interpreter finalisation: exit 0 on success, 1 on error.
 
     torch's gloo worker threads can abort a finished rank ("terminate called without an active exception") when
-    they meet Python's finalisation; a rank whose results are written has nothing left to clean up, so after a
-    barrier and ``destroy_process_group`` it exits at once. Errors print their traceback and skip the barrier.
+    they meet Python's finalisation; a rank whose results are written has nothing left to clean up, so after the
+    recipes' ``end_launch`` (barrier, ``destroy_process_group``) it exits at once. Errors print their traceback and
+    skip the barrier.
     """
     import traceback
 
-    import torch.distributed as dist
+    from selmix_hf.recipe import end_launch
 
     code = 0
     try:
         main(*args)
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        end_launch()
     except BaseException:
         traceback.print_exc()
         code = 1
