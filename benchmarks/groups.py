@@ -83,6 +83,7 @@ PROBES = {
         {**METHODS["autobalance"][1], "hyper_update_steps": 5, "upper_objective": "group_balanced_accuracy"},
     ),
 }
+EVERY_METHOD = {**METHODS, **PROBES}
 COLUMNS = ["worst_group_accuracy", "group_balanced_accuracy", "accuracy", "equal_opportunity_gap"]
 
 
@@ -165,7 +166,7 @@ def run_cell(method: str, seed: int, splits, model, budget: dict, out: str) -> d
     )
     from selmix_hf.groups import group_report
 
-    kind, settings = {**METHODS, **PROBES}[method]
+    kind, settings = EVERY_METHOD[method]
     selection = dict(
         max_steps=budget["stage2_steps"],
         eval_strategy="steps",
@@ -253,7 +254,7 @@ def load_cells(results: str) -> dict[str, list[dict]]:
     cells: dict[str, list[dict]] = {}
     seed_dirs = [d for d in sorted(os.listdir(results)) if d.startswith("seed")] if os.path.isdir(results) else []
     for seed_dir in seed_dirs:
-        for method in (*METHODS, *PROBES):
+        for method in EVERY_METHOD:
             path = os.path.join(results, seed_dir, f"{method}.json")
             if os.path.exists(path):
                 cells.setdefault(method, []).append(json.load(open(path)))
@@ -262,7 +263,7 @@ def load_cells(results: str) -> dict[str, list[dict]]:
 
 def table(cells: dict[str, list[dict]], split: str, columns: list[str]) -> list[str]:
     """Mean +- std over seeds per method; best mean per column in bold (lowest for the gap)."""
-    rows = [m for m in (*METHODS, *PROBES) if cells.get(m)]
+    rows = [m for m in EVERY_METHOD if cells.get(m)]
     means = {m: {c: np.mean([x[split][c] for x in cells[m]]) for c in columns} for m in rows}
     stds = {m: {c: np.std([x[split][c] for x in cells[m]]) for c in columns} for m in rows}
     pick = {c: (min if c == "equal_opportunity_gap" else max) for c in columns}
@@ -302,7 +303,7 @@ def write_report(validation_per_class: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *PROBES])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(EVERY_METHOD))
     parser.add_argument("--report", action="store_true", help="only rewrite the tables from the finished cells")
     parser.add_argument("--smoke", action="store_true", help="a few steps of every method on a few images")
     parser.add_argument("--contended", help="record that the cores were shared (what with) in each new cell")
