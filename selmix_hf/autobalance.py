@@ -154,6 +154,9 @@ class AutoBalanceTrainer(LongTailTrainer):
         try:
             if head_only or self.upper_objective is not None:
                 features, logits, labels, groups = self._validation_pass()
+                if head_only:  # balanced over the samples this pass read (all, or validation_refresh_per_class)
+                    counts = torch.bincount(labels.cpu(), minlength=self.num_labels).tolist()
+                    self.upper_weights = class_balanced_weights(counts).to(labels.device)
                 if self.upper_objective is not None:  # its multipliers follow the hard validation confusion matrix
                     self.upper_objective.update(self._hard_confusion(logits, labels, groups))
             error, train_features, val_batches = None, [], []
@@ -220,6 +223,14 @@ class AutoBalanceTrainer(LongTailTrainer):
         self.hyper_optimizer.step()
         self.hyper_optimizer.zero_grad(set_to_none=True)
         return self.learned_parameters()
+
+    def unused_settings(self) -> set[str]:
+        """As LongTailTrainer's; the refreshes' validation sample acts when the search passes over validation data
+        (the head-only hypergradient, or an upper objective's multipliers)."""
+        unused = super().unused_settings()
+        if self.args.hypergradient_params == "head" or self.upper_objective is not None:
+            unused.discard("validation_refresh_per_class")
+        return unused
 
     def learned_parameters(self) -> dict[str, float]:
         """Per-class Delta, l (and w) as log entries (group values when tied; max / min of a per-group table)."""

@@ -32,7 +32,7 @@ from .nonfinite import NonFiniteError, bad_input_rows, check_state_finite, descr
 from .objectives import Objective, objective_for_training
 from .posthoc import RULE_ATTRIBUTE, DecisionRule, fit_decision_rule, fold_offsets
 from .sharding import local_part
-from .validation import counts_with_every_class, gathered_validation_pass, pick_validation_set
+from .validation import StratifiedSample, counts_with_every_class, gathered_validation_pass, pick_validation_set
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class BaseTrainer(ModelCardMixin, Trainer):
         self.validation_groups: np.ndarray | None = None
         self.run_id = uuid.uuid4().hex  # names this run's stage in the model's config (no local path is published)
         self.resumed_from_checkpoint = False
+        self._validation_sample: Any = None  # with validation_refresh_per_class: the refreshes' redrawn subset
         self.validation_seconds = 0.0  # wall time of the validation passes of the current refresh
         self._frozen_norms = frozen_norms  # PEFT: BatchNorm layers that keep their statistics while training
         self.posthoc_rule: DecisionRule | None = None  # the last rule fit_posthoc fitted (kept or declined)
@@ -266,10 +267,27 @@ class BaseTrainer(ModelCardMixin, Trainer):
         started = time.perf_counter()
         try:
             return gathered_validation_pass(
-                self, self.validation_dataset, pooled, purpose=f"{self._name} refresh", with_groups=with_groups
+                self, self.refresh_validation_set(), pooled, purpose=f"{self._name} refresh", with_groups=with_groups
             )
         finally:
             self.validation_seconds += time.perf_counter() - started
+
+    def refresh_validation_set(self) -> Any:
+        """The validation samples of this refresh: the whole set, or with ``validation_refresh_per_class`` a fresh
+        stratified choice (per class, or per cell with a group column), the same on every rank and on resume."""
+        per_class = self.args.validation_refresh_per_class
+        if per_class is None:
+            return self.validation_dataset
+        if self._validation_sample is None:
+            strata = self._labels_of(self.validation_dataset, "validation")
+            if self.validation_groups is not None:
+                strata = strata * self.num_groups() + self.validation_groups
+            self._validation_sample = StratifiedSample(self.validation_dataset, strata, per_class)
+            if len(self._validation_sample) == len(self.validation_dataset):  # no stratum has more than n samples
+                self._validation_sample = self.validation_dataset
+        if isinstance(self._validation_sample, StratifiedSample):
+            self._validation_sample.draw(self.args.seed, self.state.global_step)
+        return self._validation_sample
 
     # -- losses and NaN safety ------------------------------------------------------------------------
     def split_batch(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor | None]:

@@ -100,6 +100,14 @@ class MethodConfig:
             "metrics, and group objectives and group losses range over the (class, group) cells (docs/groups.md)."
         },
     )
+    validation_refresh_per_class: int | None = field(
+        default=None,
+        metadata={
+            "help": "Validation samples per class (per (class, group) cell with group_column) that each refresh "
+            "passes over, a fresh random choice per refresh: None = the whole validation set (as published); n = a "
+            "refresh costs about K x n forward passes, with a noisier confusion matrix."
+        },
+    )
 
     # fields a card does not show (long or derived values); everything else the config adds is a card setting
     card_excluded: ClassVar[tuple[str, ...]] = ()
@@ -180,6 +188,14 @@ class MethodConfig:
                     f"posthoc={self.posthoc!r} fits a rule on the class confusion matrix, which the group objective "
                     f"{name!r} does not read; set posthoc=None, or posthoc_objective=<a class objective>"
                 )
+
+    def check_refresh_sample(self) -> None:
+        """validation_refresh_per_class is None or a positive count."""
+        if self.validation_refresh_per_class is not None and self.validation_refresh_per_class < 1:
+            raise ValueError(
+                "validation_refresh_per_class must be >= 1 (or None: the whole validation set at each refresh), got "
+                f"{self.validation_refresh_per_class}"
+            )
 
     def check_field_types(self) -> None:
         """Each field this config adds holds a value of its declared type; else an error naming field and type."""
@@ -385,6 +401,7 @@ class SelMixConfig(MethodConfig, TrainingArguments):
             )
         self.check_posthoc()
         self.check_group_settings()
+        self.check_refresh_sample()
         super().__post_init__()
 
     def trained_objective(self) -> tuple[str | None, dict[str, Any]]:
@@ -502,6 +519,7 @@ class LongTailConfig(MethodConfig, TrainingArguments):
             )
         self.check_posthoc()
         self.check_group_settings()
+        self.check_refresh_sample()
         super().__post_init__()
 
     def trained_objective(self) -> tuple[str | None, dict[str, Any]]:

@@ -150,8 +150,10 @@ class LongTailTrainer(BaseTrainer):
         return stage
 
     def unused_settings(self) -> set[str]:
-        """Without a loss that follows validation data, the refresh interval did nothing."""
-        return set() if getattr(self.loss_fn, "needs_validation", False) else {"validation_refresh_steps"}
+        """Without a loss that follows validation data, the refresh interval and its sample size did nothing."""
+        if getattr(self.loss_fn, "needs_validation", False):
+            return set()
+        return {"validation_refresh_steps", "validation_refresh_per_class"}
 
     def stage_objective(self) -> str | None:
         """The objective a cost-sensitive loss follows (None for the fixed losses)."""

@@ -13,6 +13,8 @@ import datasets
 import numpy as np
 import torch
 
+from .validation import RedrawnSubset, refresh_key
+
 PLACEHOLDER_LABEL = -100  # what a pool item carries in the label column, so the user's collator sees one schema
 UNCONFIDENT = -1  # the pseudo-label of a pool sample below the confidence threshold: never drawn
 
@@ -68,24 +70,17 @@ class UnlabeledView(torch.utils.data.Dataset):
         return [name for name in item_keys(self, "unlabeled dataset") if name != self.label_column]
 
 
-class PoolSample(torch.utils.data.Dataset):
-    """``size`` samples of the pool, re-drawn by `draw` at each refresh: one object for the whole run, because the
-    validation pass caches its loader per dataset object (and the length, hence the loader's shards, stays fixed)."""
+class PoolSample(RedrawnSubset):
+    """``size`` samples of the pool, re-drawn by `draw` at each refresh (one object for the run)."""
 
     def __init__(self, pool: UnlabeledView, size: int) -> None:
-        self.pool, self.indices = pool, torch.arange(min(size, len(pool)))
+        super().__init__(pool, min(size, len(pool)))
 
     def draw(self, seed: int, step: int) -> torch.Tensor:
         """A random subset of the pool for the refresh at ``step``: the same on every rank and on resume."""
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, 0x5E1]).generate_state(1)[0]))
-        self.indices = torch.randperm(len(self.pool), generator=generator)[: len(self.indices)].sort().values
+        generator = torch.Generator().manual_seed(refresh_key(seed, step, 0x5E1))
+        self.indices = torch.randperm(len(self.source), generator=generator)[: len(self.indices)].sort().values
         return self.indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.pool[int(self.indices[index])]
 
 
 def unlabeled_view(

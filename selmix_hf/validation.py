@@ -15,6 +15,53 @@ from .nonfinite import NonFiniteError, first_bad, inputs_finite, row_is_finite
 from .sharding import model_to_call
 
 
+class RedrawnSubset(torch.utils.data.Dataset):
+    """A fixed number of a dataset's samples, re-chosen at each refresh: one object for the whole run, because the
+    validation pass caches its loader per dataset object (and the fixed length keeps the loader's shards)."""
+
+    def __init__(self, source: Any, size: int) -> None:
+        self.source, self.indices = source, torch.arange(size)
+
+    def source_index(self, position: int) -> int:
+        """The index in the whole dataset of the subset's ``position``-th sample (what errors name)."""
+        return int(self.indices[position])
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> Any:
+        return self.source[self.source_index(position)]
+
+    def __getitems__(self, positions: list[int]) -> list[Any]:
+        """A batch at once, through the source's own batched read when it has one (a `datasets.Dataset` does)."""
+        rows = [self.source_index(p) for p in positions]
+        batched = getattr(self.source, "__getitems__", None)
+        return list(batched(rows)) if batched is not None else [self.source[r] for r in rows]
+
+
+def refresh_key(seed: int, step: int, stream: int) -> int:
+    """The seed of a refresh's random subset: the same on every rank and on resume, distinct per stream."""
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1)[0])
+
+
+class StratifiedSample(RedrawnSubset):
+    """At most ``per_stratum`` samples of each stratum (class, or (class, group) cell) of a validation set, redrawn
+    at random at each refresh: a refresh then passes over ~K x per_stratum samples instead of the whole set, and
+    every class (cell) keeps at least one sample."""
+
+    def __init__(self, source: Any, strata: np.ndarray, per_stratum: int) -> None:
+        self.members = [np.flatnonzero(strata == s) for s in np.unique(strata)]
+        self.per_stratum = per_stratum
+        super().__init__(source, sum(min(per_stratum, len(m)) for m in self.members))
+
+    def draw(self, seed: int, step: int) -> torch.Tensor:
+        """The subset of the refresh at ``step`` (sorted indices into the whole set)."""
+        generator = torch.Generator().manual_seed(refresh_key(seed, step, 0x7A1))
+        chosen = [m[torch.randperm(len(m), generator=generator)[: self.per_stratum].numpy()] for m in self.members]
+        self.indices = torch.from_numpy(np.sort(np.concatenate(chosen)))
+        return self.indices
+
+
 def pick_validation_set(validation_dataset: Any, eval_dataset: Any, purpose: str) -> Any:
     """The labelled validation set a trainer estimates on (validation_dataset, else eval_dataset), checked."""
     dataset = validation_dataset if validation_dataset is not None else eval_dataset
@@ -95,10 +142,11 @@ def gathered_validation_pass(
         ("pooled features", row_is_finite(features_t)),
         ("logits", row_is_finite(logits_t)),
     ):
-        index = first_bad(ok)
-        if index is not None:
+        position = first_bad(ok)
+        if position is not None:
+            index = dataset.source_index(position) if isinstance(dataset, RedrawnSubset) else position
             count = int((~ok.bool()).sum())
-            name, label = ("validation", f"label {int(labels_t[index])}") if labelled else ("unlabeled", "no label")
+            name, label = ("validation", f"label {int(labels_t[position])}") if labelled else ("unlabeled", "no label")
             raise NonFiniteError(
                 f"NaN or inf in the {what} of {name} sample {index} ({label}"
                 f"{f', and {count - 1} more samples' if count > 1 else ''}) during {where}: fix or drop that sample "
@@ -108,4 +156,11 @@ def gathered_validation_pass(
     return (*out, torch.cat(groups).long()) if with_groups else out
 
 
-__all__ = ["counts_with_every_class", "gathered_validation_pass", "pick_validation_set"]
+__all__ = [
+    "RedrawnSubset",
+    "StratifiedSample",
+    "counts_with_every_class",
+    "gathered_validation_pass",
+    "pick_validation_set",
+    "refresh_key",
+]

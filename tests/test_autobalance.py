@@ -255,6 +255,25 @@ def test_bad_config_is_a_clear_error(overrides, message, tmp_path):
         autobalance(tmp_path, **overrides)
 
 
+def test_the_balanced_upper_loss_weighs_the_classes_of_the_refresh_sample(tmp_path):
+    """With validation_refresh_per_class the head-only pass reads n per class: its class-balanced weights are those
+    of that sample (uniform here), not of the whole validation set (12 / 4 / 4 / 4)."""
+    weights = {}
+    for per_class in (None, 4):
+        args = AutoBalanceConfig(
+            **common(tmp_path, 0, max_steps=1, hyper_batches=2, neumann_lr=0.1, validation_refresh_per_class=per_class)
+        )
+        trainer = AutoBalanceTrainer(
+            model=TinyMLPForClassification(TinyMLPConfig(num_labels=K)),
+            args=args,
+            train_dataset=gaussian_problem(COUNTS, seed=1, spread=0.8),
+            eval_dataset=gaussian_problem([12, 4, 4, 4], seed=2, spread=0.8),
+        )
+        trainer.train()
+        weights[per_class] = trainer.upper_weights
+    assert weights[None][0] < weights[None][1] and torch.allclose(weights[4], torch.ones(K))
+
+
 def test_class_without_training_samples_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"classes \[3\] have zero training samples"):
         AutoBalanceTrainer(

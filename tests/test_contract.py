@@ -87,6 +87,15 @@ SUBJECTS = [
         ("gain_refresh_steps", "2"),
         unused_settings=set(SelMixConfig.SEMI_SUPERVISED_FIELDS),  # no unlabelled pool in this row
     ),
+    Subject(  # each refresh reads a fresh stratified sample of validation: 5 per class, so class 0 loses one of 6
+        "selmix-validation-sample",
+        SelMixTrainer,
+        SelMixConfig,
+        {"gain_refresh_steps": 2, "objective": "min_recall", "validation_refresh_per_class": 5},
+        lambda t: {"gains": t.gains, "distribution": t.distribution, **t.objective.multipliers()},
+        ("validation_refresh_per_class", 2.5),
+        unused_settings=set(SelMixConfig.SEMI_SUPERVISED_FIELDS),
+    ),
     Subject(  # a group objective: pairs drawn between the (class, group) cells of the validation set
         "selmix-groups",
         SelMixTrainer,
@@ -152,7 +161,7 @@ SUBJECTS = [
         {"loss_type": "group_dro", "loss_options": {"step_size": 0.5}, "group_column": "group"},
         lambda t: {"group_weight": t.loss_fn.group_weight},
         ("validation_refresh_steps", "2"),
-        unused_settings={"validation_refresh_steps"},
+        unused_settings={"validation_refresh_steps", "validation_refresh_per_class"},
         reads_validation=False,
     ),
     Subject(  # the cost-sensitive loss of a group objective: a gain row per (class, group) cell of validation
@@ -444,11 +453,13 @@ def test_two_ranks_agree_and_count_each_validation_sample_once(subject, tmp_path
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["steps"] == 4 for r in ranks)
     assert_same(ranks[0]["weights"], ranks[1]["weights"], "replicas")
     assert_same(ranks[0]["shared"], ranks[1]["shared"], "method state", rtol=0, atol=0)
-    for r in ranks:  # the padded duplicates of the last round are dropped: 21 samples, each once
-        assert torch.bincount(r["validation_labels"], minlength=K).tolist() == VALIDATION_COUNTS
+    per_class = subject.settings.get("validation_refresh_per_class")  # a refresh's sample: min(n, count) per class
+    refreshed = [min(per_class, c) for c in VALIDATION_COUNTS] if per_class else VALIDATION_COUNTS
+    for r in ranks:  # the padded duplicates of the last round are dropped: 21 samples (or the sample's), each once
+        assert torch.bincount(r["validation_labels"], minlength=K).tolist() == refreshed
         if r["confusion_counts"] is not None:  # each validation sample counted once in the refresh, in its row
             rows = r["confusion_counts"].sum(1).tolist()
-            assert sum(rows) == sum(VALIDATION_COUNTS)
+            assert sum(rows) == sum(refreshed)
             if subject.settings.get("group_column"):  # cells (class, index % 2) of the 21 samples
                 assert rows == [3, 3, 3, 2, 2, 3, 3, 2]
     assert_same(ranks[0]["confusion_counts"], ranks[1]["confusion_counts"], "confusion counts")
@@ -460,8 +471,8 @@ def test_two_ranks_agree_and_count_each_validation_sample_once(subject, tmp_path
     assert all("21 validation samples" in r["posthoc_stage"] for r in ranks)  # each sample once in the fit
 
 
-# by_precision: the pool path again
-SHARDED_SUBJECTS = [s for s in SUBJECTS if s.name != "selmix-by-precision"]
+# by_precision: the pool path again; validation-sample: the same refresh as selmix's over fewer samples
+SHARDED_SUBJECTS = [s for s in SUBJECTS if s.name not in ("selmix-by-precision", "selmix-validation-sample")]
 
 
 @pytest.fixture(scope="module")
@@ -607,7 +618,13 @@ def test_nan_in_a_validation_input_is_named(subject, tmp_path):
 
 
 def test_nan_weights_are_never_saved_as_a_checkpoint(tmp_path):
-    trainer = build(SUBJECTS[1], str(tmp_path / "run"), save_strategy="steps", save_steps=2, max_steps=2)
+    trainer = build(
+        next(s for s in SUBJECTS if s.name == "selmix-groups"),
+        str(tmp_path / "run"),
+        save_strategy="steps",
+        save_steps=2,
+        max_steps=2,
+    )
     with torch.no_grad():
         trainer.model.classifier.weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteError):
@@ -809,8 +826,10 @@ POSTHOC_VALIDATION = [30, 30, 30, 30]
 
 
 def validation_logits(trainer: Any) -> torch.Tensor:
-    """The model's logits on the validation set, gathered, in dataset order."""
-    return trainer.validation_pass()[1].cpu()
+    """The model's logits on the whole validation set, gathered, in dataset order (not a refresh's sample)."""
+    if trainer.validation_dataset is None:
+        trainer.use_validation_set("the test")
+    return gathered_validation_pass(trainer, trainer.validation_dataset)[1].cpu()
 
 
 @pytest.mark.parametrize("subject", SUBJECTS, ids=ids)

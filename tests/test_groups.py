@@ -465,6 +465,28 @@ def test_selmix_over_cells_lifts_worst_group_accuracy_where_class_selmix_cannot(
     assert after["worst_group_accuracy"] > after["mean_recall"] + 0.25, (start, after)
 
 
+def test_a_refresh_sample_with_a_group_column_keeps_n_per_cell_and_every_cell():
+    train = grouped_gaussian_problem([[30, 10], [10, 30]], seed=1)
+    validation = grouped_gaussian_problem([[4, 1], [3, 6]], seed=2)
+    args = LongTailConfig(
+        **QUIET,
+        max_steps=1,
+        group_column="group",
+        loss_type="cost_sensitive",
+        loss_options={"objective": "worst_group_accuracy"},
+        validation_refresh_per_class=2,
+    )
+    trainer = LongTailTrainer(
+        model=TinyMLPForClassification(TinyMLPConfig(num_labels=2)),
+        args=args,
+        train_dataset=train,
+        eval_dataset=validation,
+    )
+    trainer.train()
+    _, _, labels, groups = trainer.validation_pass(with_groups=True)
+    assert torch.bincount(labels * 2 + groups, minlength=4).tolist() == [2, 1, 2, 2]  # min(2, each cell's count)
+
+
 def test_cost_sensitive_loss_over_one_group_cells_is_the_class_loss():
     counts = [30, 20, 10]
     cells = CellLayout.one_group(3, [5, 5, 5])

@@ -334,6 +334,7 @@ def test_default_temperature_is_scale_free(tmp_path):
         ({"ignore_data_skip": False}, "ignore_data_skip=True"),
         ({"objective_options": "{alpha: 1"}, "not valid JSON"),
         ({"equal_norm_prototypes": True, "gain_estimator": "exact"}, "gain_estimator='selmix' only"),
+        ({"validation_refresh_per_class": 0}, "validation_refresh_per_class must be >= 1"),
     ],
 )
 def test_bad_config_is_a_clear_error(settings, message, tmp_path):
@@ -691,3 +692,32 @@ def test_a_thousand_classes_refresh_train_and_get_a_readable_card_in_seconds(tmp
     table_rows = [line for line in card.splitlines() if line.startswith("| class_")]
     assert len(table_rows) == 25  # the worst classes, not a thousand rows
     assert "1000 classes: recall quartiles" in card and "| few-shot |" in card
+
+
+def test_a_refresh_on_a_validation_sample_reads_n_per_class_redrawn_at_each_refresh(tmp_path):
+    """validation_refresh_per_class: each refresh's confusion counts the model's predictions on a fresh stratified
+    sample (min(n, count) per class), not on the whole validation set."""
+    validation = gaussian_problem([6, 5, 3, 5], seed=2)
+    torch.manual_seed(0)
+    trainer = SelMixTrainer(
+        model=TinyMLPForClassification(TinyMLPConfig(num_labels=4)),
+        args=config(tmp_path, max_steps=4, gain_refresh_steps=2, validation_refresh_per_class=4),
+        train_dataset=gaussian_problem([40, 30, 20, 10], seed=1),
+        eval_dataset=validation,
+    )
+    trainer.train()
+    drawn = {}
+    for step in (0, 2, 4):
+        trainer.state.global_step = step
+        trainer.refresh()
+        chosen = trainer._validation_sample.indices.tolist()
+        drawn[step] = chosen
+        with torch.no_grad():
+            x = torch.stack([validation[i]["features"] for i in chosen])
+            predicted = trainer.model(features=x).logits.argmax(1)
+        labels = torch.tensor([validation[i]["labels"] for i in chosen])
+        expected = torch.zeros(4, 4, dtype=trainer.last_confusion_counts.dtype)
+        expected.index_put_((labels, predicted), torch.ones(len(chosen), dtype=expected.dtype), accumulate=True)
+        assert torch.equal(trainer.last_confusion_counts, expected)
+        assert expected.sum(1).tolist() == [4, 4, 3, 4]
+    assert len({tuple(d) for d in drawn.values()}) == 3
