@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/many_classes.py                  # generate (once), run, write the JSON and report
     .venv/bin/python benchmarks/many_classes.py --steps 100 --refresh 50
+    .venv/bin/python benchmarks/many_classes.py --validation-refresh-per-class 1   # a sample per refresh: own JSON
 
 The folder (outputs/many_classes/data) holds 1,000 classes of 16 px PNGs whose colour pattern is their class,
 long-tailed training counts (40 * 0.996^k, 40 ... 2 images per class), 20 validation and 5 test images per class,
@@ -12,7 +13,9 @@ for min recall, a refresh every --refresh steps), so its trainer's log gives eac
 benchmarks/results/many_classes.json: the gain refresh without the validation pass, the pass itself, the training
 step without refreshes, the refresh overhead amortised over --refresh steps, the time the validation pass spends
 loading images (its loader iterated alone after the run), and the peak memory growth of the run;
-the card and figures stay in outputs/many_classes/run.
+the card and figures stay in outputs/many_classes/run. With --validation-refresh-per-class n, each refresh passes
+over n validation images per class (``validation_refresh_per_class``) and the result goes to
+benchmarks/results/many_classes_sample{n}.json.
 """
 
 from __future__ import annotations
@@ -108,6 +111,8 @@ def run(args: argparse.Namespace) -> dict:
         "--per_device_train_batch_size", "64", "--early_stop_on_gain_plateau", "false",
         "--warmup_steps", "0", "--check_images", "false",
     ]  # fmt: skip
+    if args.validation_refresh_per_class is not None:
+        argv += ["--validation_refresh_per_class", str(args.validation_refresh_per_class)]
     before = current_rss_kib()
     started = time.time()
     result = recipe.main(argv)
@@ -132,6 +137,8 @@ def run(args: argparse.Namespace) -> dict:
         "validation_images": K * VALIDATION,
         "stage2_steps": steps,
         "refresh_every": args.refresh,
+        "validation_refresh_per_class": args.validation_refresh_per_class,
+        "validation_images_per_refresh": len(trainer.refresh_validation_set()),
         "refreshes": len(refreshes),
         "refresh_seconds_median": refresh,
         "validation_pass_seconds_median": validation,
@@ -153,10 +160,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="stage-2 (SelMix) steps")
     parser.add_argument("--refresh", type=int, default=50, help="gain_refresh_steps")
     parser.add_argument("--stage1-steps", type=int, default=300)
+    parser.add_argument(
+        "--validation-refresh-per-class", type=int, default=None, help="validation images per class per refresh"
+    )
     args = parser.parse_args()
     summary = run(args)
-    os.makedirs(os.path.dirname(RESULT), exist_ok=True)
-    with open(RESULT, "w") as fh:
+    n = args.validation_refresh_per_class
+    result = RESULT if n is None else RESULT.replace(".json", f"_sample{n}.json")
+    os.makedirs(os.path.dirname(result), exist_ok=True)
+    with open(result, "w") as fh:
         json.dump(summary, fh, indent=2)
     print(json.dumps(summary, indent=2))
 
