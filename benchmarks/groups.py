@@ -82,6 +82,11 @@ PROBES = {
         "autobalance",
         {**METHODS["autobalance"][1], "hyper_update_steps": 5, "upper_objective": "group_balanced_accuracy"},
     ),
+    # 5x the upper steps and 10x their learning rate: whether the loss moves too little to matter in 200 steps
+    "autobalance_every5_lr10x": (
+        "autobalance",
+        {**METHODS["autobalance"][1], "hyper_update_steps": 5, "hyper_learning_rate": 0.5},
+    ),
 }
 EVERY_METHOD = {**METHODS, **PROBES}
 COLUMNS = ["worst_group_accuracy", "group_balanced_accuracy", "accuracy", "equal_opportunity_gap"]
