@@ -134,7 +134,7 @@ class AutoBalanceTrainer(LongTailTrainer):
         """The searched `ParametricCrossEntropy`, with the loss-family settings of the config."""
         options = self.args.parametric_loss_options()
         if self.group_column and self.args.per_group_loss:  # the group-sensitive loss: a row per sample group
-            options["sample_groups"] = self.num_groups()
+            options.update(sample_groups=self.num_groups(), group_counts=self.group_counts())
         return build_loss("parametric", self.class_counts, **options)
 
     # -- one upper-level step ---------------------------------------------------------------------

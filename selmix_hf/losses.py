@@ -244,7 +244,8 @@ class ParametricCrossEntropy(LongTailLoss):
 
     With ``sample_groups`` G > 1 (the group-sensitive loss of the AutoBalance paper) each parameter is a G x K table:
     a sample of group g is scored with row g, -w_gy log softmax(Delta_g * f + l_g)_y; call it as
-    loss(logits, labels, groups).
+    loss(logits, labels, groups). Given the training ``group_counts`` (K x G), the `la` and `cdt` inits of row g
+    use the class counts within group g (l_gy = tau log p(y | g)), an empty cell counted as one sample.
     """
 
     citation = "autobalance"
@@ -261,6 +262,7 @@ class ParametricCrossEntropy(LongTailLoss):
         la_tau: float = 1.0,
         cdt_gamma: float = 0.2,
         sample_groups: int = 1,
+        group_counts: Any = None,
     ) -> None:
         super().__init__()
         if not isinstance(sample_groups, int) or sample_groups < 1:
@@ -272,23 +274,39 @@ class ParametricCrossEntropy(LongTailLoss):
         counts = counts_tensor(class_counts, "the parametric loss")
         self.delta_activation = delta_activation
         self.register_buffer("groups", frequency_groups(counts, num_groups))
+        rows = counts.unsqueeze(0)  # the counts each parameter row starts from: 1 x K, or G x K within groups
+        if sample_groups > 1 and group_counts is not None:
+            cells = cell_counts_tensor(group_counts, "the group-sensitive parametric loss")
+            if cells.shape != (counts.numel(), sample_groups):
+                raise ValueError(
+                    f"group_counts must be classes x groups = {counts.numel()} x {sample_groups}, "
+                    f"got {tuple(cells.shape)}"
+                )
+            rows = cells.T.clamp_min(1.0)  # an empty cell counts as one sample: its log prior stays finite
         num = int(self.groups.max()) + 1
-        group_counts = torch.zeros(num, dtype=torch.float64).index_add_(0, self.groups, counts)
-        group_sizes = torch.bincount(self.groups, minlength=num).double()
-        mean_counts = group_counts / group_sizes  # a group's classes share the mean count of the group
+        tied = torch.zeros(rows.shape[0], num, dtype=torch.float64).index_add_(1, self.groups, rows)
+        mean_counts = tied / torch.bincount(self.groups, minlength=num).double()  # a tie's classes share its mean
         delta = (
-            (mean_counts / mean_counts.max()) ** cdt_gamma if init == "cdt" else torch.ones(num, dtype=torch.float64)
+            (mean_counts / mean_counts.max(dim=1, keepdim=True).values) ** cdt_gamma
+            if init == "cdt"
+            else torch.ones_like(mean_counts)
         )
         if delta_activation == "sigmoid":
             delta = delta.clamp(1e-4, 1 - 1e-4)  # sigmoid never reaches 1: start as close as it gets
         offset = (
-            la_tau * torch.log(mean_counts / counts.sum()) if init == "la" else torch.zeros(num, dtype=torch.float64)
+            la_tau * torch.log(mean_counts / rows.sum(dim=1, keepdim=True))
+            if init == "la"
+            else torch.zeros_like(mean_counts)
         )
         inverse = DELTA_ACTIVATIONS[delta_activation][1]
         self.needs_groups = sample_groups > 1  # then called as loss(logits, labels, groups)
         shape = (sample_groups, num) if self.needs_groups else (num,)
-        self.raw_delta = nn.Parameter(inverse(delta).float().expand(shape).clone(), requires_grad=learn_delta)
-        self.offset = nn.Parameter(offset.float().expand(shape).clone())
+
+        def table(values: torch.Tensor) -> torch.Tensor:
+            return (values.expand(shape) if self.needs_groups else values[0]).float().clone()
+
+        self.raw_delta = nn.Parameter(table(inverse(delta)), requires_grad=learn_delta)
+        self.offset = nn.Parameter(table(offset))
         self.weight = nn.Parameter(torch.ones(shape), requires_grad=learn_weights)
 
     @classmethod
@@ -605,13 +623,14 @@ def build_loss(
         options["class_counts"] = class_counts
     if cells is not None:
         options.update(cells=cells, group_counts=group_counts)
-    elif "group_counts" in params and cls.needs_groups:
-        if group_counts is None:
+    elif "group_counts" in params:
+        if group_counts is None and cls.needs_groups:
             raise ValueError(
                 f"loss_type {loss_type!r} weighs (class, group) cells, so it needs the group of every training "
                 "sample: set group_column='<your group column>' in the config"
             )
-        options["group_counts"] = group_counts
+        if group_counts is not None:  # also the group-sensitive parametric loss's per-group init
+            options["group_counts"] = group_counts
     return cls(**options)
 
 

@@ -570,6 +570,38 @@ def test_group_sensitive_parametric_loss_scores_each_sample_with_its_group_row()
         loss(logits, labels)
 
 
+def test_group_sensitive_la_and_cdt_inits_start_from_the_class_counts_within_each_group():
+    """Row g of l starts at log p(y | g) and of Delta at (n_gy / max_y n_gy)^0.2; an empty cell counts as one."""
+    counts = [[9, 1], [0, 6]]  # classes x groups
+    la = ParametricCrossEntropy([10, 6], init="la", sample_groups=2, group_counts=counts)
+    expected = torch.tensor([[math.log(9 / 10), math.log(1 / 10)], [math.log(1 / 7), math.log(6 / 7)]])
+    torch.testing.assert_close(la.offset.data, expected)
+    cdt = ParametricCrossEntropy([10, 6], init="cdt", sample_groups=2, group_counts=counts)
+    torch.testing.assert_close(cdt.class_delta().data, torch.tensor([[1.0, (1 / 9) ** 0.2], [(1 / 6) ** 0.2, 1.0]]))
+    tied = ParametricCrossEntropy(  # classes tied by frequency, {0, 1} and {2, 3}: a tie shares its mean count
+        [10, 6, 3, 1], init="la", num_groups=2, sample_groups=2, group_counts=[[9, 1], [0, 6], [3, 0], [1, 0]]
+    )
+    row0 = torch.tensor([(9 + 1) / 2, (3 + 1) / 2]) / 14
+    row1 = torch.tensor([(1 + 6) / 2, (1 + 1) / 2]) / 9
+    torch.testing.assert_close(tied.offset.data, torch.log(torch.stack([row0, row1])))
+    with pytest.raises(ValueError, match="classes x groups = 2 x 3"):
+        ParametricCrossEntropy([10, 6], init="la", sample_groups=3, group_counts=counts)
+
+
+def test_autobalance_la_init_reads_the_training_cells_of_the_group_column(tmp_path):
+    train, validation, _ = spurious_splits(0)  # training cells 190 / 10 per class and group
+    args = AutoBalanceConfig(**{**QUIET, "output_dir": str(tmp_path)}, group_column="group", init="la", max_steps=1)
+    trainer = AutoBalanceTrainer(
+        model=TinyMLPForClassification(TinyMLPConfig(num_labels=2)),
+        args=args,
+        train_dataset=train,
+        eval_dataset=validation,
+    )
+    share = torch.tensor(trainer.group_counts(), dtype=torch.float64).T  # groups x classes
+    torch.testing.assert_close(trainer.loss_fn.offset.data, torch.log(share / share.sum(1, keepdim=True)).float())
+    assert trainer.loss_fn.offset[0, 0] > trainer.loss_fn.offset[0, 1]  # group 0 is mostly class 0
+
+
 def test_a_group_sensitive_loss_round_trips_through_its_json(tmp_path):
     loss = build_loss("parametric", [30, 10], sample_groups=3, init="la", learn_weights=True)
     with torch.no_grad():
