@@ -87,6 +87,10 @@ PROBES = {
         "autobalance",
         {**METHODS["autobalance"][1], "hyper_update_steps": 5, "hyper_learning_rate": 0.5},
     ),
+    # the group-sensitive loss started from each group's logit adjustment (l_gy = log p(y | g) of the training set,
+    # which offsets the tint's prior) instead of CE, searched as above; and that start never searched (lr 0)
+    "autobalance_la": ("autobalance", {**METHODS["autobalance"][1], "init": "la"}),
+    "autobalance_la_fixed": ("autobalance", {**METHODS["autobalance"][1], "init": "la", "hyper_learning_rate": 0.0}),
 }
 EVERY_METHOD = {**METHODS, **PROBES}
 COLUMNS = ["worst_group_accuracy", "group_balanced_accuracy", "accuracy", "equal_opportunity_gap"]
