@@ -90,6 +90,11 @@ PROBES = {
     # the group-sensitive loss started from each group's logit adjustment (l_gy = log p(y | g) of the training set,
     # which offsets the tint's prior) instead of CE, searched as above; and that start never searched (lr 0)
     "autobalance_la": ("autobalance", {**METHODS["autobalance"][1], "init": "la"}),
+    # the same start searched for the smooth group-balanced objective (whether the worst-group one's noise undoes it)
+    "autobalance_la_balanced": (
+        "autobalance",
+        {**METHODS["autobalance"][1], "init": "la", "upper_objective": "group_balanced_accuracy"},
+    ),
     "autobalance_la_fixed": ("autobalance", {**METHODS["autobalance"][1], "init": "la", "hyper_learning_rate": 0.0}),
 }
 EVERY_METHOD = {**METHODS, **PROBES}
