@@ -5,6 +5,8 @@
     .venv/bin/python benchmarks/groups.py --report        # only rewrite the tables from finished cells
     .venv/bin/python benchmarks/groups.py --smoke         # a few steps of everything, nothing written
     .venv/bin/python benchmarks/groups.py --validation-per-class 500   # 50 validation images per cell: own table
+    .venv/bin/python benchmarks/groups.py --validation-per-class 500 --seeds 3 4 5 --replicate confirm \
+        --methods ce autobalance_la_balanced autobalance_la   # new seeds that check a setting chosen on the grid
 
 Data (`selmix_hf.local_datasets.colored_fashion_mnist`): 1,000 training images per class, tinted with their class's
 colour with probability 0.9 (a spurious attribute), else one of the other nine; validation (100 per class) and test
@@ -43,14 +45,17 @@ BUDGET = dict(
 SMOKE = {**BUDGET, "stage1_steps": 2, "stage2_steps": 4, "batch": 8, "eval_every": 2, "refresh": 2}
 
 
-def folders(validation_per_class: int) -> tuple[str, str, tuple[str, str]]:
-    """(results, checkpoints, doc markers) of a validation size: the first grid's (100 per class) at the top level,
-    any other in folders and a table of its own, so that grids selected on different validation sets never mix."""
-    if validation_per_class == BUDGET["validation_per_class"]:
+def folders(validation_per_class: int, replicate: str | None = None) -> tuple[str, str, tuple[str, str]]:
+    """(results, checkpoints, doc markers) of a validation size and replicate: the first grid's (100 per class, no
+    replicate) at the top level, any other in folders and a table of its own, so that grids selected on different
+    validation sets, or a confirmatory replicate and the grid it checks, never mix."""
+    parts = [f"validation{validation_per_class}"] if validation_per_class != BUDGET["validation_per_class"] else []
+    parts += [replicate] if replicate else []
+    if not parts:
         return RESULTS, CHECKPOINTS, MARKERS
-    tag = f"validation{validation_per_class}"
+    tag = "-".join(parts)
     markers = (f"<!-- groups-{tag}:begin -->", f"<!-- groups-{tag}:end -->")
-    return os.path.join(RESULTS, tag), os.path.join(CHECKPOINTS, tag), markers
+    return os.path.join(RESULTS, *parts), os.path.join(CHECKPOINTS, *parts), markers
 
 
 # method -> (trainer, its settings); every one reads the group column; model selection is the same for all
@@ -238,9 +243,16 @@ def cell_path(results: str, seed: int, method: str) -> str:
     return os.path.join(results, f"seed{seed}", f"{method}.json")
 
 
-def run(seeds: list[int], methods: list[str], smoke: bool, contended: str | None, validation_per_class: int) -> None:
+def run(
+    seeds: list[int],
+    methods: list[str],
+    smoke: bool,
+    contended: str | None,
+    validation_per_class: int,
+    replicate: str | None = None,
+) -> None:
     budget = {**(SMOKE if smoke else BUDGET), "validation_per_class": validation_per_class}
-    results, checkpoints, _ = folders(validation_per_class)
+    results, checkpoints, _ = folders(validation_per_class, replicate)
     for seed in seeds:
         todo = [m for m in methods if smoke or not os.path.exists(cell_path(results, seed, m))]
         if not todo:
@@ -261,7 +273,7 @@ def run(seeds: list[int], methods: list[str], smoke: bool, contended: str | None
             if not smoke:
                 write_json(cell_path(results, seed, method), cell)
     if not smoke:
-        write_report(validation_per_class)
+        write_report(validation_per_class, replicate)
 
 
 def load_cells(results: str) -> dict[str, list[dict]]:
@@ -290,8 +302,8 @@ def table(cells: dict[str, list[dict]], split: str, columns: list[str]) -> list[
     return lines
 
 
-def write_report(validation_per_class: int) -> None:
-    results, _, markers = folders(validation_per_class)
+def write_report(validation_per_class: int, replicate: str | None = None) -> None:
+    results, _, markers = folders(validation_per_class, replicate)
     cells = load_cells(results)
     if not cells:
         body = "No cell has finished yet."
@@ -328,11 +340,16 @@ def main() -> None:
         help="validation images per class (10 tints: a tenth of it per cell); a size other than 100 has its own "
         "results folder and table",
     )
+    parser.add_argument(
+        "--replicate",
+        help="a confirmatory replicate's name (new seeds that check a setting chosen on the grid): its own results "
+        "folder and table",
+    )
     args = parser.parse_args()
     if args.report:
-        write_report(args.validation_per_class)
+        write_report(args.validation_per_class, args.replicate)
         return
-    run(args.seeds, args.methods, args.smoke, args.contended, args.validation_per_class)
+    run(args.seeds, args.methods, args.smoke, args.contended, args.validation_per_class, args.replicate)
 
 
 if __name__ == "__main__":
