@@ -79,15 +79,15 @@ METHODS = {
     ),
 }
 # AutoBalance in the setting the validation split chose among the searched ones (docs/benchmarks.md, groups; confirmed
-# on new seeds): each group's logit adjustment as the start, searched for the smooth group-balanced accuracy, whose
-# gradient one all-wrong cell does not swamp; model selection stays on validation worst-group accuracy
+# on new seeds): each group's logit adjustment as the start, searched for the smooth group-balanced accuracy; model
+# selection stays on validation worst-group accuracy
 METHODS["autobalance_la_balanced"] = (
     "autobalance",
     {**METHODS["autobalance"][1], "init": "la", "upper_objective": "group_balanced_accuracy"},
 )
-# Probes of AutoBalance's missed target (not in the default grid; `--methods` runs them): 5x the hypergradient steps
-# (every 5 optimiser steps instead of 25), and the same with the smooth group-balanced upper objective, whose
-# gradient is not swamped by one all-wrong cell. Model selection stays on validation worst-group accuracy.
+# Probes of why AutoBalance from CE missed its target (not in the default grid; `--methods` runs them): 5x the
+# hypergradient steps (every 5 optimiser steps instead of 25), and the same with the smooth group-balanced upper
+# objective, whose gradient is not swamped by one all-wrong cell. Model selection stays on validation worst-group accuracy.
 PROBES = {
     "autobalance_every5": ("autobalance", {**METHODS["autobalance"][1], "hyper_update_steps": 5}),
     "autobalance_every5_balanced": (
