@@ -87,7 +87,8 @@ METHODS["autobalance_la_balanced"] = (
 )
 # Probes of why AutoBalance from CE missed its target (not in the default grid; `--methods` runs them): 5x the
 # hypergradient steps (every 5 optimiser steps instead of 25), and the same with the smooth group-balanced upper
-# objective, whose gradient is not swamped by one all-wrong cell. Model selection stays on validation worst-group accuracy.
+# objective, whose gradient is not swamped by one all-wrong cell. Model selection stays on validation worst-group
+# accuracy.
 PROBES = {
     "autobalance_every5": ("autobalance", {**METHODS["autobalance"][1], "hyper_update_steps": 5}),
     "autobalance_every5_balanced": (
