@@ -43,6 +43,9 @@ import torch
 
 from selmix_hf.metrics import confusion_counts, normalized_confusion
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import versions  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "quality")
 PROBES = os.path.join(ROOT, "benchmarks", "results", "quality_probes")
@@ -169,7 +172,9 @@ def stage1_model(dataset: str, seed: int, splits, model, text: bool):
     trainer.train()
     trainer.save_model(path)
     seconds = time.time() - started
-    write_json(stage1_path(dataset, seed), {"dataset": dataset, "seed": seed, "seconds": seconds})
+    write_json(
+        stage1_path(dataset, seed), {"dataset": dataset, "seed": seed, "seconds": seconds, "versions": versions()}
+    )
     print(f"  stage 1 {dataset} seed {seed}: {seconds:.0f} s", flush=True)
     return trainer.model
 
@@ -278,6 +283,7 @@ def run_cell(
         "validation_metrics": reports["validation"],
         "settings": {"kind": kind, **options, **budget},
         "refresh_logs": [e for e in trainer.state.log_history if any("/" in k for k in e)],
+        "versions": versions(),
     }
 
 
