@@ -11,17 +11,9 @@ def current_rss_kib() -> int:
 
 
 def versions() -> dict:
-    """The library versions a result was measured with, so a rerun that differs can be traced to its environment."""
+    """The versions a result was measured with (the card's, plus Python), so a differing rerun can be traced."""
     import platform
 
-    import torch
-    import transformers
+    from selmix_hf.cards import library_versions
 
-    import selmix_hf
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "selmix_hf": selmix_hf.__version__,
-    }
+    return {"python": platform.python_version(), **library_versions()}

@@ -531,18 +531,25 @@ def _last_evaluation(log_history: list[dict[str, Any]]) -> dict[str, float] | No
     return None
 
 
-def _versions() -> str:
+def library_versions() -> dict[str, str]:
+    """The versions of selmix-hf, transformers and torch, for cards and benchmark records to say what produced them."""
     import torch
     import transformers
 
     from . import __version__
 
-    return f"selmix-hf {__version__}, transformers {transformers.__version__}, torch {torch.__version__}"
+    return {"selmix_hf": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def _versions() -> str:
+    v = library_versions()
+    return f"selmix-hf {v['selmix_hf']}, transformers {v['transformers']}, torch {v['torch']}"
 
 
 __all__ = [
     "ModelCardMixin",
     "render_model_card",
+    "library_versions",
     "objective_metrics",
     "CITATIONS",
     "METRIC_LABELS",
